@@ -1,0 +1,77 @@
+"""``python -m fastmlgan.evaluate --checkpoint PATH [--data.key value ...]``: re-evaluate a
+checkpoint's generator (by default on the evaluation split it was trained with) and print the
+metrics as JSON and as the paper's table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+
+from fastmlgan import checkpoint as ckpt
+from fastmlgan.config import build_config, config_from_dict
+from fastmlgan.distributed import DistInfo
+from fastmlgan.errors import FastMLGANError
+from fastmlgan.metrics import compute_metrics, format_table
+from fastmlgan.models import build_generator
+from fastmlgan.progress import setup_logging
+
+
+def evaluate_checkpoint(path: str, data_overrides: dict[str, str], threshold: float = 0.5) -> dict:
+    from fastmlgan.loaders.registry import build_loaders, build_splits
+
+    state = ckpt.load(path)
+    saved = config_from_dict(state["config"])
+    overrides = {f"data.{k}": v for k, v in saved.to_dict()["data"].items()}
+    overrides.update({f"model.{k}": v for k, v in saved.to_dict()["model"].items()})
+    overrides["model.pretrained"] = ""  # the checkpoint carries the weights
+    overrides.update(data_overrides)
+    cfg = build_config(overrides, preset=saved.preset)
+    info = DistInfo(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    splits = build_splits(cfg.data, info)
+    if list(splits.class_names) != list(state["class_names"]):
+        raise FastMLGANError(
+            f"{path}: the checkpoint has {len(state['class_names'])} classes, the data "
+            f"{len(splits.class_names)} (or in another order); evaluate on data with the same categories"
+        )
+    _, eval_loader = build_loaders(cfg.data, splits, info, cfg.train.seed)
+    generator = build_generator(cfg.model.backbone, len(splits.class_names), "", width=cfg.model.width, depth=cfg.model.depth)
+    generator.load_state_dict(state["generator"])
+    generator.to(info.device).eval()
+    scores, targets = [], []
+    with torch.no_grad():
+        for batch in eval_loader:
+            scores.append(torch.sigmoid(generator(batch["image"].to(info.device)).float()).cpu().numpy())
+            targets.append(batch["labels"].numpy())
+    return compute_metrics(np.concatenate(scores), np.concatenate(targets), threshold)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastmlgan.evaluate", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a run directory")
+    parser.add_argument("--threshold", type=float, default=0.5)
+    args, rest = parser.parse_known_args(argv)
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(rest):
+        key = rest[i]
+        if not key.startswith("--data.") or i + 1 >= len(rest):
+            parser.error(f"unexpected argument {key!r}: only --data.key value overrides are accepted")
+        overrides[key[2:]] = rest[i + 1]
+        i += 2
+    setup_logging(True)
+    try:
+        metrics = evaluate_checkpoint(args.checkpoint, overrides, args.threshold)
+    except FastMLGANError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table({"checkpoint": metrics}))
+    print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

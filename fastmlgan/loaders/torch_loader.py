@@ -1,0 +1,244 @@
+"""The CPU data path: decode with PIL, the paper's five-crop augmentation (§4.1) with torch ops,
+and ``DataLoader`` factories that shard the data across ranks.
+
+Reproducibility: the crop of sample ``i`` in epoch ``e`` comes from an RNG seeded by
+``(seed, e, i)``, so it is the same whatever the number of workers or ranks. The epoch travels
+with every index the sampler hands out (``(epoch, i)`` pairs), because persistent workers hold
+their own copy of the dataset and would never see a ``set_epoch`` made in the main process.
+
+Policy: in training the last partial batch of each epoch is dropped (``drop_last`` on both the
+``DistributedSampler`` and the ``DataLoader``), so every step sees ``batch_size`` images per rank
+and ranks take the same number of steps. Evaluation keeps every image exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from fastmlgan.errors import ConfigError, DataError
+from fastmlgan.loaders.base import LabeledImages
+from fastmlgan.loaders.five_crop import NUM_POSITIONS, NUM_SIZES, base_size, crop_window
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ON_BAD_IMAGE = ("skip", "error")
+
+
+def decode_rgb(path) -> torch.Tensor:
+    """Decode an image file to a uint8 (3, H, W) RGB tensor; ``DataError`` naming the file on failure."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            rgb = np.array(img.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # PIL raises OSError ("image file is truncated"), UnidentifiedImageError (an OSError),
+        # SyntaxError or ValueError for broken files, depending on the format and the damage.
+        raise DataError(f"{path}: cannot decode image: {e}") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def _resize(image: torch.Tensor, side: int) -> torch.Tensor:
+    # uint8 in, uint8 out: torchvision's antialiased bilinear path on uint8 matches PIL's
+    # BILINEAR resize to within 1 grey level (measured), like the references that used PIL.
+    return TF.resize(image, [side, side], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def five_crop(image: torch.Tensor, position: int, size_index: int, image_size: int) -> torch.Tensor:
+    """The paper's training crop (§4.1): resize to base x base, crop, resize to image_size.
+
+    ``image`` is uint8 (3, H, W); returns uint8 (3, image_size, image_size)."""
+    top, left, side = crop_window(position, size_index, image_size)
+    resized = _resize(image, base_size(image_size))
+    patch = resized[:, top : top + side, left : left + side]
+    return _resize(patch, image_size)
+
+
+def eval_resize(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    """The paper's test protocol (§4.1): the whole image resized to image_size x image_size."""
+    return _resize(image, image_size)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) or (B, 3, H, W) in [0, 255] -> float32 normalised with ImageNet mean/std."""
+    if images.dim() not in (3, 4) or images.shape[-3] != 3:
+        raise ValueError(f"expected (3, H, W) or (B, 3, H, W) images, got shape {tuple(images.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255.0
+    return (images.to(torch.float32) - mean) / std
+
+
+def crop_for(seed: int, epoch: int, index: int) -> tuple[int, int]:
+    """The (position, size index) of sample ``index`` in ``epoch``: uniform over the 25 pairs."""
+    k = int(np.random.default_rng([seed, epoch, index]).integers(NUM_POSITIONS * NUM_SIZES))
+    return k // NUM_SIZES, k % NUM_SIZES
+
+
+class FiveCropDataset(Dataset):
+    """A ``LabeledImages`` as training (random five-crop) or evaluation (whole-image resize) samples.
+
+    ``dataset[i]`` (or ``dataset[(epoch, i)]``, as the loaders below ask for it) is a dict:
+    ``image`` float32 (3, S, S) normalised, ``labels`` float32 (C,), ``crop`` int64
+    [position, size_index] ([-1, -1] in evaluation), ``index`` int64 and ``bad`` bool.
+
+    An undecodable image raises ``DataError`` with ``on_bad_image="error"``. With ``"skip"`` a
+    warning names the file and the next decodable image (i+1, i+2, ... wrapping) stands in, with
+    its own labels and ``index``, and ``bad=True`` so the trainer can count (or mask) it."""
+
+    def __init__(self, images: LabeledImages, image_size: int, train: bool, seed: int = 0, on_bad_image: str = "skip"):
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ConfigError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+        if image_size < 1:
+            raise ConfigError(f"image_size must be positive, got {image_size}")
+        self.images = images
+        self.image_size = int(image_size)
+        self.train = bool(train)
+        self.seed = int(seed)
+        self.on_bad_image = on_bad_image
+        self.epoch = 0
+        self._known_bad: set[int] = set()  # per process: warn once and do not decode again
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _decode(self, index: int) -> tuple[int, torch.Tensor, bool]:
+        """(index actually used, uint8 image, whether a substitute stands in for ``index``)."""
+        n = len(self.images)
+        for step in range(n):
+            j = (index + step) % n
+            if j in self._known_bad:
+                continue
+            try:
+                return j, decode_rgb(self.images.paths[j]), step > 0
+            except DataError as e:
+                if self.on_bad_image == "error":
+                    raise
+                self._known_bad.add(j)
+                logger.warning("skipping undecodable image %s (%s)", self.images.paths[j], e)
+        raise DataError(f"{self.images.name}: none of the {n} images can be decoded")
+
+    def __getitem__(self, item) -> dict:
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
+        index = int(index)
+        used, image, substituted = self._decode(index)
+        if self.train:
+            # The crop belongs to the requested slot (seed, epoch, index), substitute or not.
+            position, size_index = crop_for(self.seed, int(epoch), index)
+            pixels = five_crop(image, position, size_index, self.image_size)
+        else:
+            position, size_index = -1, -1
+            pixels = eval_resize(image, self.image_size)
+        return {
+            "image": normalize(pixels),
+            "labels": torch.from_numpy(self.images.labels[used].astype(np.float32)),
+            "crop": torch.tensor([position, size_index], dtype=torch.int64),
+            "index": torch.tensor(used, dtype=torch.int64),
+            "bad": torch.tensor(substituted),
+        }
+
+
+class _EpochTaggedSampler(Sampler):
+    """Wraps a sampler so that it yields ``(epoch, index)``: the epoch reaches persistent workers."""
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.sampler.set_epoch(self.epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class ShardSampler(Sampler):
+    """Indices ``range(rank, N, world_size)``: every image once across ranks, no padding, no shuffle."""
+
+    def __init__(self, num_samples: int, rank: int, world_size: int):
+        _check_rank(rank, world_size)
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank must be in [0, world_size={world_size}), got rank={rank}")
+
+
+def _check_batch(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+
+
+def build_train_loader(
+    dataset: FiveCropDataset, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int = 0
+) -> DataLoader:
+    """Shuffled, sharded training batches; the last partial batch of each epoch is dropped.
+
+    Call ``set_epoch(loader, epoch)`` before each epoch: it reshuffles and redraws the crops."""
+    _check_rank(rank, world_size)
+    _check_batch(batch_size)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    if len(sampler) < batch_size:
+        raise ConfigError(
+            f"batch_size={batch_size} is larger than the {len(sampler)} training images each of the "
+            f"{world_size} rank(s) gets from {len(dataset)}: no full batch per epoch; lower the batch size"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=_EpochTaggedSampler(sampler),
+        num_workers=num_workers,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
+def build_eval_loader(
+    dataset: FiveCropDataset, batch_size: int, rank: int, world_size: int, num_workers: int = 0
+) -> DataLoader:
+    """Every image exactly once across ranks (``range(rank, N, world_size)``), in order, last partial batch kept."""
+    _check_batch(batch_size)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=num_workers,
+        drop_last=False,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Set the epoch of the loader's sampler (shuffle) and dataset (crops)."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)

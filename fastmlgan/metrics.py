@@ -1,0 +1,249 @@
+"""Multi-label evaluation in the paper's terms (§4, Tables 1-3), in plain numpy.
+
+``compute_metrics(scores, targets)`` takes sigmoid outputs and 0/1 targets, both (N, C), and
+returns precision, recall and F1 in percent, as the paper prints them:
+
+- **C-P, C-R, C-F1** (per class): P and R are computed for each class and averaged over classes;
+  C-F1 is the harmonic mean of the averaged C-P and C-R, not the mean of per-class F1s.
+- **O-P, O-R, O-F1** (overall): true/false positives and false negatives pooled over all labels
+  of all images (every class, including those without positives), then P, R and their harmonic
+  mean.
+- **mAP**: mean over classes of non-interpolated average precision,
+  AP = Σ_n (R_n − R_{n−1}) P_n over the distinct scores in decreasing order, so tied scores form
+  one threshold (identical to sklearn's ``average_precision_score``).
+- **avg_labels**: labels predicted per image (raw count; the paper: 2.09 baseline, 2.61 with the
+  GAN, §4.2).
+- **cooc_dist**: how far predicted label dependency is from the truth: ||P_pred − P_true||_F with
+  P = BᵀB / N, B the binary (N, C) predicted or true label matrix and the diagonal set to 0, i.e.
+  the fraction of images in which each pair of labels co-occurs. Each unordered pair counts twice
+  (the matrix is symmetric); raw value, 0 when predictions reproduce the true co-occurrences.
+- **top3**: the six P/R/F1 keys when every image predicts exactly its k = min(3, C)
+  highest-scoring labels whatever their scores (the CNN-RNN convention quoted in Tables 1-2); the
+  threshold is *not* also required. Ties go to the lower class index.
+- **num_images**, **num_classes**, **num_classes_evaluated**.
+
+Conventions, part of the contract:
+
+- A label is predicted when its score is strictly greater than the threshold (0.5, §3.1).
+- C- metrics and mAP average over the classes with at least one positive target; recall and AP
+  are undefined for the others, which are left out (``num_classes_evaluated`` counts the rest).
+  If no class has a positive target, ``DataError`` is raised.
+- A class with no predicted labels has precision 0; O-P is 0 when nothing is predicted; F1 is 0
+  when P + R = 0.
+
+Command line (prints one JSON object; bad input prints ``error: ...`` and exits with status 2)::
+
+    python -m fastmlgan.metrics SCORES.npy TARGETS.npy [--threshold 0.5] [--logits]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fastmlgan.errors import ConfigError, DataError, FastMLGANError
+
+PRF_KEYS = ("C-P", "C-R", "C-F1", "O-P", "O-R", "O-F1")
+TOP_K = 3
+
+
+def compute_metrics(scores, targets, threshold: float = 0.5) -> dict:
+    """All of the paper's metrics for (N, C) sigmoid outputs ``scores`` and 0/1 ``targets``."""
+    scores, targets = _validate(scores, targets)
+    threshold = _validate_threshold(threshold)
+    num_images, num_classes = scores.shape
+    evaluated = targets.any(axis=0)
+    if not evaluated.any():
+        raise DataError("targets: no class has a positive label, so recall and mAP are undefined")
+
+    predicted = scores > threshold  # strictly greater (§3.1)
+    metrics = _precision_recall_f1(predicted, targets, evaluated)
+    metrics["mAP"] = float(100.0 * _average_precision(scores[:, evaluated], targets[:, evaluated]).mean())
+    metrics["avg_labels"] = float(predicted.sum(axis=1).mean())
+    metrics["cooc_dist"] = float(np.linalg.norm(_cooccurrence(predicted) - _cooccurrence(targets)))
+
+    # Stable sort of the negated scores keeps tied classes in index order: lower index wins.
+    k = min(TOP_K, num_classes)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top_predicted = np.zeros_like(predicted)
+    np.put_along_axis(top_predicted, top, True, axis=1)
+    metrics["top3"] = _precision_recall_f1(top_predicted, targets, evaluated)
+
+    metrics["num_images"] = int(num_images)
+    metrics["num_classes"] = int(num_classes)
+    metrics["num_classes_evaluated"] = int(evaluated.sum())
+    return metrics
+
+
+def _validate(scores, targets) -> tuple[np.ndarray, np.ndarray]:
+    """Check shapes and values; return float64 scores and boolean targets."""
+    scores, targets = np.asarray(scores), np.asarray(targets)
+    for name, array in (("scores", scores), ("targets", targets)):
+        if array.dtype.kind not in "biuf":
+            raise DataError(f"{name} must be a numeric array, got dtype {array.dtype}")
+        if array.ndim != 2:
+            raise DataError(f"{name} must be 2-D (num_images, num_classes), got shape {array.shape}")
+    if scores.shape != targets.shape:
+        raise DataError(f"scores and targets differ in shape: {scores.shape} vs {targets.shape}")
+    if scores.size == 0:
+        raise DataError(f"scores and targets are empty (shape {scores.shape})")
+
+    scores = scores.astype(np.float64, copy=False)
+    if not np.isfinite(scores).all():
+        raise DataError(f"scores contain {int((~np.isfinite(scores)).sum())} NaN or infinite values")
+    low, high = scores.min(), scores.max()
+    if low < 0.0 or high > 1.0:
+        raise DataError(
+            f"scores must be probabilities in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
+            "are these logits? apply a sigmoid first (command line: --logits)"
+        )
+    if not ((targets == 0) | (targets == 1)).all():
+        bad = np.unique(targets[(targets != 0) & (targets != 1)])[:5]
+        raise DataError(f"targets must be 0/1, found values such as {bad.tolist()}")
+    return scores, targets.astype(bool)
+
+
+def _validate_threshold(threshold) -> float:
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ConfigError(f"threshold must be a number in [0, 1], got {threshold!r}") from None
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ConfigError(f"threshold must be in [0, 1], got {threshold!r}")
+    return value
+
+
+def _precision_recall_f1(predicted: np.ndarray, targets: np.ndarray, evaluated: np.ndarray) -> dict:
+    """The six C-/O- keys, in percent (plain floats, for JSON), for boolean (N, C) predictions."""
+    true_pos = (predicted & targets).sum(axis=0)
+    num_predicted = predicted.sum(axis=0)
+    num_positive = targets.sum(axis=0)
+
+    # A class that is never predicted has precision 0 (it found none of its positives).
+    class_precision = np.zeros(len(true_pos))
+    np.divide(true_pos, num_predicted, out=class_precision, where=num_predicted > 0)
+    class_recall = true_pos[evaluated] / num_positive[evaluated]
+    c_p, c_r = class_precision[evaluated].mean(), class_recall.mean()
+
+    total_predicted = num_predicted.sum()
+    o_p = true_pos.sum() / total_predicted if total_predicted > 0 else 0.0
+    o_r = true_pos.sum() / num_positive.sum()
+    values = (c_p, c_r, _harmonic_mean(c_p, c_r), o_p, o_r, _harmonic_mean(o_p, o_r))
+    return {key: float(100.0 * value) for key, value in zip(PRF_KEYS, values)}
+
+
+def _harmonic_mean(precision: float, recall: float) -> float:
+    return 2.0 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def _average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per-class AP, (C,), for classes that all have positives; tied scores share one threshold.
+
+    AP = Σ_n (R_n − R_{n−1}) P_n over distinct thresholds = Σ_i y_i P(run of i) / num_positive,
+    where every image in a run of tied scores takes the precision at the end of its run.
+    """
+    num_images = scores.shape[0]
+    order = np.argsort(-scores, axis=0, kind="stable")
+    sorted_scores = np.take_along_axis(scores, order, axis=0)
+    sorted_targets = np.take_along_axis(targets, order, axis=0)
+    precision = np.cumsum(sorted_targets, axis=0) / np.arange(1, num_images + 1)[:, None]
+
+    rows = np.arange(num_images)[:, None]
+    run_end = np.ones(sorted_scores.shape, dtype=bool)
+    run_end[:-1] = sorted_scores[1:] != sorted_scores[:-1]
+    # For each row, the index of the first run end at or below it: a reversed running minimum.
+    end_index = np.where(run_end, rows, num_images)
+    end_index = np.minimum.accumulate(end_index[::-1], axis=0)[::-1]
+    run_precision = np.take_along_axis(precision, end_index, axis=0)
+    return (sorted_targets * run_precision).sum(axis=0) / sorted_targets.sum(axis=0)
+
+
+def _cooccurrence(labels: np.ndarray) -> np.ndarray:
+    """(C, C) fraction of images holding each pair of labels, diagonal zeroed."""
+    binary = labels.astype(np.float64)
+    pairs = binary.T @ binary / labels.shape[0]
+    np.fill_diagonal(pairs, 0.0)
+    return pairs
+
+
+def format_table(rows: Mapping[str, Mapping], title: str | None = None) -> str:
+    """A fixed-width text table in the layout of the paper's Tables 1-2, one row per entry.
+
+    P/R/F1 and mAP print to one decimal, labels/img to two; a missing value prints as ``-`` (so
+    rows quoted from other papers, which give only the six P/R/F1 values, fit too).
+    """
+    # (metrics key, heading, width, decimals)
+    columns = [(key, key, 6, 1) for key in PRF_KEYS]
+    columns += [("mAP", "mAP", 6, 1), ("avg_labels", "labels/img", 12, 2)]
+    name_width = max([len("Methods"), *map(len, rows)])
+
+    def line(name: str, cells: Sequence[str]) -> str:
+        widths = [width for _, _, width, _ in columns]
+        return name.ljust(name_width) + "".join(text.rjust(width) for text, width in zip(cells, widths))
+
+    def cell(value, decimals: int) -> str:
+        return "-" if value is None else f"{value:.{decimals}f}"
+
+    header = line("Methods", [heading for _, heading, _, _ in columns])
+    lines = [title] if title else []
+    lines += [header, "-" * len(header)]
+    for name, metrics in rows.items():
+        lines.append(line(name, [cell(metrics.get(key), decimals) for key, _, _, decimals in columns]))
+    return "\n".join(lines)
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{what} file not found: {path}") from None
+    except (OSError, ValueError, EOFError) as exc:  # corrupt header, pickled object array, directory
+        raise DataError(f"cannot read {what} file {path} as a .npy array: {exc}") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive loads as a mapping of arrays
+        array.close()
+        raise DataError(f"{what} file {path} is an .npz archive; expected a single .npy array")
+    return array
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Overflow-free sigmoid in float64; logits beyond about ±36 saturate to 0/1 and tie in mAP."""
+    logits = logits.astype(np.float64)
+    exp_neg_abs = np.exp(-np.abs(logits))
+    return np.where(logits >= 0, 1.0 / (1.0 + exp_neg_abs), exp_neg_abs / (1.0 + exp_neg_abs))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: print the metrics of saved scores and targets as one JSON object."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fastmlgan.metrics",
+        description="Multi-label metrics (C-/O-P/R/F1, mAP, top-3, labels per image) as JSON.",
+    )
+    parser.add_argument("scores", help="(N, C) .npy of sigmoid outputs in [0, 1] (or logits with --logits)")
+    parser.add_argument("targets", help="(N, C) .npy of 0/1 labels")
+    parser.add_argument("--threshold", type=float, default=0.5, help="predict a label when score > threshold")
+    parser.add_argument("--logits", action="store_true", help="scores are logits: apply a sigmoid first")
+    args = parser.parse_args(argv)
+
+    try:
+        scores = _load_npy(args.scores, "scores")
+        targets = _load_npy(args.targets, "targets")
+        if args.logits:
+            if scores.dtype.kind not in "biuf":
+                raise DataError(f"scores must be a numeric array, got dtype {scores.dtype}")
+            if not np.isfinite(scores).all():
+                raise DataError(f"logits in {args.scores} contain NaN or infinite values")
+            scores = _sigmoid(scores)
+        metrics = compute_metrics(scores, targets, threshold=args.threshold)
+    except FastMLGANError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

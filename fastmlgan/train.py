@@ -1,0 +1,75 @@
+"""Entry point: ``python -m fastmlgan.train [...]`` or ``torchrun --nproc_per_node N -m fastmlgan.train [...]``.
+
+Parses the config, builds a Trainer, trains, and always tears down the process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from fastmlgan import checkpoint as ckpt
+from fastmlgan.config import Config, config_from_dict, parse_args
+from fastmlgan.distributed import destroy_distributed, init_distributed
+from fastmlgan.errors import FastMLGANError
+from fastmlgan.progress import setup_logging
+
+logger = logging.getLogger("fastmlgan.train")
+
+
+def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None]:
+    """The config actually run, its directory, and the checkpoint to resume from (if any)."""
+    if not cfg.resume:
+        return cfg, Path(cfg.out or f"runs/{cfg.preset}"), None
+    run_dir = Path(cfg.resume)
+    state = ckpt.load(run_dir)
+    saved = config_from_dict(state["config"])
+    # Options given with --resume override the saved ones (e.g. more epochs); --resume itself and
+    # --out keep pointing at the run being continued.
+    explicit = [a[2:].partition("=")[0] for a in argv if a.startswith("--")]
+    explicit = [k for k in explicit if k not in ("resume", "out", "preset")]
+    merged = saved.to_dict()
+    for key in explicit:
+        section, _, name = key.partition(".")
+        merged[section][name] = getattr(getattr(cfg, section), name)
+    merged["resume"] = str(run_dir)
+    merged["out"] = str(run_dir)
+    return config_from_dict(merged), run_dir, state
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    info = None
+    try:
+        cfg = parse_args(argv)
+        if cfg is None:  # --help
+            return 0
+        info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+        setup_logging(info.is_main)
+        cfg, out_dir, state = resolve_run(cfg, argv)
+        if info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(cfg.to_json() + "\n")
+            logger.info("run directory %s", out_dir.resolve())
+        from fastmlgan.trainer import Trainer
+
+        trainer = Trainer(cfg, info, out_dir)
+        if state is not None:
+            trainer.load_state_dict(state)
+            if info.is_main:
+                logger.info("resumed from %s: phase %s, epoch %d", cfg.resume, trainer.phase, trainer.epoch)
+        trainer.fit()
+        return 0
+    except FastMLGANError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last completed epoch is in the run directory's checkpoints/last.pt", file=sys.stderr)
+        return 130
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

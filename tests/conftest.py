@@ -1,0 +1,26 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real-data folder kept beside the project (``../shared/data``); skips when absent."""
+    path = (REPO_ROOT / ".." / "shared" / "data").resolve()
+    if not path.is_dir():
+        pytest.skip(f"../shared/data is absent: real-data tests need it at {path} (see its README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_small(tmp_path_factory):
+    """A 2000 + 200 image embedded dataset at 32 px (about a second to write), shared by the session."""
+    from fastmlgan.loaders.embedded import generate
+
+    return generate(tmp_path_factory.mktemp("embedded") / "data", num_train=2000, num_val=200, image_size=32, seed=0)

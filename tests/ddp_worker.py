@@ -1,0 +1,54 @@
+"""Run by tests/test_ddp.py under ``torchrun --nproc_per_node 2``: a few BCE and GAN steps, then
+every rank's G and D parameters are gathered and compared on rank 0."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fastmlgan.config import build_config
+from fastmlgan.distributed import destroy_distributed, init_distributed
+from fastmlgan.trainer import BatchStream, Trainer
+
+
+def main() -> None:
+    out, data_root = Path(sys.argv[1]), sys.argv[2]
+    cfg = build_config({"data.root": data_root, "out": str(out)}, preset="smoke")
+    info = init_distributed("gloo")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        trainer = Trainer(cfg, info, out)
+        params = lambda: torch.cat(  # noqa: E731
+            [p.detach().flatten() for p in [*trainer.generator.parameters(), *trainer.discriminator.parameters()]]
+        )
+        init = params().clone()
+        stream = BatchStream(trainer.train_loader, trainer.device)
+        first = stream.next()
+        trainer.bce_step(first)
+        for _ in range(2):
+            trainer.bce_step(stream.next())
+        trainer._freeze_feature_extractor("phase1")
+        for _ in range(2):
+            trainer.train_step(stream)
+        final = params()
+        gathered = [torch.zeros_like(final) for _ in range(info.world_size)]
+        dist.all_gather(gathered, final)
+        indices = [None] * info.world_size
+        dist.all_gather_object(indices, first["index"].tolist())
+        if info.is_main:
+            result = {
+                "max_abs_diff": float((gathered[0] - gathered[1]).abs().max()),
+                "change_from_init": float((final - init).abs().max()),
+                "first_batch_indices": indices,
+            }
+            (out / "ddp_result.json").write_text(json.dumps(result))
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

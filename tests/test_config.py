@@ -1,0 +1,64 @@
+"""The typed config and its command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastmlgan.config import PRESETS, Config, build_config, config_from_dict, help_text, parse_args
+from fastmlgan.errors import ConfigError
+
+
+def test_paper_defaults():
+    # §4.1: Adam 1e-4 for both, α = λ = 10, β = 0.9, 3 D steps per G step, 256-d projections, 8x512 D.
+    cfg = Config()
+    assert (cfg.optim.g_lr, cfg.optim.d_lr) == (1e-4, 1e-4)
+    assert (cfg.gan.bce_weight, cfg.gan.gp_weight, cfg.gan.inv_temperature) == (10.0, 10.0, 0.9)
+    assert cfg.gan.d_steps == 3
+    assert (cfg.gan.proj_dim, cfg.gan.hidden_dim, cfg.gan.num_layers) == (256, 512, 8)
+    assert cfg.gan.negative_sampling and cfg.gan.conditional and cfg.gan.gumbel
+    assert cfg.data.image_size == 224
+
+
+def test_overrides_are_typed_and_validated():
+    cfg = parse_args(["--preset", "smoke", "--gan.gp_weight", "5", "--gan.conditional=false", "--train.seed", "3"])
+    assert cfg.gan.gp_weight == 5.0 and cfg.gan.conditional is False and cfg.train.seed == 3
+    assert cfg.preset == "smoke" and cfg.data.image_size == PRESETS["smoke"]()["data.image_size"]
+    with pytest.raises(ConfigError, match="--train.seed: expected int"):
+        parse_args(["--train.seed", "x"])
+    with pytest.raises(ConfigError, match="--gan.conditional: expected bool"):
+        parse_args(["--gan.conditional", "maybe"])
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--gan.gp_wieght", "5"])
+    msg = str(e.value)
+    assert "--gan.gp_wieght" in msg and "gan.gp_weight" in msg and "data.batch_size" in msg
+
+
+def test_unknown_preset_and_choices():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*smoke"):
+        parse_args(["--preset", "nope"])
+    with pytest.raises(ConfigError, match="--model.backbone: 'resnet7' is not one of"):
+        parse_args(["--model.backbone", "resnet7"])
+    with pytest.raises(ConfigError, match="--data.on_bad_image"):
+        parse_args(["--data.on_bad_image", "ignore"])
+    with pytest.raises(ConfigError, match="--data.batch_size must be > 0"):
+        parse_args(["--data.batch_size", "0"])
+
+
+def test_round_trip_through_json():
+    cfg = build_config({"gan.negative_sampling": "false", "optim.d_lr": "3e-4"}, preset="smoke")
+    again = config_from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
+
+
+def test_help_lists_presets_and_options(capsys):
+    assert parse_args(["--help"]) is None
+    out = capsys.readouterr().out
+    for name in PRESETS:
+        assert name in out
+    assert "--gan.gp_weight" in out and "lambda in eq. (4)" in out
+    assert help_text("x").startswith("usage: x")

@@ -1,0 +1,104 @@
+"""The training command end to end on the smoke preset: outputs, re-evaluation, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+KEYS = {"C-P", "C-R", "C-F1", "O-P", "O-R", "O-F1", "mAP", "avg_labels", "top3"}
+
+
+def _run(module: str, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke")
+    run = tmp / "run"
+    proc = _run("fastmlgan.train", ["--preset", "smoke", "--out", str(run), "--data.root", str(tmp / "data")], tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp, run, proc
+
+
+def test_outputs(smoke_run):
+    tmp, run, proc = smoke_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert KEYS <= set(metrics["baseline"]) and KEYS <= set(metrics["gan"])
+    assert set(metrics["gan"]["top3"]) == {"C-P", "C-R", "C-F1", "O-P", "O-R", "O-F1"}
+    # The paper's table: a header and the two rows.
+    assert "C-P" in proc.stdout and "O-F1" in proc.stdout and "+ WGAN-gp" in proc.stdout
+    config = json.loads((run / "config.json").read_text())
+    assert config["preset"] == "smoke" and config["gan"]["gp_weight"] == 10.0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if r.get("split") == "val"]
+    assert [r["phase"] for r in evals] == ["bce", "bce", "gan"]
+    assert any("loss_d" in r and "gp" in r for r in lines)  # phase-2 losses were logged
+
+
+def test_checkpoint_reevaluates_to_the_same_metrics(smoke_run):
+    tmp, run, _ = smoke_run
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["phase"] == "done" and state["feature_extractor_source"] == "phase1"
+    for name, row in (("baseline.pt", "baseline"), ("last.pt", "gan")):
+        proc = _run("fastmlgan.evaluate", ["--checkpoint", str(run / "checkpoints" / name)], tmp)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        again = json.loads(proc.stdout.strip().splitlines()[-1])
+        expected = json.loads((run / "metrics.json").read_text())[row]
+        for key in ("C-F1", "O-F1", "mAP", "avg_labels"):
+            assert again[key] == pytest.approx(expected[key], abs=1e-4), (name, key)
+
+
+def test_resume_continues(smoke_run, tmp_path):
+    tmp, run, _ = smoke_run
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = (copy / "metrics.jsonl").read_text().splitlines()
+    proc = _run("fastmlgan.train", ["--resume", str(copy), "--train.gan_epochs", "2"], tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = (copy / "metrics.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before  # appended, nothing lost
+    evals = [json.loads(line) for line in after[len(before):] if '"split"' in line]
+    assert [(r["phase"], r["epoch"]) for r in evals] == [("gan", 2)]
+    state = torch.load(copy / "checkpoints" / "last.pt", weights_only=True)
+    assert state["phase"] == "done" and state["config"]["train"]["gan_epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data.dataset", "coco", "--data.train_annotations", "nope.json", "--data.train_images", "x",
+          "--data.val_annotations", "nope.json", "--data.val_images", "x"], "nope.json"),
+        (["--gan.gp_wieght", "1"], "unknown option --gan.gp_wieght"),
+        (["--preset", "imagenet"], "unknown preset"),
+        (["--data.dataset", "coco"], "--data.train_annotations"),
+        (["--resume", "nowhere"], "checkpoint nowhere"),
+    ],
+)
+def test_bad_input_is_a_message_not_a_traceback(tmp_path, args, message):
+    proc = _run("fastmlgan.train", args, tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_annotation_json(tmp_path):
+    bad = tmp_path / "ann.json"
+    bad.write_text("{not json")
+    (tmp_path / "img").mkdir()
+    args = ["--data.dataset", "coco", "--data.train_annotations", str(bad), "--data.train_images", str(tmp_path / "img"),
+            "--data.val_annotations", str(bad), "--data.val_images", str(tmp_path / "img")]
+    proc = _run("fastmlgan.train", args, tmp_path, timeout=120)
+    assert proc.returncode == 2 and "ann.json" in proc.stderr and "Traceback" not in proc.stderr
