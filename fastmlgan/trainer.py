@@ -76,7 +76,9 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo, out_dir: Path) -> None:
+    def __init__(self, cfg: Config, info: DistInfo, out_dir: Path, splits=None) -> None:
+        """``splits``: pre-built ``Splits`` (the reproduction harness passes its own); read from
+        ``cfg.data`` when None."""
         from fastmlgan.loaders.negatives import MismatchedLabelSampler
         from fastmlgan.loaders.registry import build_loaders, build_splits
 
@@ -87,7 +89,7 @@ class Trainer:
         self.spec = GanSpec.from_config(cfg.gan)
 
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
-        self.splits = build_splits(cfg.data, info)
+        self.splits = splits if splits is not None else build_splits(cfg.data, info)
         self.class_names = self.splits.class_names
         num_labels = len(self.class_names)
         self.train_loader, self.eval_loader = build_loaders(cfg.data, self.splits, info, cfg.train.seed)
@@ -97,8 +99,9 @@ class Trainer:
             else None
         )
 
+        in_dim = getattr(self.splits.train, "feature_dim", None)  # feature-vector data (mlp backbone)
         self.generator = build_generator(
-            cfg.model.backbone, num_labels, cfg.model.pretrained, width=cfg.model.width, depth=cfg.model.depth
+            cfg.model.backbone, num_labels, cfg.model.pretrained, width=cfg.model.width, depth=cfg.model.depth, in_dim=in_dim
         ).to(self.device)
         self.memory_format = (
             torch.channels_last
@@ -124,7 +127,7 @@ class Trainer:
 
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         self.opt_g = torch.optim.Adam(
-            self.generator.parameters(), lr=cfg.optim.g_lr, betas=betas, weight_decay=cfg.optim.weight_decay
+            self.generator.parameters(), lr=cfg.optim.bce_lr, betas=betas, weight_decay=cfg.optim.weight_decay
         )
         self.opt_d = torch.optim.Adam(
             self.discriminator.parameters(), lr=cfg.optim.d_lr, betas=betas, weight_decay=cfg.optim.weight_decay
@@ -318,6 +321,22 @@ class Trainer:
         if self.info.rank:
             torch.manual_seed(self.cfg.train.seed * 1000003 + self.info.rank + 7 * self.global_step)
 
+    def start_from_baseline(self, state: dict[str, Any]) -> None:
+        """Start phase 2 from a finished phase 1 (a ``baseline.pt`` state): G, its optimizer,
+        f_ext and the baseline metrics. D starts fresh, so ablations with another D shape (the
+        unconditional one) share one phase-1 run."""
+        if list(state["class_names"]) != list(self.class_names):
+            raise FastMLGANError("the baseline checkpoint was trained on other classes than this dataset has")
+        self.generator.load_state_dict(state["generator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        if state["feature_extractor"] is not None:
+            self._freeze_feature_extractor(state["feature_extractor_source"])
+            self.feature_extractor.load_state_dict(state["feature_extractor"])
+        self.baseline_metrics = state["baseline_metrics"]
+        self.global_step = state["global_step"]
+        self.data_epoch = state["data_epoch"] + 1
+        self.phase, self.epoch, self.gan_metrics = ("gan" if self.cfg.gan.enable else "done"), 0, None
+
     def save_checkpoint(self) -> None:
         if not self.cfg.checkpoint.enable:
             return
@@ -419,6 +438,8 @@ class Trainer:
         if self.phase == "gan":
             if self.feature_extractor is None:
                 self._freeze_feature_extractor("phase1")
+            for group in self.opt_g.param_groups:
+                group["lr"] = self.cfg.optim.g_lr
             while self.epoch < self.cfg.train.gan_epochs:
                 self._run_epoch(stream)
                 self.save_checkpoint()

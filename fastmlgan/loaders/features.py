@@ -787,3 +787,37 @@ def _to_numpy(x):
     if hasattr(x, "detach"):  # torch.Tensor, without importing torch for numpy users
         return x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+class FeatureDataset:
+    """A ``FeatureSet`` as loader samples with the same keys as the image loaders.
+
+    ``image`` holds the standardised feature vector (the generator's input whatever its kind),
+    ``crop`` is [-1, -1] (no augmentation), ``bad`` is always False. Accepts ``ds[i]`` and the
+    ``ds[(epoch, i)]`` form the training loader's sampler uses.
+    """
+
+    def __init__(self, features: FeatureSet, standardizer: Standardizer) -> None:
+        import torch
+
+        self.features = features
+        self._x = torch.from_numpy(np.asarray(standardizer.transform(features.features), dtype=np.float32))
+        self._y = torch.from_numpy(features.labels.astype(np.float32))
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def set_epoch(self, epoch: int) -> None:  # no per-epoch randomness: nothing to do
+        pass
+
+    def __getitem__(self, item) -> dict:
+        import torch
+
+        index = int(item[1] if isinstance(item, tuple) else item)
+        return {
+            "image": self._x[index],
+            "labels": self._y[index],
+            "crop": torch.tensor([-1, -1], dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
+            "bad": torch.tensor(False),
+        }

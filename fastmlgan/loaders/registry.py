@@ -42,6 +42,13 @@ def build_splits(cfg: DataConfig, info: DistInfo) -> Splits:
         paths = embedded.ensure(cfg.root, **params)
         train = read_coco(paths.train_ann, paths.train_images, cfg.drop_unlabeled, name="embedded-train")
         val = read_coco(paths.val_ann, paths.val_images, cfg.drop_unlabeled, name="embedded-val")
+    elif cfg.dataset == "features":
+        from fastmlgan.loaders.features import load_feature_dataset
+
+        for key in ("features_train", "features_test"):
+            if not getattr(cfg, key):
+                raise ConfigError(f"data.dataset=features needs --data.{key}")
+        train, val = load_feature_dataset(cfg.features_train, cfg.features_test, xml=cfg.features_xml or None)
     elif cfg.dataset == "coco":
         for key in ("train_annotations", "train_images", "val_annotations", "val_images"):
             if not getattr(cfg, key):
@@ -59,9 +66,9 @@ def build_splits(cfg: DataConfig, info: DistInfo) -> Splits:
         raise DataError(f"empty split: {len(train)} training and {len(val)} evaluation images")
     if info.is_main:
         logger.info(
-            "data: %d train images (%d unlabelled dropped, %d missing), %d val images (%d dropped, %d missing), %d classes",
-            len(train), train.num_dropped_unlabeled, len(train.missing),
-            len(val), val.num_dropped_unlabeled, len(val.missing), train.num_classes,
+            "data: %d train samples (%d unlabelled dropped, %d missing), %d val samples (%d dropped, %d missing), %d classes",
+            len(train), getattr(train, "num_dropped_unlabeled", 0), len(getattr(train, "missing", [])),
+            len(val), getattr(val, "num_dropped_unlabeled", 0), len(getattr(val, "missing", [])), train.num_classes,
         )
     return Splits(train, val)
 
@@ -81,12 +88,22 @@ def build_loaders(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int):
 
     batch = per_rank_batch(cfg.batch_size, info, "data.batch_size")
     eval_batch = per_rank_batch(cfg.eval_batch_size, info, "data.eval_batch_size")
-    train_ds = FiveCropDataset(splits.train, cfg.image_size, train=True, seed=seed, on_bad_image=cfg.on_bad_image)
-    val_ds = FiveCropDataset(splits.val, cfg.image_size, train=False, seed=seed, on_bad_image=cfg.on_bad_image)
+    if cfg.dataset == "features":
+        from fastmlgan.loaders.features import FeatureDataset, Standardizer
+
+        # Standardised with statistics of the training split only.
+        standardizer = Standardizer().fit(splits.train.features)
+        train_ds = FeatureDataset(splits.train, standardizer)
+        val_ds = FeatureDataset(splits.val, standardizer)
+        workers = 0  # in-memory tensors: worker processes would only add overhead
+    else:
+        train_ds = FiveCropDataset(splits.train, cfg.image_size, train=True, seed=seed, on_bad_image=cfg.on_bad_image)
+        val_ds = FiveCropDataset(splits.val, cfg.image_size, train=False, seed=seed, on_bad_image=cfg.on_bad_image)
+        workers = cfg.num_workers
     if len(train_ds) < batch * info.world_size:
         raise ConfigError(
             f"--data.batch_size {cfg.batch_size} is larger than the training set ({len(train_ds)} images)"
         )
-    train = build_train_loader(train_ds, batch, info.rank, info.world_size, seed, cfg.num_workers)
-    val = build_eval_loader(val_ds, eval_batch, info.rank, info.world_size, cfg.num_workers)
+    train = build_train_loader(train_ds, batch, info.rank, info.world_size, seed, workers)
+    val = build_eval_loader(val_ds, eval_batch, info.rank, info.world_size, workers)
     return train, val
