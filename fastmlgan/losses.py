@@ -120,8 +120,10 @@ def discriminator_loss(
     labels = [batch["matched_y"].float(), fake]
     if spec.negative_sampling:
         labels.append(batch["mismatched_y"].float())
-    # One D forward for all pair kinds (one DDP forward per backward).
-    scores = discriminator(torch.cat(labels), z)
+    with _fp32(fake):
+        # One D forward for all pair kinds (one DDP forward per backward).
+        scores = discriminator(torch.cat(labels), z)
+        gp = penalty(_unwrap(discriminator), batch["generated_y"].float(), fake, z_parts[1])
     parts = torch.split(scores, [y.shape[0] for y in labels])
     matched = parts[0].mean()
     generated = parts[1].mean()
@@ -131,7 +133,6 @@ def discriminator_loss(
         mismatched = parts[2].mean()
         loss = loss + spec.mismatched_weight * mismatched
         out["d_mismatched"] = mismatched.detach()
-    gp = penalty(_unwrap(discriminator), batch["generated_y"].float(), fake, z_parts[1])
     loss = loss + spec.gp_weight * gp
     out["gp"] = gp.detach()
     # The critic's estimate of the Wasserstein distance between real and generated pairs.
@@ -153,7 +154,8 @@ def generator_loss(
     bce = logistic_loss(logits, y)
     fake = sample_label_sets(logits, spec)
     z = feature_extractor(x).float() if spec.conditional else None
-    adversarial = -_unwrap(discriminator)(fake, z).mean()
+    with _fp32(fake):
+        adversarial = -_unwrap(discriminator)(fake, z).mean()
     loss = adversarial + spec.bce_weight * bce
     return {"loss_g": loss, "bce": bce.detach(), "g_adversarial": adversarial.detach()}
 
@@ -162,6 +164,12 @@ def bce_loss(generator: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, 
     """Phase 1 (§3.2): G trained as a plain multi-label classifier on L_logistic."""
     bce = logistic_loss(generator(batch["x"]), batch["y"])
     return {"loss_g": bce, "bce": bce.detach()}
+
+
+def _fp32(like: torch.Tensor):
+    """D runs in fp32 whatever the autocast dtype: it is a few percent of the FLOPs, and the
+    penalty's gradient of a gradient loses too much in bf16."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
