@@ -82,3 +82,39 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_module(module: torch.nn.Module, buffers_only: bool = False) -> None:
+    """Copy rank 0's parameters (and buffers) to every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    tensors = list(module.buffers()) if buffers_only else [*module.parameters(), *module.buffers()]
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def allreduce_gradients(params, world_size: int, bucket_bytes: int = 25 * 2**20) -> None:
+    """Average ``.grad`` over ranks: flat buckets of ~25 MB (DDP's default bucket size), all
+    launched asynchronously, then unpacked. Every rank must hold gradients for the same
+    parameters (the steps never leave one out)."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        if not buckets or size + g.numel() * g.element_size() > bucket_bytes or buckets[-1][0].dtype != g.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
+        size += g.numel() * g.element_size()
+    pending = []
+    for bucket in buckets:
+        flat = _flatten_dense_tensors(bucket)
+        flat.div_(world_size)
+        pending.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
+    for bucket, flat, work in pending:
+        work.wait()
+        for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            g.copy_(synced)

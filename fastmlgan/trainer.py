@@ -19,9 +19,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastmlgan import checkpoint as ckpt
 from fastmlgan.config import Config
-from fastmlgan.distributed import DistInfo, all_gather_arrays, barrier, broadcast_object
+from fastmlgan.distributed import (
+    DistInfo,
+    all_gather_arrays,
+    allreduce_gradients,
+    barrier,
+    broadcast_module,
+    broadcast_object,
+)
 from fastmlgan.errors import FastMLGANError
-from fastmlgan.losses import GanSpec, bce_loss, discriminator_loss, generator_loss
+from fastmlgan.kernels import gradient_penalty
+from fastmlgan.losses import GanSpec, bce_loss, discriminator_loss, generator_loss, gradient_penalty_autograd
 from fastmlgan.metrics import compute_metrics, format_table
 from fastmlgan.models import Discriminator, build_feature_extractor, build_generator
 from fastmlgan.progress import Progress
@@ -92,7 +100,11 @@ class Trainer:
         self.splits = splits if splits is not None else build_splits(cfg.data, info)
         self.class_names = self.splits.class_names
         num_labels = len(self.class_names)
-        self.train_loader, self.eval_loader = build_loaders(cfg.data, self.splits, info, cfg.train.seed)
+        channels_last = cfg.model.channels_last and self.device.type == "cuda" and cfg.model.backbone != "mlp"
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.train_loader, self.eval_loader = build_loaders(
+            cfg.data, self.splits, info, cfg.train.seed, channels_last=channels_last
+        )
         self.mismatch_sampler = (
             MismatchedLabelSampler(self.splits.train.labels, seed=cfg.train.seed * 7919 + info.rank)
             if cfg.gan.enable and cfg.gan.negative_sampling
@@ -103,11 +115,6 @@ class Trainer:
         self.generator = build_generator(
             cfg.model.backbone, num_labels, cfg.model.pretrained, width=cfg.model.width, depth=cfg.model.depth, in_dim=in_dim
         ).to(self.device)
-        self.memory_format = (
-            torch.channels_last
-            if cfg.model.channels_last and self.device.type == "cuda" and cfg.model.backbone != "mlp"
-            else torch.contiguous_format
-        )
         self.generator = self.generator.to(memory_format=self.memory_format)
         # §4.1: f_ext is the ImageNet-pretrained generator without its output layer, frozen. With
         # no pretrained weights it is G's trunk frozen at the end of the BCE phase instead.
@@ -132,14 +139,31 @@ class Trainer:
         self.opt_d = torch.optim.Adam(
             self.discriminator.parameters(), lr=cfg.optim.d_lr, betas=betas, weight_decay=cfg.optim.weight_decay
         )
-        # DDP wrapping happens once, here; the steps call the wrappers, state dicts come from the
-        # plain modules.
+        # Wrapping and compilation happen once, here; state dicts always come from the plain modules.
+        #  - eager: G and D are wrapped in DDP (gradient all-reduce overlapped with backward).
+        #  - compiled: each step (BCE, G, the whole D step with its penalty) is one fullgraph
+        #    torch.compile region. Dynamo cannot trace DDP's forward inside a fullgraph region
+        #    ("Unsupported method call Logger.set_runtime_stats_and_log", torch 2.14), so the steps
+        #    take the plain modules and gradients are averaged after backward in a few flat
+        #    buckets (allreduce_gradients). A compiled backward hands its gradients over only at
+        #    its end, so DDP could not overlap them with the backward anyway.
         self.g_model: nn.Module = self.generator
         self.d_model: nn.Module = self.discriminator
-        if info.enabled:
+        self.compiled = cfg.compile.enable
+        if info.enabled and not self.compiled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.g_model = DDP(self.generator, device_ids=ids)
             self.d_model = DDP(self.discriminator, device_ids=ids)
+        if info.enabled and self.compiled:
+            broadcast_module(self.generator)
+            broadcast_module(self.discriminator)
+        self.penalty = gradient_penalty if cfg.gan.penalty == "explicit" else gradient_penalty_autograd
+        self._bce_loss, self._d_loss, self._g_loss = bce_loss, discriminator_loss, generator_loss
+        if self.compiled:
+            options = {"fullgraph": True, "mode": cfg.compile.mode}
+            self._bce_loss = torch.compile(bce_loss, **options)
+            self._d_loss = torch.compile(discriminator_loss, **options)
+            self._g_loss = torch.compile(generator_loss, **options)
 
         self.amp_dtype = self._amp_dtype(cfg.precision.amp)
         torch.manual_seed(cfg.train.seed * 1000003 + info.rank)  # per-rank noise streams
@@ -192,8 +216,9 @@ class Trainer:
         """Phase 1 (§3.2): one Adam step of G on L_logistic."""
         self.opt_g.zero_grad(set_to_none=True)
         with self.autocast():
-            out = bce_loss(self.g_model, {"x": self._images(batch), "y": _to_device(batch["labels"], self.device)})
+            out = self._bce_loss(self.g_model, {"x": self._images(batch), "y": _to_device(batch["labels"], self.device)})
         out["loss_g"].backward()
+        self._sync_gradients(self.generator)
         self.opt_g.step()
         return out
 
@@ -211,10 +236,11 @@ class Trainer:
             d_batch["mismatched_y"] = _to_device(self.mismatch_sampler.sample(batches[2]["labels"]), self.device)
         self.opt_d.zero_grad(set_to_none=True)
         with self.autocast():
-            out = discriminator_loss(
-                self.d_model, self.generator, self.feature_extractor, d_batch, self.spec
+            out = self._d_loss(
+                self.d_model, self.generator, self.feature_extractor, d_batch, self.spec, self.penalty
             )
         out["loss_d"].backward()
+        self._sync_gradients(self.discriminator)
         self.opt_d.step()
         return out
 
@@ -222,7 +248,7 @@ class Trainer:
         """One G update on eqs. (2)–(3). Only G's parameters receive gradients."""
         self.opt_g.zero_grad(set_to_none=True)
         with self.autocast():
-            out = generator_loss(
+            out = self._g_loss(
                 self.discriminator,
                 self.g_model,
                 self.feature_extractor,
@@ -230,6 +256,7 @@ class Trainer:
                 self.spec,
             )
         out["loss_g"].backward(inputs=list(self.generator.parameters()))
+        self._sync_gradients(self.generator)
         self.opt_g.step()
         return out
 
@@ -242,12 +269,20 @@ class Trainer:
         g_out = self.generator_step(stream.next())
         return {**d_out, **g_out}
 
+    def _sync_gradients(self, module: nn.Module) -> None:
+        """Compiled multi-process runs average gradients here (eager runs: DDP already did)."""
+        if self.compiled and self.info.enabled:
+            allreduce_gradients(module.parameters(), self.info.world_size)
+
     # ------------------------------------------------------------------------------------------
     # evaluation
 
     @torch.no_grad()
     def predict(self) -> tuple[np.ndarray, np.ndarray]:
         """σ(G(x)) and targets for every evaluation image, gathered from all ranks (each image once)."""
+        if self.compiled and self.info.enabled:
+            # Without DDP nobody broadcasts BatchNorm statistics: evaluate with rank 0's everywhere.
+            broadcast_module(self.generator, buffers_only=True)
         self.generator.eval()
         scores, targets = [], []
         for batch in self.eval_loader:

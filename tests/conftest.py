@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
+
+# Triton kernels run on a CPU only through Triton's interpreter, which must be switched on before
+# anything imports triton (torchvision and torch.compile do): set it before any test module loads.
+# On a GPU machine the kernels compile for the GPU as usual.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

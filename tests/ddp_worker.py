@@ -17,7 +17,8 @@ from fastmlgan.trainer import BatchStream, Trainer
 
 def main() -> None:
     out, data_root = Path(sys.argv[1]), sys.argv[2]
-    cfg = build_config({"data.root": data_root, "out": str(out)}, preset="smoke")
+    compiled = len(sys.argv) > 3 and sys.argv[3] == "compile"
+    cfg = build_config({"data.root": data_root, "out": str(out), "compile.enable": str(compiled)}, preset="smoke")
     info = init_distributed("gloo")
     out.mkdir(parents=True, exist_ok=True)
     try:

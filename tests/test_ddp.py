@@ -20,8 +20,11 @@ def _torchrun(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_parameters_identical_across_ranks(tmp_path):
-    proc = _torchrun([str(REPO / "tests" / "ddp_worker.py"), str(tmp_path / "run"), str(tmp_path / "data")], tmp_path)
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_parameters_identical_across_ranks(tmp_path, mode):
+    # eager: DDP wrappers; compile: fullgraph-compiled steps with bucketed gradient all-reduce.
+    worker = [str(REPO / "tests" / "ddp_worker.py"), str(tmp_path / "run"), str(tmp_path / "data"), mode]
+    proc = _torchrun(worker, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "ddp_result.json").read_text())
     # The ranks trained on different images ...

@@ -21,6 +21,12 @@ _EXPORTS = {
     "five_crop": "fastmlgan.loaders.torch_loader",
     "eval_resize": "fastmlgan.loaders.torch_loader",
     "normalize": "fastmlgan.loaders.torch_loader",
+    "read_nuswide": "fastmlgan.loaders.nuswide",
+    "read_list": "fastmlgan.loaders.listfile",
+    "build_dali_train_loader": "fastmlgan.loaders.dali",
+    "build_dali_eval_loader": "fastmlgan.loaders.dali",
+    "build_torchvision_train_loader": "fastmlgan.loaders.torchvision_gpu",
+    "build_torchvision_eval_loader": "fastmlgan.loaders.torchvision_gpu",
 }
 
 __all__ = sorted(_EXPORTS)

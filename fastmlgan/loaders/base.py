@@ -43,7 +43,7 @@ class LabeledImages:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def subset(self, indices, name: str | None = None) -> "LabeledImages":
+    def subset(self, indices, name: str | None = None) -> LabeledImages:
         idx = np.asarray(indices, dtype=np.int64)
         return dataclasses.replace(
             self,

@@ -55,6 +55,24 @@ def build_splits(cfg: DataConfig, info: DistInfo) -> Splits:
                 raise ConfigError(f"data.dataset=coco needs --data.{key}")
         train = read_coco(cfg.train_annotations, cfg.train_images, cfg.drop_unlabeled, name="train")
         val = read_coco(cfg.val_annotations, cfg.val_images, cfg.drop_unlabeled, name="val")
+    elif cfg.dataset == "nuswide":
+        from fastmlgan.loaders.nuswide import read_nuswide
+
+        if not cfg.nuswide_root:
+            raise ConfigError("data.dataset=nuswide needs --data.nuswide_root")
+        train, val = read_nuswide(
+            cfg.nuswide_root, cfg.nuswide_split, cfg.nuswide_num_train, cfg.nuswide_seed,
+            image_root=cfg.image_root or None, drop_unlabeled=cfg.drop_unlabeled,
+        )
+    elif cfg.dataset == "list":
+        from fastmlgan.loaders.listfile import read_label_names, read_list
+
+        for key in ("list_train", "list_val", "label_names"):
+            if not getattr(cfg, key):
+                raise ConfigError(f"data.dataset=list needs --data.{key}")
+        names = read_label_names(cfg.label_names)
+        train = read_list(cfg.list_train, names, cfg.image_root or None, cfg.drop_unlabeled, name="train")
+        val = read_list(cfg.list_val, names, cfg.image_root or None, cfg.drop_unlabeled, name="val")
     else:
         raise ConfigError(f"data.dataset={cfg.dataset!r} has no image reader")
     if train.class_names != val.class_names:
@@ -82,12 +100,17 @@ def per_rank_batch(global_batch: int, info: DistInfo, option: str) -> int:
     return global_batch // info.world_size
 
 
-def build_loaders(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int):
-    """(train loader, eval loader) for this rank."""
+def build_loaders(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int, channels_last: bool = False):
+    """(train loader, eval loader) for this rank. ``channels_last``: the dali and torchvision-gpu
+    backends deliver images in that memory format (the torch backend leaves it to the caller)."""
     from fastmlgan.loaders.torch_loader import FiveCropDataset, build_eval_loader, build_train_loader
 
     batch = per_rank_batch(cfg.batch_size, info, "data.batch_size")
     eval_batch = per_rank_batch(cfg.eval_batch_size, info, "data.eval_batch_size")
+    if cfg.dataset != "features":
+        backend = resolve_backend(cfg.backend, info.device, log=info.is_main)
+        if backend != "torch":
+            return _build_gpu_backend_loaders(backend, cfg, splits, info, seed, batch, eval_batch, channels_last)
     if cfg.dataset == "features":
         from fastmlgan.loaders.features import FeatureDataset, Standardizer
 
@@ -106,4 +129,70 @@ def build_loaders(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int):
         )
     train = build_train_loader(train_ds, batch, info.rank, info.world_size, seed, workers)
     val = build_eval_loader(val_ds, eval_batch, info.rank, info.world_size, workers)
+    return train, val
+
+
+BACKENDS = ("auto", "dali", "torchvision-gpu", "torch")
+
+
+def resolve_backend(requested: str, device, log: bool = True) -> str:
+    """The loader backend actually used: ``auto`` takes DALI on a GPU when it is installed, else
+    torchvision-gpu on a GPU, else torch. ``dali`` without a GPU runs DALI's CPU pipeline;
+    ``torchvision-gpu`` without a GPU is an error."""
+    import torch
+
+    from fastmlgan.loaders.dali import dali_available
+
+    if requested not in BACKENDS:
+        raise ConfigError(f"--data.backend: {requested!r} is not one of {', '.join(BACKENDS)}")
+    on_gpu = torch.device(device).type == "cuda"
+    if requested == "auto":
+        if on_gpu:
+            backend = "dali" if dali_available() else "torchvision-gpu"
+            reason = "GPU, DALI installed" if backend == "dali" else "GPU, DALI not installed (pip install '.[dali]')"
+        else:
+            backend, reason = "torch", "no GPU"
+        if log:
+            logger.info("data.backend auto -> %s (%s)", backend, reason)
+        return backend
+    if requested == "torchvision-gpu" and not on_gpu:
+        raise ConfigError(
+            "--data.backend torchvision-gpu decodes with nvJPEG and needs a CUDA GPU, but this process runs on "
+            f"{device}; use --data.backend torch (or auto, or dali for DALI's CPU pipeline)"
+        )
+    if requested == "dali" and not dali_available():
+        from fastmlgan.loaders.dali import _require_dali
+
+        _require_dali()  # raises with the install command
+    if log:
+        logger.info("data.backend %s%s", requested, " (CPU pipeline: no GPU)" if requested == "dali" and not on_gpu else "")
+    return requested
+
+
+def _build_gpu_backend_loaders(backend, cfg: DataConfig, splits: Splits, info: DistInfo, seed, batch, eval_batch, channels_last):
+    if len(splits.train) < batch * info.world_size:
+        raise ConfigError(
+            f"--data.batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images)"
+        )
+    device = info.device
+    if backend == "dali":
+        from fastmlgan.loaders.dali import build_dali_eval_loader, build_dali_train_loader
+
+        if cfg.on_bad_image == "skip" and info.is_main:
+            logger.info(
+                "data.backend dali cannot skip undecodable images (on_bad_image=skip is not honoured): "
+                "check the dataset first with python -m fastmlgan.loaders.check"
+            )
+        common = dict(device=device, num_threads=cfg.num_threads, channels_last=channels_last,
+                      hw_decoder_load=cfg.dali_hw_decoder_load)
+        train = build_dali_train_loader(
+            splits.train, cfg.image_size, batch, info.rank, info.world_size, seed, decode=cfg.dali_decode, **common
+        )
+        val = build_dali_eval_loader(splits.val, cfg.image_size, eval_batch, info.rank, info.world_size, **common)
+        return train, val
+    from fastmlgan.loaders.torchvision_gpu import build_torchvision_eval_loader, build_torchvision_train_loader
+
+    common = dict(device=device, num_threads=cfg.num_threads, on_bad_image=cfg.on_bad_image, channels_last=channels_last)
+    train = build_torchvision_train_loader(splits.train, cfg.image_size, batch, info.rank, info.world_size, seed, **common)
+    val = build_torchvision_eval_loader(splits.val, cfg.image_size, eval_batch, info.rank, info.world_size, **common)
     return train, val

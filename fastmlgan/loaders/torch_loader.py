@@ -238,6 +238,9 @@ def build_eval_loader(
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     """Set the epoch of the loader's sampler (shuffle) and dataset (crops)."""
+    if not isinstance(loader, DataLoader) and hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)  # the dali and torchvision-gpu loaders keep their own epoch
+        return
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
     if hasattr(loader.dataset, "set_epoch"):

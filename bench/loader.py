@@ -1,0 +1,257 @@
+"""Loader throughput: images per second of every available backend on the same files.
+
+    python bench/loader.py                      # every backend available here, embedded data
+    python bench/loader.py --quick              # a smaller run (CI, smoke)
+    python bench/loader.py --device cuda --backend dali,torchvision-gpu,torch
+    python bench/loader.py --dataset coco --data.train_annotations A.json --data.train_images DIR \\
+        [--data.val_annotations B.json --data.val_images DIR2]
+
+Backends (``--backend``, comma-separated, default all available on the device):
+  torch            the CPU reference: DataLoader with ``--threads`` worker processes
+  dali             DALI five-crop pipeline (full decode, resize, crop, resize), ``--threads`` threads;
+                   on CPU every operator runs on the CPU, on a GPU nvJPEG + GPU operators
+  dali-roi         the same with region-of-interest decoding of the crop window (one resize)
+  torchvision-gpu  torchvision decode_jpeg + batched five-crop, ``--threads`` reader threads (on
+                   ``--device cpu`` it runs the same code on CPU tensors)
+
+Each backend runs its training loader (random five-crop, shuffled) and evaluation loader
+(whole-image resize) for whole epochs: one warm-up epoch, then ``--repeats`` timed epochs; the
+table gives the median (and min/max) images per second. On a GPU each timed epoch ends with a
+``torch.cuda.synchronize()``. On CPU intra-op threads are set to 1 so that every backend uses
+exactly ``--threads`` threads (or worker processes). Results go to ``--out`` as JSON with the
+device, versions, git revision and the exact command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fastmlgan.loaders.base import LabeledImages  # noqa: E402
+from fastmlgan.loaders.coco import read_coco  # noqa: E402
+from fastmlgan.loaders.dali import dali_available  # noqa: E402
+from fastmlgan.loaders.torch_loader import set_epoch  # noqa: E402
+
+ALL_BACKENDS = ("torch", "dali", "dali-roi", "torchvision-gpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return "cpu"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict:
+    import PIL
+    import torchvision
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "cuda": torch.version.cuda,
+    }
+    if dali_available():
+        import nvidia.dali
+
+        out["dali"] = nvidia.dali.__version__
+    return out
+
+
+def load_data(args) -> tuple[LabeledImages, LabeledImages, str]:
+    if args.dataset == "embedded":
+        from fastmlgan.loaders.embedded import ensure
+
+        n_train, n_val, size = (128, 64, 320) if args.quick else (512, 256, 320)
+        root = Path(args.data_root or REPO / "data" / f"bench-embedded-{size}")
+        paths = ensure(root, num_train=n_train, num_val=n_val, image_size=size, seed=0)
+        train = read_coco(paths.train_ann, paths.train_images)
+        val = read_coco(paths.val_ann, paths.val_images)
+        return train, val, f"embedded ({n_train} train + {n_val} val synthetic JPEGs, {size}x{size})"
+    if not (args.train_annotations and args.train_images):
+        sys.exit("--dataset coco needs --data.train_annotations and --data.train_images")
+    train = read_coco(args.train_annotations, args.train_images)
+    if args.val_annotations and args.val_images:
+        val = read_coco(args.val_annotations, args.val_images)
+    else:
+        val = train
+    return train, val, f"coco ({args.train_annotations}: {len(train)} train, {len(val)} val images)"
+
+
+def build(backend: str, train: bool, images: LabeledImages, args, device: torch.device):
+    batch, threads, size = args.batch_size, args.threads, args.image_size
+    if backend == "torch":
+        from fastmlgan.loaders.torch_loader import FiveCropDataset, build_eval_loader, build_train_loader
+
+        ds = FiveCropDataset(images, size, train=train, seed=0)
+        if train:
+            return build_train_loader(ds, batch, 0, 1, seed=0, num_workers=threads)
+        return build_eval_loader(ds, batch, 0, 1, num_workers=threads)
+    if backend in ("dali", "dali-roi"):
+        from fastmlgan.loaders.dali import build_dali_eval_loader, build_dali_train_loader
+
+        dev = device if device.type == "cuda" else None
+        if train:
+            decode = "roi" if backend == "dali-roi" else "full"
+            return build_dali_train_loader(images, size, batch, 0, 1, seed=0, device=dev, num_threads=threads, decode=decode)
+        return build_dali_eval_loader(images, size, batch, 0, 1, device=dev, num_threads=threads)
+    from fastmlgan.loaders.torchvision_gpu import build_torchvision_eval_loader, build_torchvision_train_loader
+
+    if train:
+        return build_torchvision_train_loader(images, size, batch, 0, 1, seed=0, device=device, num_threads=threads)
+    return build_torchvision_eval_loader(images, size, batch, 0, 1, device=device, num_threads=threads)
+
+
+def run_epoch(loader, epoch: int, device: torch.device) -> tuple[int, float]:
+    set_epoch(loader, epoch)
+    n = 0
+    start = time.perf_counter()
+    for batch in loader:
+        image = batch["image"]
+        if image.device != device:  # count the host-to-device copy of the CPU backends too
+            image = image.to(device, non_blocking=True)
+        n += image.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return n, time.perf_counter() - start
+
+
+def measure(backend: str, split: str, images, args, device) -> dict:
+    loader = build(backend, split == "train", images, args, device)
+    run_epoch(loader, 0, device)  # warm-up: worker start, pipeline build, allocations
+    rates, counts = [], []
+    for r in range(args.repeats):
+        n, seconds = run_epoch(loader, r + 1, device)
+        rates.append(n / seconds)
+        counts.append(n)
+    if hasattr(loader, "close"):
+        loader.close()
+    del loader
+    return {
+        "backend": backend,
+        "split": split,
+        "images_per_s": statistics.median(rates),
+        "min": min(rates),
+        "max": max(rates),
+        "runs": [round(x, 2) for x in rates],
+        "images_per_run": counts[0],
+    }
+
+
+def available_backends(device: torch.device) -> list[str]:
+    out = ["torch"]
+    if dali_available():
+        out += ["dali", "dali-roi"]
+    out.append("torchvision-gpu")  # on CPU it runs the same code on CPU tensors
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="all", help="comma-separated subset of " + ",".join(ALL_BACKENDS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dataset", default="embedded", choices=("embedded", "coco"))
+    parser.add_argument("--data.root", dest="data_root", default="", help="embedded: where the bench dataset is generated")
+    parser.add_argument("--data.train_annotations", dest="train_annotations", default="")
+    parser.add_argument("--data.train_images", dest="train_images", default="")
+    parser.add_argument("--data.val_annotations", dest="val_annotations", default="")
+    parser.add_argument("--data.val_images", dest="val_images", default="")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--split", default="train,eval", help="train, eval or both")
+    parser.add_argument("--quick", action="store_true", help="smaller dataset and 3 repeats")
+    parser.add_argument("--out", default="", help="JSON output (default bench/results/loader-<device>.json)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = min(args.repeats, 3)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda but CUDA is not available")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # every backend gets --threads threads or worker processes, no more
+    backends = available_backends(device) if args.backend == "all" else args.backend.split(",")
+    unknown = set(backends) - set(ALL_BACKENDS)
+    if unknown:
+        sys.exit(f"unknown backend(s) {sorted(unknown)}; known: {', '.join(ALL_BACKENDS)}")
+    train, val, description = load_data(args)
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else "bench/loader.py " + " ".join(argv)
+    print(f"device {device} ({device_name(device)}), {description}, batch {args.batch_size}, "
+          f"{args.threads} threads, image size {args.image_size}, {args.repeats} repeats", flush=True)
+    rows = []
+    for backend in backends:
+        if backend.startswith("dali") and not dali_available():
+            print(f"skipping {backend}: DALI is not installed", flush=True)
+            continue
+        for split in args.split.split(","):
+            if backend == "dali-roi" and split == "eval":
+                continue  # the same eval pipeline as dali
+            images = train if split == "train" else val
+            row = measure(backend, split, images, args, device)
+            rows.append(row)
+            print(f"  {backend:<16} {split:<5} {row['images_per_s']:9.1f} img/s  (min {row['min']:.1f}, max {row['max']:.1f})", flush=True)
+    header = f"{'backend':<16} {'split':<6} {'img/s (median)':>15} {'min':>9} {'max':>9}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for row in rows:
+        print(f"{row['backend']:<16} {row['split']:<6} {row['images_per_s']:>15.1f} {row['min']:>9.1f} {row['max']:>9.1f}")
+    result = {
+        "benchmark": "loader",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "dataset": description,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "image_size": args.image_size,
+        "repeats": args.repeats,
+        "versions": versions(),
+        "git_revision": git_revision(),
+        "command": command,
+        "results": rows,
+    }
+    out = Path(args.out or REPO / "bench" / "results" / f"loader-{device_name(device)}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

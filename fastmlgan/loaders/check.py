@@ -1,0 +1,335 @@
+"""Scan a dataset before training: ``python -m fastmlgan.loaders.check [--first N] [--threads T]
+[--no-decode] --data.dataset ... --data.*`` (the same ``--data.*`` options as training).
+
+Every image listed by the dataset's annotation or list files is opened and classified:
+
+* ``missing``: listed but not on disk;
+* ``unreadable``: cannot be read (I/O error, a folder, empty), or bytes no decoder recognises;
+* ``truncated``: a JPEG without its end-of-image marker after the last scan, or that fails a full
+  decode (skip the decode with ``--no-decode``: magic bytes and markers only);
+* ``non_jpeg``: an image in another format (PNG, GIF, ...), found by its magic bytes;
+* ``unlabeled``: an image without any label (dropped when ``--data.drop_unlabeled`` is true);
+* ``unknown_label``: a label that is not one of the dataset's classes (a COCO category id not in
+  ``categories``, a list-file label not in the label-names file), and other malformed rows.
+
+Exit status: 1 when training would fail: any unknown label or malformed row, or, with the DALI
+backend (which cannot skip a bad image) or ``--data.on_bad_image error``, any missing, unreadable,
+truncated or non-JPEG image among those training reads; 2 for a bad option or an unreadable
+annotation file; 0 otherwise (the torch and torchvision-gpu backends skip bad images, and
+readers leave missing files out, both with a warning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fastmlgan.errors import ConfigError, FastMLGANError
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("missing", "unreadable", "truncated", "non_jpeg", "unlabeled", "unknown_label")
+FILE_KINDS = ("missing", "unreadable", "truncated", "non_jpeg")
+JPEG_SOI = b"\xff\xd8\xff"
+JPEG_SOS = b"\xff\xda"
+JPEG_EOI = b"\xff\xd9"
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"RIFF", "WEBP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+
+
+@dataclass
+class Listing:
+    """Every image one split lists, present or not, with its labels' status."""
+
+    split: str
+    paths: list[str]
+    labelled: np.ndarray  # (N,) bool
+    unknown_labels: list[str] = field(default_factory=list)
+
+
+def inspect_image(path: str, decode: bool = True) -> tuple[str, str] | None:
+    """(kind, detail) of a bad image file, or None for a complete JPEG."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return "missing", "no such file"
+    except OSError as e:
+        return "unreadable", f"cannot read: {e.strerror or e}"
+    if not data:
+        return "unreadable", "empty file"
+    if data[:3] == JPEG_SOI:
+        # Entropy-coded data never holds FF D9 (0xFF is always stuffed), so the image is complete
+        # when an EOI follows the last start-of-scan (an EXIF thumbnail's markers come before it).
+        sos, eoi = data.rfind(JPEG_SOS), data.rfind(JPEG_EOI)
+        if sos < 0 or eoi < sos:
+            return "truncated", "JPEG without end-of-image marker"
+        if decode:
+            error = _decode_error(data)
+            if error:
+                return "truncated", f"JPEG fails to decode: {error}"
+        return None
+    error = _decode_error(data) if decode else _identify_error(data)
+    if error:
+        return "unreadable", f"not a decodable image: {error}"
+    fmt = next((name for magic, name in _MAGIC if data.startswith(magic)), "not JPEG")
+    return "non_jpeg", fmt
+
+
+def _decode_error(data: bytes) -> str | None:
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as e:  # PIL raises many types for broken files; any of them means "broken"
+        return str(e) or type(e).__name__
+    return None
+
+
+def _identify_error(data: bytes) -> str | None:
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)):
+            pass
+    except Exception as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Listings: what each dataset kind lists, unlabelled images and unknown labels included.
+
+
+def _coco_listing(split: str, annotation_file, image_root) -> Listing:
+    from fastmlgan.loaders.coco import _load_json
+
+    annotation_file = Path(annotation_file)
+    data = _load_json(annotation_file)
+    categories = {c["id"] for c in data["categories"]}
+    row = {img["id"]: i for i, img in enumerate(data["images"])}
+    labelled = np.zeros(len(data["images"]), dtype=bool)
+    unknown = []
+    for i, ann in enumerate(data["annotations"]):
+        if ann["category_id"] not in categories:
+            unknown.append(f"{annotation_file}: annotations[{i}] has category_id {ann['category_id']!r}, not in 'categories'")
+        elif ann["image_id"] not in row:
+            unknown.append(f"{annotation_file}: annotations[{i}] refers to image_id {ann['image_id']!r}, not in 'images'")
+        else:
+            labelled[row[ann["image_id"]]] = True
+    paths = [str(Path(image_root) / str(img["file_name"])) for img in data["images"]]
+    return Listing(split, paths, labelled, unknown)
+
+
+def listings(cfg) -> list[Listing]:
+    """The listings of ``cfg`` (a ``DataConfig``) for every split training reads."""
+    if cfg.dataset == "embedded":
+        from fastmlgan.loaders import embedded
+
+        paths = embedded.ensure(
+            cfg.root, num_train=cfg.embedded_num_train, num_val=cfg.embedded_num_val,
+            image_size=cfg.embedded_image_size, seed=cfg.embedded_seed,
+        )
+        return [
+            _coco_listing("train", paths.train_ann, paths.train_images),
+            _coco_listing("val", paths.val_ann, paths.val_images),
+        ]
+    if cfg.dataset == "coco":
+        for key in ("train_annotations", "train_images", "val_annotations", "val_images"):
+            if not getattr(cfg, key):
+                raise ConfigError(f"data.dataset=coco needs --data.{key}")
+        return [
+            _coco_listing("train", cfg.train_annotations, cfg.train_images),
+            _coco_listing("val", cfg.val_annotations, cfg.val_images),
+        ]
+    if cfg.dataset == "nuswide":
+        from fastmlgan.loaders.nuswide import read_listing
+
+        if not cfg.nuswide_root:
+            raise ConfigError("data.dataset=nuswide needs --data.nuswide_root")
+        image_root = Path(cfg.image_root or Path(cfg.nuswide_root) / "Flickr")
+        splits = ("all",) if cfg.nuswide_split == "paper" else ("train", "test")
+        out = []
+        for which in splits:
+            entries, labels, _ = read_listing(cfg.nuswide_root, which)
+            out.append(Listing(which, [str(image_root / e) for e in entries], labels.any(axis=1)))
+        return out
+    if cfg.dataset == "list":
+        from fastmlgan.loaders.listfile import read_label_names, scan_list
+
+        for key in ("list_train", "list_val", "label_names"):
+            if not getattr(cfg, key):
+                raise ConfigError(f"data.dataset=list needs --data.{key}")
+        names = read_label_names(cfg.label_names)
+        out = []
+        for split, list_file in (("train", cfg.list_train), ("val", cfg.list_val)):
+            scan = scan_list(list_file, names, cfg.image_root or None)
+            out.append(Listing(split, scan.paths, scan.labels.any(axis=1), scan.problems))
+        return out
+    raise ConfigError(f"data.dataset={cfg.dataset!r} has no image files to check")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    offenders: dict[str, list[str]]  # kind -> "path: detail" messages, split-prefixed
+    counts: dict[str, dict[str, int]]  # split -> kind -> count
+    num_images: dict[str, int]
+    fatal: list[str]  # why training would fail (empty: it would not)
+    backend: str
+
+
+def uses_dali(backend: str) -> bool:
+    if backend == "dali":
+        return True
+    if backend != "auto":
+        return False
+    import torch
+
+    from fastmlgan.loaders.dali import dali_available
+
+    return torch.cuda.is_available() and dali_available()
+
+
+def check(cfg, threads: int = 8, decode: bool = True, progress: bool = True) -> Report:
+    """Scan every image of every split of ``cfg`` (a ``DataConfig``)."""
+    from fastmlgan.progress import Progress
+
+    splits = listings(cfg)
+    offenders: dict[str, list[str]] = {k: [] for k in KINDS}
+    counts: dict[str, dict[str, int]] = {}
+    strict = uses_dali(cfg.backend) or cfg.on_bad_image == "error"
+    fatal = []
+    total = sum(len(s.paths) for s in splits)
+    bar = Progress(total, "check", enabled=progress)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for listing in splits:
+            n = {k: 0 for k in KINDS}
+            for message in listing.unknown_labels:
+                n["unknown_label"] += 1
+                offenders["unknown_label"].append(f"[{listing.split}] {message}")
+            for i in np.flatnonzero(~listing.labelled):
+                n["unlabeled"] += 1
+                offenders["unlabeled"].append(f"[{listing.split}] {listing.paths[i]}")
+            used = listing.labelled if cfg.drop_unlabeled else np.ones(len(listing.paths), dtype=bool)
+            fatal_files = 0
+            for i, result in enumerate(pool.map(lambda p: inspect_image(p, decode), listing.paths, chunksize=64)):
+                bar.update(1)
+                if result is None:
+                    continue
+                kind, detail = result
+                n[kind] += 1
+                offenders[kind].append(f"[{listing.split}] {listing.paths[i]}: {detail}")
+                fatal_files += int(bool(used[i]))
+            counts[listing.split] = n
+            if n["unknown_label"]:
+                fatal.append(f"{listing.split}: {n['unknown_label']} unknown label(s) or malformed row(s)")
+            if strict and fatal_files:
+                why = "the DALI backend cannot skip them" if uses_dali(cfg.backend) else "--data.on_bad_image is error"
+                fatal.append(f"{listing.split}: {fatal_files} missing/unreadable/truncated/non-JPEG image(s) ({why})")
+    bar.close()
+    return Report(offenders, counts, {s.split: len(s.paths) for s in splits}, fatal, cfg.backend)
+
+
+def format_report(report: Report, first: int = 10) -> str:
+    lines = [f"{'split':<8}{'images':>9}" + "".join(f"{k:>15}" for k in KINDS)]
+    for split, n in report.counts.items():
+        lines.append(f"{split:<8}{report.num_images[split]:>9}" + "".join(f"{n[k]:>15}" for k in KINDS))
+    for kind in KINDS:
+        found = report.offenders[kind]
+        if found:
+            lines.append(f"\n{kind}: {len(found)}" + (f" (first {first})" if len(found) > first else ""))
+            lines += [f"  {m}" for m in found[:first]]
+    lines.append("")
+    if report.fatal:
+        lines.append("training would FAIL:")
+        lines += [f"  {f}" for f in report.fatal]
+    else:
+        bad = sum(len(report.offenders[k]) for k in FILE_KINDS)
+        lines.append(
+            "training would run" + (f" ({bad} bad/missing image(s) are skipped or left out with a warning)" if bad else "")
+        )
+    return "\n".join(lines)
+
+
+USAGE = """usage: python -m fastmlgan.loaders.check [--first N] [--threads T] [--no-decode] [--json FILE] --data.KEY VALUE ...
+
+Scans every image of a dataset given by the training options (--data.dataset coco|nuswide|list|embedded
+and the options it needs; see python -m fastmlgan.train --help) and reports missing, unreadable,
+truncated and non-JPEG files, images without labels and unknown labels. Exit status 1 when training
+would fail, 0 otherwise.
+
+  --first N      offenders printed per kind (default 10)
+  --threads T    reader threads (default 8)
+  --no-decode    check magic bytes and JPEG markers only, without decoding (faster)
+  --json FILE    also write the full report as JSON
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastmlgan.config import parse_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first, threads, decode, json_out, rest = 10, 8, True, None, []
+    i = 0
+    try:
+        while i < len(argv):
+            arg = argv[i]
+            if arg in ("-h", "--help"):
+                print(USAGE)
+                return 0
+            if arg == "--no-decode":
+                decode = False
+            elif arg in ("--first", "--threads", "--json"):
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg} needs a value")
+                value = argv[i + 1]
+                i += 1
+                if arg == "--json":
+                    json_out = value
+                else:
+                    try:
+                        number = int(value)
+                    except ValueError:
+                        raise ConfigError(f"{arg}: expected an integer, got {value!r}") from None
+                    first, threads = (number, threads) if arg == "--first" else (first, number)
+            else:
+                rest.append(arg)
+            i += 1
+        cfg = parse_args(rest, prog="python -m fastmlgan.loaders.check")
+        if cfg is None:
+            return 0
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        report = check(cfg.data, threads=threads, decode=decode)
+    except FastMLGANError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report, first))
+    if json_out:
+        Path(json_out).write_text(json.dumps(dataclasses.asdict(report), indent=1) + "\n")
+    return 1 if report.fatal else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""A generic list format for your own multi-label images.
+
+A label-names file, one class name a line (the line order is the class order; blank lines are
+ignored), and one list file per split, either
+
+* CSV (any extension but ``.jsonl``/``.ndjson``): ``path,labels`` with the labels separated by
+  ``;`` or ``|``; an optional header row ``path,labels``; a row with no labels is an unlabelled
+  image. Quote paths that contain commas::
+
+      path,labels
+      kitchen/0001.jpg,cup;plate;person
+      street/0002.jpg,car|traffic light
+
+* JSONL (``.jsonl`` or ``.ndjson``): one object a line, ``{"path": "...", "labels": [...]}``.
+
+Paths are relative to ``image_root`` (default: the list file's folder) unless absolute. A label
+name that is not in the names file is an error naming the file and line; images without labels
+are dropped and counted (``drop_unlabeled``); missing image files are listed and left out.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fastmlgan.errors import DataError
+from fastmlgan.loaders.base import LabeledImages
+
+logger = logging.getLogger(__name__)
+
+_SEPARATORS = re.compile(r"[;|]")
+
+
+def read_label_names(path) -> list[str]:
+    """Class names, one a line, in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: label-names file not found")
+    names, first_line = [], {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        name = line.strip()
+        if not name:
+            continue
+        if name in first_line:
+            raise DataError(f"{path}:{lineno}: label {name!r} repeats line {first_line[name]}")
+        first_line[name] = lineno
+        names.append(name)
+    if not names:
+        raise DataError(f"{path}: no label names")
+    return names
+
+
+@dataclass
+class ListScan:
+    """Every row of a list file, whatever its problems: what ``read_list`` and the check command use."""
+
+    paths: list[str]
+    labels: np.ndarray  # (N, C) uint8
+    class_names: list[str]
+    problems: list[str] = field(default_factory=list)
+    """One message per malformed row or unknown label name, naming file and line."""
+    unknown_labels: list[str] = field(default_factory=list)
+    """The subset of ``problems`` that are unknown label names."""
+
+
+def _rows(list_file: Path):
+    """(line number, path, [label names]) per row, or (line number, None, error message)."""
+    text = list_file.read_text(encoding="utf-8")
+    if list_file.suffix.lower() in (".jsonl", ".ndjson"):
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, None, f"not valid JSON ({e.msg})"
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+                yield lineno, None, 'expected an object with a "path" string and a "labels" list'
+                continue
+            labels = row.get("labels", [])
+            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+                yield lineno, None, '"labels" must be a list of label names'
+                continue
+            yield lineno, row["path"], [x.strip() for x in labels if x.strip()]
+        return
+    reader = csv.reader(text.splitlines())
+    for lineno, row in enumerate(reader, 1):
+        if not row or not "".join(row).strip():
+            continue
+        if lineno == 1 and row[0].strip().lower() == "path":
+            continue  # header
+        if len(row) > 2:
+            yield lineno, None, f"expected 'path,labels' (2 columns), got {len(row)}; quote paths with commas"
+            continue
+        labels = row[1] if len(row) == 2 else ""
+        yield lineno, row[0].strip(), [x.strip() for x in _SEPARATORS.split(labels) if x.strip()]
+
+
+def scan_list(list_file, class_names: list[str], image_root=None) -> ListScan:
+    """Parse a list file, collecting (not raising on) malformed rows and unknown label names."""
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise DataError(f"{list_file}: list file not found")
+    root = Path(image_root) if image_root else list_file.parent
+    column = {name: c for c, name in enumerate(class_names)}
+    paths, rows, problems, unknown = [], [], [], []
+    for lineno, path, labels in _rows(list_file):
+        if path is None:
+            problems.append(f"{list_file}:{lineno}: {labels}")
+            continue
+        if not path:
+            problems.append(f"{list_file}:{lineno}: empty path")
+            continue
+        row = np.zeros(len(class_names), dtype=np.uint8)
+        for name in labels:
+            if name in column:
+                row[column[name]] = 1
+            else:
+                message = f"{list_file}:{lineno}: unknown label {name!r} (not in the label-names file)"
+                problems.append(message)
+                unknown.append(message)
+        paths.append(str(root / path))
+        rows.append(row)
+    labels = np.stack(rows) if rows else np.zeros((0, len(class_names)), dtype=np.uint8)
+    return ListScan(paths, labels, list(class_names), problems, unknown)
+
+
+def read_list(list_file, label_names, image_root=None, drop_unlabeled: bool = True, name: str | None = None) -> LabeledImages:
+    """A list file (CSV or JSONL, see the module docstring) as ``LabeledImages``.
+
+    ``label_names`` is the label-names file (or the list of names itself)."""
+    class_names = label_names if isinstance(label_names, list) else read_label_names(label_names)
+    scan = scan_list(list_file, class_names, image_root)
+    if scan.problems:
+        more = f" (and {len(scan.problems) - 1} more problems)" if len(scan.problems) > 1 else ""
+        raise DataError(scan.problems[0] + more)
+    labelled = scan.labels.any(axis=1)
+    keep = labelled if drop_unlabeled else np.ones(len(scan.paths), dtype=bool)
+    num_dropped = int(len(scan.paths) - keep.sum())
+    paths, rows, missing = [], [], []
+    for row in np.flatnonzero(keep):
+        if Path(scan.paths[row]).is_file():
+            paths.append(scan.paths[row])
+            rows.append(row)
+        else:
+            missing.append(scan.paths[row])
+    if missing:
+        logger.warning("%s: %d of %d images are absent and left out (first: %s)", list_file, len(missing), int(keep.sum()), missing[0])
+    if num_dropped:
+        logger.info("%s: dropped %d images without labels", list_file, num_dropped)
+    if not paths:
+        raise DataError(f"{list_file}: no usable images ({len(scan.paths)} listed, {num_dropped} without labels, {len(missing)} absent)")
+    return LabeledImages(
+        name=name or Path(list_file).stem,
+        paths=paths,
+        labels=scan.labels[np.asarray(rows, dtype=np.int64)],
+        class_names=class_names,
+        num_dropped_unlabeled=num_dropped,
+        missing=missing,
+    )

@@ -1,0 +1,203 @@
+"""NUS-WIDE reader (81 concepts) in the dataset's official layout::
+
+    <root>/Concepts81.txt                                  81 concept names, one a line
+    <root>/ImageList/Imagelist.txt                         269,648 lines: C:\\ImageData\\Flickr\\actor\\0001_2124494179.jpg
+    <root>/ImageList/TrainImagelist.txt, TestImagelist.txt the official 161,789 / 107,859 split
+    <root>/Groundtruth/AllLabels/Labels_<concept>.txt      one 0/1 a line, aligned with Imagelist.txt
+    <root>/Groundtruth/TrainTestLabels/Labels_<concept>_Train.txt, _Test.txt   aligned with the split lists
+    <image_root>/actor/0001_2124494179.jpg                 the images (default image_root: <root>/Flickr)
+
+An image list entry names its file by the last two parts of the Windows path (concept folder and
+file name), relative to ``image_root``.
+
+Splits (``split``):
+
+* ``paper`` (default): the paper's protocol (§4.2.2, after WARP and Att-RNN): images without any
+  of the 81 labels are dropped (60,301 of 269,648), and the 209,347 labelled images are split
+  150,000 / 59,347 by a seeded subsample. The rule, so that anyone can reproduce it: take the
+  row numbers (0-based, in Imagelist.txt order) of the labelled images, permute them with
+  ``numpy.random.default_rng(seed).permutation``, the first ``num_train`` are the training set
+  and the rest the test set, each kept in Imagelist.txt order. The split is drawn before looking
+  at the image folder, so it does not depend on which Flickr images could be downloaded; missing
+  files are then left out of their split, listed and counted.
+* ``official``: the dataset's own TrainImagelist/TestImagelist with the TrainTestLabels files,
+  unlabelled images dropped (when ``drop_unlabeled``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fastmlgan.errors import ConfigError, DataError
+from fastmlgan.loaders.base import LabeledImages
+
+logger = logging.getLogger(__name__)
+
+NUM_CONCEPTS = 81
+PAPER_NUM_TRAIN = 150_000
+SPLITS = ("paper", "official")
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{path}: NUS-WIDE file not found (expected the official layout; see fastmlgan.loaders.nuswide)")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_concepts(root) -> list[str]:
+    """The 81 concept names of ``Concepts81.txt``, in file order (the class order)."""
+    path = Path(root) / "Concepts81.txt"
+    names = _lines(path)
+    if len(names) != NUM_CONCEPTS:
+        raise DataError(f"{path}: expected {NUM_CONCEPTS} concept names, found {len(names)}")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: repeated concept names")
+    return names
+
+
+def image_relpath(entry: str) -> str:
+    """``C:\\ImageData\\Flickr\\actor\\0001_2124494179.jpg`` -> ``actor/0001_2124494179.jpg``."""
+    parts = [p for p in entry.replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:])
+
+
+def _label_column(path: Path, num_images: int) -> np.ndarray:
+    values = _lines(path)
+    if len(values) != num_images:
+        raise DataError(f"{path}: {len(values)} lines, but the image list has {num_images} images")
+    column = np.asarray(values)
+    ones = column == "1"
+    if not (ones | (column == "0")).all():
+        row = int(np.flatnonzero(~(ones | (column == "0")))[0])
+        raise DataError(f"{path}: line {row + 1} is {values[row]!r}, expected 0 or 1")
+    return ones
+
+
+def _read_matrix(root: Path, list_file: Path, label_pattern: str, concepts: list[str]) -> tuple[list[str], np.ndarray]:
+    entries = [image_relpath(e) for e in _lines(list_file)]
+    labels = np.zeros((len(entries), len(concepts)), dtype=np.uint8)
+    for c, concept in enumerate(concepts):
+        labels[:, c] = _label_column(root / label_pattern.format(concept=concept), len(entries))
+    return entries, labels
+
+
+def read_listing(root, which: str = "all") -> tuple[list[str], np.ndarray, list[str]]:
+    """(relative image paths, (N, 81) labels, concept names) of one image list, unlabelled images
+    included: ``which`` is all (Imagelist.txt, AllLabels), train or test (the official split)."""
+    root = Path(root)
+    concepts = read_concepts(root)
+    if which == "all":
+        entries, labels = _read_matrix(
+            root, root / "ImageList" / "Imagelist.txt", "Groundtruth/AllLabels/Labels_{concept}.txt", concepts
+        )
+    elif which in ("train", "test"):
+        suffix = which.capitalize()
+        entries, labels = _read_matrix(
+            root,
+            root / "ImageList" / f"{suffix}Imagelist.txt",
+            f"Groundtruth/TrainTestLabels/Labels_{{concept}}_{suffix}.txt",
+            concepts,
+        )
+    else:
+        raise ValueError(f"which must be all, train or test, got {which!r}")
+    return entries, labels, concepts
+
+
+def paper_split(labels: np.ndarray, num_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row numbers of the training and test images of the paper's protocol (see the module docstring)."""
+    labelled = np.flatnonzero(labels.any(axis=1))
+    if num_train >= len(labelled):
+        raise ConfigError(
+            f"--data.nuswide_num_train {num_train} leaves no test images: only {len(labelled)} images are labelled"
+        )
+    perm = np.random.default_rng(seed).permutation(labelled)
+    return np.sort(perm[:num_train]), np.sort(perm[num_train:])
+
+
+def _build(name: str, entries: list[str], labels: np.ndarray, rows, concepts, image_root: Path, num_dropped: int):
+    listed = _listed_files(image_root)
+    paths, keep, missing = [], [], []
+    for row in rows:
+        path = image_root / entries[row]
+        if entries[row] in listed:
+            paths.append(str(path))
+            keep.append(row)
+        else:
+            missing.append(str(path))
+    if missing:
+        logger.warning(
+            "NUS-WIDE %s: %d of %d images are absent from %s and left out (first: %s)",
+            name, len(missing), len(rows), image_root, missing[0],
+        )
+    if not paths:
+        raise DataError(f"NUS-WIDE {name}: none of the {len(rows)} images is in {image_root}")
+    return LabeledImages(
+        name=name,
+        paths=paths,
+        labels=labels[np.asarray(keep, dtype=np.int64)],
+        class_names=list(concepts),
+        num_dropped_unlabeled=num_dropped,
+        missing=missing,
+    )
+
+
+def _listed_files(image_root: Path) -> set[str]:
+    """``concept/file`` names under ``image_root`` from one listing per concept folder (a stat
+    per image is slow on network file systems)."""
+    if not image_root.is_dir():
+        raise DataError(f"{image_root}: NUS-WIDE image folder not found (set --data.image_root)")
+    found: set[str] = set()
+    for entry in os.scandir(image_root):
+        if entry.is_dir():
+            found.update(f"{entry.name}/{f.name}" for f in os.scandir(entry.path) if f.is_file())
+        elif entry.is_file():
+            found.add(entry.name)
+    return found
+
+
+def read_nuswide(
+    root,
+    split: str = "paper",
+    num_train: int = PAPER_NUM_TRAIN,
+    seed: int = 0,
+    image_root=None,
+    drop_unlabeled: bool = True,
+) -> tuple[LabeledImages, LabeledImages]:
+    """(train, test) of NUS-WIDE's 81 concepts under ``root`` (see the module docstring).
+
+    ``paper`` split: the unlabelled images are counted in the training split's
+    ``num_dropped_unlabeled`` (they are dropped before splitting); it always drops them."""
+    if split not in SPLITS:
+        raise ConfigError(f"--data.nuswide_split: {split!r} is not one of {', '.join(SPLITS)}")
+    root = Path(root)
+    image_root = Path(image_root) if image_root else root / "Flickr"
+    if split == "paper":
+        entries, labels, concepts = read_listing(root, "all")
+        train_rows, test_rows = paper_split(labels, num_train, seed)
+        num_dropped = int(len(entries) - len(train_rows) - len(test_rows))
+        logger.info(
+            "NUS-WIDE: %d images listed, %d without any of the %d labels dropped, %d labelled split "
+            "%d train / %d test (seed %d)",
+            len(entries), num_dropped, len(concepts), len(train_rows) + len(test_rows),
+            len(train_rows), len(test_rows), seed,
+        )
+        train = _build("nuswide-train", entries, labels, train_rows, concepts, image_root, num_dropped)
+        test = _build("nuswide-test", entries, labels, test_rows, concepts, image_root, 0)
+        return train, test
+    out = []
+    for which in ("train", "test"):
+        entries, labels, concepts = read_listing(root, which)
+        labelled = labels.any(axis=1)
+        rows = np.flatnonzero(labelled) if drop_unlabeled else np.arange(len(entries))
+        num_dropped = int(len(entries) - len(rows))
+        logger.info("NUS-WIDE official %s: %d images listed, %d without labels dropped", which, len(entries), num_dropped)
+        out.append(_build(f"nuswide-{which}", entries, labels, rows, concepts, image_root, num_dropped))
+    return out[0], out[1]

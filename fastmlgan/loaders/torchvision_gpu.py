@@ -1,0 +1,337 @@
+"""The fallback GPU data path for machines without DALI: nvJPEG decoding through
+``torchvision.io.decode_jpeg(list, device="cuda")`` and the paper's five-crop (§4.1) as batched
+tensor ops, behind the same loader interface as ``torch_loader``.
+
+Everything but the decoder is device-agnostic, so the tests run it on CPU tensors
+(``device="cpu"``, where ``decode_jpeg`` uses libjpeg-turbo).
+
+Per batch: a small thread pool reads the files (``prefetch`` batches ahead; on CPU it also
+decodes and does the first resize, which release the GIL); JPEGs are decoded in one batched call,
+other formats (PNG, ...) with PIL like the torch loader; each image is resized to base x base
+(``TF.resize``, antialiased bilinear, the torch loader's kernel); the crops are cut per sample
+and resized to ``image_size`` in one call per crop size (five at most); then normalised.
+
+Same order, crops and bad-image policy as the torch loader: the shard of each rank comes from
+``DistributedSampler`` (training; the last partial batch dropped) or ``range(rank, N, W)``
+(evaluation); the crop of sample ``i`` in epoch ``e`` is ``crop_for(seed, e, i)``; an undecodable
+image is replaced by the next decodable one with ``bad=True`` (``on_bad_image="skip"``) or stops
+the run (``"error"``). On CPU the pixels equal the torch loader's; on a GPU the float resize
+differs from the CPU uint8 kernel by rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch.utils.data.distributed import DistributedSampler
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from fastmlgan.errors import ConfigError, DataError
+from fastmlgan.loaders.base import LabeledImages
+from fastmlgan.loaders.five_crop import base_size, crop_window
+from fastmlgan.loaders.torch_loader import IMAGENET_MEAN, IMAGENET_STD, ON_BAD_IMAGE, ShardSampler, crop_for, decode_rgb
+
+logger = logging.getLogger(__name__)
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _resize(images: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 (3, H, W) or (B, 3, H, W) -> side x side: the torch loader's resize, batched."""
+    return TF.resize(images, [side, side], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def resize_all(images: list[torch.Tensor], side: int) -> torch.Tensor:
+    """A list of uint8 (3, H_i, W_i) images -> uint8 (B, 3, side, side), one resize call per distinct size."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, image in enumerate(images):
+        groups[tuple(image.shape[-2:])].append(i)
+    out = torch.empty((len(images), 3, side, side), dtype=torch.uint8, device=images[0].device)
+    for members in groups.values():
+        out[members] = _resize(torch.stack([images[i] for i in members]), side)
+    return out
+
+
+def five_crop_batch(base_images: torch.Tensor, crops: torch.Tensor, image_size: int) -> torch.Tensor:
+    """The training crops of a batch already resized to base x base.
+
+    ``base_images`` uint8 (B, 3, base, base), ``crops`` int (B, 2) [position, size_index];
+    returns uint8 (B, 3, image_size, image_size), one resize call per crop size in the batch."""
+    base = base_size(image_size)
+    if base_images.shape[-2:] != (base, base):
+        raise ValueError(f"expected images of {base}x{base} for image_size {image_size}, got {tuple(base_images.shape)}")
+    out = torch.empty((len(base_images), 3, image_size, image_size), dtype=torch.uint8, device=base_images.device)
+    by_size: dict[int, list[int]] = defaultdict(list)
+    crops_list = crops.tolist()
+    for i, (_, size_index) in enumerate(crops_list):
+        by_size[size_index].append(i)
+    for members in by_size.values():
+        patches = []
+        for i in members:
+            top, left, side = crop_window(crops_list[i][0], crops_list[i][1], image_size)
+            patches.append(base_images[i, :, top : top + side, left : left + side])
+        out[members] = _resize(torch.stack(patches), image_size)
+    return out
+
+
+def normalize_batch(images: torch.Tensor, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> ImageNet-normalised ``dtype``, optionally in channels_last memory format."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
+    out = ((images.to(torch.float32) - mean) / std).to(dtype)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class TorchvisionLoader:
+    """Batches of a ``LabeledImages`` decoded with torchvision on ``device``: ``len``,
+    ``set_epoch`` and iteration yielding ``{"image", "labels", "crop", "index", "bad"}``."""
+
+    def __init__(
+        self,
+        images: LabeledImages,
+        image_size: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        train: bool,
+        seed: int = 0,
+        device="cuda",
+        num_threads: int = 4,
+        on_bad_image: str = "skip",
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        prefetch: int = 2,
+    ):
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ConfigError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        if image_size < 1:
+            raise ConfigError(f"image_size must be positive, got {image_size}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                "--data.backend torchvision-gpu needs a CUDA GPU (nvJPEG decoding) and none is available; "
+                "use --data.backend torch (or auto)"
+            )
+        self.images = images
+        self.image_size = int(image_size)
+        self.batch_size = int(batch_size)
+        self.train = bool(train)
+        self.seed = int(seed)
+        self.num_threads = max(1, int(num_threads))
+        self.on_bad_image = on_bad_image
+        self.dtype = dtype
+        self.channels_last = bool(channels_last)
+        self.prefetch = max(1, int(prefetch))
+        self.epoch = 0
+        if self.train:
+            # range(n) stands in for the dataset: the sampler only needs its length.
+            self.sampler = DistributedSampler(
+                range(len(images)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+            )
+            if len(self.sampler) < batch_size:
+                raise ConfigError(
+                    f"batch_size={batch_size} is larger than the {len(self.sampler)} training images each of the "
+                    f"{world_size} rank(s) gets from {len(images)}: no full batch per epoch; lower the batch size"
+                )
+        else:
+            self.sampler = ShardSampler(len(images), rank, world_size)
+        self._labels = torch.from_numpy(images.labels.astype(np.float32))
+        self._known_bad: set[int] = set()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self.train:
+            self.sampler.set_epoch(self.epoch)
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def _load(self, index: int):
+        """Pool task: the file's bytes, or on CPU the decoded image already resized for the batch."""
+        try:
+            data = _read(self.images.paths[index])
+        except OSError as e:
+            return DataError(f"{self.images.paths[index]}: cannot read image file: {e}")
+        if self.device.type != "cpu":
+            return data
+        try:
+            return self._resize_first(self._decode_cpu(index, data))
+        except DataError as e:
+            return e
+
+    def _decode_cpu(self, index: int, data: bytes) -> torch.Tensor:
+        if data[:3] == JPEG_MAGIC:
+            try:
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            except RuntimeError:
+                pass  # PIL decides (and names the problem), as in the torch loader
+        return decode_rgb(self.images.paths[index])
+
+    def _resize_first(self, image: torch.Tensor) -> torch.Tensor:
+        return _resize(image, base_size(self.image_size) if self.train else self.image_size)
+
+    def _decode_gpu(self, indices: list[int], loaded: list) -> list:
+        """Batched nvJPEG decode of the JPEGs among ``loaded`` (bytes or errors); others via PIL."""
+        out: list = list(loaded)
+        jpegs = [i for i, x in enumerate(loaded) if isinstance(x, bytes) and x[:3] == JPEG_MAGIC]
+        tensors = [torch.frombuffer(bytearray(loaded[i]), dtype=torch.uint8) for i in jpegs]
+        try:
+            decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device) if tensors else []
+        except RuntimeError:
+            decoded = []
+            for t in tensors:  # find the broken one(s)
+                try:
+                    decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    decoded.append(None)
+        for i, image in zip(jpegs, decoded):
+            out[i] = image
+        for i, x in enumerate(out):
+            if isinstance(x, (bytes, type(None))):  # not a JPEG, or nvJPEG failed: PIL decides
+                try:
+                    out[i] = decode_rgb(self.images.paths[indices[i]]).to(self.device, non_blocking=True)
+                except DataError as e:
+                    out[i] = e
+        return [x if isinstance(x, DataError) else self._resize_first(x) for x in out]
+
+    def _substitute(self, index: int, error: DataError) -> tuple[int, torch.Tensor]:
+        """The torch loader's skip policy: the next decodable image (i+1, i+2, ... wrapping) stands in."""
+        if self.on_bad_image == "error":
+            raise error
+        if index not in self._known_bad:
+            self._known_bad.add(index)
+            logger.warning("skipping undecodable image %s (%s)", self.images.paths[index], error)
+        n = len(self.images)
+        for step in range(1, n):
+            j = (index + step) % n
+            if j in self._known_bad:
+                continue
+            result = self._load(j)
+            if self.device.type != "cpu" and not isinstance(result, DataError):
+                result = self._decode_gpu([j], [result])[0]
+            if not isinstance(result, DataError):
+                return j, result
+            self._known_bad.add(j)
+            logger.warning("skipping undecodable image %s (%s)", self.images.paths[j], result)
+        raise DataError(f"{self.images.name}: none of the {n} images can be decoded")
+
+    def _assemble(self, indices: list[int], loaded: list) -> dict:
+        if self.device.type != "cpu":
+            loaded = self._decode_gpu(indices, loaded)
+        used, bad, pixels = [], [], []
+        for index, result in zip(indices, loaded):
+            if isinstance(result, DataError):
+                j, result = self._substitute(index, result)
+                used.append(j)
+                bad.append(True)
+            else:
+                used.append(index)
+                bad.append(False)
+            pixels.append(result)
+        first = torch.stack(pixels)
+        if self.train:
+            # The crop belongs to the requested slot (seed, epoch, index), substitute or not.
+            crops = torch.tensor([crop_for(self.seed, self.epoch, i) for i in indices], dtype=torch.int64)
+            images = five_crop_batch(first, crops, self.image_size)
+        else:
+            crops = torch.full((len(indices), 2), -1, dtype=torch.int64)
+            images = first
+        index = torch.tensor(used, dtype=torch.int64)
+        return {
+            "image": normalize_batch(images, self.dtype, self.channels_last),
+            "labels": self._labels[index],
+            "crop": crops,
+            "index": index,
+            "bad": torch.tensor(bad, dtype=torch.bool),
+        }
+
+    # -- iteration ------------------------------------------------------------------------------
+
+    def _batches(self) -> list[list[int]]:
+        order = [int(i) for i in self.sampler]
+        step = self.batch_size
+        batches = [order[i : i + step] for i in range(0, len(order), step)]
+        if self.train and batches and len(batches[-1]) < step:
+            batches.pop()
+        return batches
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="fastmlgan-read")
+        batches = self._batches()
+        pending: list[list[Future]] = []
+        ahead = 0
+        for b, indices in enumerate(batches):
+            while ahead < len(batches) and ahead <= b + self.prefetch:
+                pending.append([self._pool.submit(self._load, i) for i in batches[ahead]])
+                ahead += 1
+            futures = pending.pop(0)
+            yield self._assemble(indices, [f.result() for f in futures])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def build_torchvision_train_loader(
+    images: LabeledImages,
+    image_size: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device="cuda",
+    num_threads: int = 4,
+    on_bad_image: str = "skip",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> TorchvisionLoader:
+    """Shuffled, sharded five-crop training batches (the torch loader's order and crops); last partial batch dropped."""
+    return TorchvisionLoader(
+        images, image_size, batch_size, rank, world_size, train=True, seed=seed, device=device,
+        num_threads=num_threads, on_bad_image=on_bad_image, dtype=dtype, channels_last=channels_last,
+    )
+
+
+def build_torchvision_eval_loader(
+    images: LabeledImages,
+    image_size: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    device="cuda",
+    num_threads: int = 4,
+    on_bad_image: str = "skip",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> TorchvisionLoader:
+    """Whole images resized to image_size, ``range(rank, N, W)`` in order, every image exactly once."""
+    return TorchvisionLoader(
+        images, image_size, batch_size, rank, world_size, train=False, device=device,
+        num_threads=num_threads, on_bad_image=on_bad_image, dtype=dtype, channels_last=channels_last,
+    )

@@ -1,0 +1,178 @@
+"""Backend choice and the contract every backend keeps with the trainer: the same crops for the
+same crop parameters, the same batch dicts, and sharding that covers every image once per epoch."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from loader_helpers import MAX_ABS_TOLERANCE, MEAN_ABS_TOLERANCE, denormalize
+
+from fastmlgan.config import DataConfig, build_config
+from fastmlgan.distributed import DistInfo
+from fastmlgan.errors import ConfigError
+from fastmlgan.loaders import dali as dali_module
+from fastmlgan.loaders.coco import read_coco
+from fastmlgan.loaders.embedded import generate
+from fastmlgan.loaders.five_crop import base_size
+from fastmlgan.loaders.registry import Splits, build_loaders, resolve_backend
+from fastmlgan.loaders.torch_loader import (
+    FiveCropDataset,
+    build_eval_loader,
+    build_train_loader,
+    decode_rgb,
+    five_crop,
+    set_epoch,
+)
+from fastmlgan.loaders.torchvision_gpu import (
+    build_torchvision_eval_loader,
+    build_torchvision_train_loader,
+    five_crop_batch,
+    resize_all,
+)
+
+HAS_DALI = dali_module.dali_available()
+needs_dali = pytest.mark.skipif(not HAS_DALI, reason="DALI is not installed (pip install '.[dali]')")
+CPU = torch.device("cpu")
+BACKENDS = ["torch", "torchvision-cpu", pytest.param("dali", marks=needs_dali)]
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory) -> Splits:
+    paths = generate(tmp_path_factory.mktemp("backends") / "data", num_train=45, num_val=23, image_size=48, seed=5)
+    return Splits(read_coco(paths.train_ann, paths.train_images), read_coco(paths.val_ann, paths.val_images))
+
+
+def test_config_validates_backend_and_dataset():
+    assert DataConfig().backend == "auto"
+    for backend in ("auto", "dali", "torchvision-gpu", "torch"):
+        assert build_config({"data.backend": backend}).data.backend == backend
+    with pytest.raises(ConfigError, match="--data.backend: 'nvjpeg' is not one of auto, dali, torchvision-gpu, torch"):
+        build_config({"data.backend": "nvjpeg"})
+    for dataset in ("nuswide", "list"):
+        assert DataConfig(dataset=dataset).dataset == dataset
+    with pytest.raises(ConfigError, match="data.nuswide_split"):
+        DataConfig(nuswide_split="random")
+    with pytest.raises(ConfigError, match="data.dali_hw_decoder_load"):
+        DataConfig(dali_hw_decoder_load=1.5)
+
+
+def test_resolve_backend(monkeypatch, caplog):
+    with caplog.at_level(logging.INFO, logger="fastmlgan.loaders.registry"):
+        assert resolve_backend("auto", CPU) == "torch"
+    assert "auto -> torch (no GPU)" in caplog.text
+    assert resolve_backend("torch", torch.device("cuda")) == "torch"
+    with pytest.raises(ConfigError, match="torchvision-gpu decodes with nvJPEG and needs a CUDA GPU"):
+        resolve_backend("torchvision-gpu", CPU)
+    monkeypatch.setattr(dali_module, "dali_available", lambda: False)
+    assert resolve_backend("auto", torch.device("cuda")) == "torchvision-gpu"
+    with pytest.raises(ConfigError, match=r"pip install '.\[dali\]'.*nvidia-dali-cuda120"):
+        resolve_backend("dali", CPU)
+    monkeypatch.setattr(dali_module, "dali_available", lambda: True)
+    assert resolve_backend("auto", torch.device("cuda")) == "dali"
+    assert resolve_backend("dali", CPU) == "dali"
+
+
+def three_way(images, image_size: int) -> None:
+    """DALI's crops against torch's and torchvision-gpu's (on CPU tensors) for the same parameters."""
+    from fastmlgan.loaders.dali import build_dali_train_loader
+
+    batch = next(iter(build_dali_train_loader(images, image_size, 10, 0, 1, seed=9)))
+    decoded = [decode_rgb(images.paths[i]) for i in batch["index"].tolist()]
+    batched = five_crop_batch(resize_all(decoded, base_size(image_size)), batch["crop"], image_size)
+    for image, crop, ours, tv in zip(decoded, batch["crop"].tolist(), batch["image"], batched):
+        reference = five_crop(image, *crop, image_size)
+        assert torch.equal(tv, reference)
+        diff = (denormalize(ours) - reference.long()).abs()
+        assert diff.float().mean() <= MEAN_ABS_TOLERANCE and diff.max() <= MAX_ABS_TOLERANCE, crop
+
+
+@needs_dali
+def test_same_crops_for_the_same_parameters(splits):
+    three_way(splits.train, 40)
+
+
+@needs_dali
+@pytest.mark.realdata
+def test_same_crops_for_the_same_parameters_on_coco128(shared_data):
+    root = shared_data / "coco128"
+    three_way(read_coco(root / "instances_coco128.json", root / "images" / "train2017"), 224)
+
+
+def loaders(backend: str, splits: Splits, rank: int, world_size: int, batch: int):
+    if backend == "torch":
+        train = build_train_loader(FiveCropDataset(splits.train, 16, True, seed=1), batch, rank, world_size, seed=1)
+        return train, build_eval_loader(FiveCropDataset(splits.val, 16, False), batch, rank, world_size)
+    if backend == "torchvision-cpu":
+        return (
+            build_torchvision_train_loader(splits.train, 16, batch, rank, world_size, seed=1, device="cpu", num_threads=2),
+            build_torchvision_eval_loader(splits.val, 16, batch, rank, world_size, device="cpu", num_threads=2),
+        )
+    from fastmlgan.loaders.dali import build_dali_eval_loader, build_dali_train_loader
+
+    return (
+        build_dali_train_loader(splits.train, 16, batch, rank, world_size, seed=1, num_threads=2),
+        build_dali_eval_loader(splits.val, 16, batch, rank, world_size, num_threads=2),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_shards_each_epoch(backend, splits):
+    """45 training images, 2 ranks, batch 4: each rank takes 5 batches (20 of its 22), the ranks
+    are disjoint, every epoch; the 23 evaluation images are seen exactly once across ranks."""
+    pairs = [loaders(backend, splits, rank, 2, 4) for rank in range(2)]
+    for epoch in range(2):
+        shards = []
+        for train, _ in pairs:
+            set_epoch(train, epoch)
+            batches = list(train)
+            assert len(batches) == len(train) == 5
+            for b in batches:
+                assert set(b) == {"image", "labels", "crop", "index", "bad"}
+                assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.float32
+                assert b["labels"].shape == (4, splits.train.num_classes) and b["labels"].dtype == torch.float32
+                assert b["crop"].dtype == b["index"].dtype == torch.int64 and b["bad"].dtype == torch.bool
+                assert torch.equal(b["labels"], torch.from_numpy(splits.train.labels[b["index"].numpy()]).float())
+            shards.append([i for b in batches for i in b["index"].tolist()])
+        assert len(set(shards[0])) == len(set(shards[1])) == 20 and not set(shards[0]) & set(shards[1])
+    seen = []
+    for _, evaluation in pairs:
+        batches = list(evaluation)
+        assert len(batches) == len(evaluation)
+        assert all((b["crop"] == -1).all() and not b["bad"].any() for b in batches)
+        seen += [i for b in batches for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(len(splits.val)))
+
+
+@needs_dali
+def test_registry_builds_the_dali_cpu_pipeline(splits):
+    cfg = DataConfig(backend="dali", image_size=16, batch_size=8, eval_batch_size=8, num_threads=2)
+    train, val = build_loaders(cfg, splits, DistInfo(1, 2, 1, CPU), seed=0)
+    assert isinstance(train, dali_module.DALILoader) and len(train) == 22 // 4
+    set_epoch(train, 3)
+    assert train.epoch == 3 and next(iter(train))["image"].shape == (4, 3, 16, 16)
+    assert sum(len(b["index"]) for b in val) == len(range(23 // 2, 23))
+
+
+def test_registry_refuses_torchvision_gpu_without_a_gpu(splits):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="torchvision-gpu"):
+        build_loaders(DataConfig(backend="torchvision-gpu", image_size=16, batch_size=8), splits, DistInfo(0, 1, 0, CPU), 0)
+
+
+@pytest.mark.gpu
+def test_auto_backend_on_a_gpu(splits):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cfg = DataConfig(backend="auto", image_size=32, batch_size=8, eval_batch_size=8)
+    info = DistInfo(0, 1, 0, torch.device("cuda", 0))
+    train, val = build_loaders(cfg, splits, info, seed=0, channels_last=True)
+    expected = "dali" if HAS_DALI else "torchvision-gpu"
+    assert resolve_backend("auto", info.device) == expected
+    batch = next(iter(train))
+    assert batch["image"].is_cuda and batch["image"].is_contiguous(memory_format=torch.channels_last)
+    assert batch["image"].shape == (8, 3, 32, 32) and not batch["labels"].is_cuda
+    seen = [i for b in val for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(len(splits.val)))

@@ -1,0 +1,298 @@
+"""The first-order gradient penalty (eq. 5) against the textbook double backward, its fused ops
+against their references, and the compiled D loss of eq. (4).
+
+Triton cases run through the interpreter on CPU; see tests/test_gumbel_sigmoid.py's docstring for
+why TRITON_INTERPRET=1 is set before the imports and what happens when triton came first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fastmlgan.kernels import _dispatch  # noqa: E402
+from fastmlgan.kernels.gradient_penalty import (  # noqa: E402
+    discriminator_input_gradient,
+    gradient_penalty,
+    gradient_penalty_autograd,
+    interpolate,
+    interpolate_reference,
+    interpolation_epsilon,
+    norm_penalty,
+    norm_penalty_reference,
+)
+from fastmlgan.models.discriminator import Discriminator  # noqa: E402
+
+FALSE_FAILURE_RATE = 1e-6
+TRITON_HERE = torch.cuda.is_available() or _dispatch.triton_interpreter_active()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NUM_LABELS, FEATURE_DIM = 7, 11
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    if request.param == "triton" and not TRITON_HERE:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1; test_triton_cases_in_fresh_process runs these")
+    monkeypatch.setenv(_dispatch.ENV_VAR, request.param)
+    return request.param
+
+
+def _generator(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _seed(value: int) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int64, device=DEVICE)
+
+
+def _random_discriminator(conditional, num_layers, hidden_dim, proj_dim, key) -> Discriminator:
+    torch.manual_seed(zlib.crc32(repr(key).encode()))
+    d = Discriminator(NUM_LABELS, FEATURE_DIM, proj_dim, hidden_dim, num_layers, conditional)
+    with torch.no_grad():
+        for p in d.parameters():
+            # Non-zero biases so the slope masks differ between samples and layers.
+            p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
+    return d.to(DEVICE)
+
+
+def _batch(batch_size, key):
+    gen = _generator("batch", batch_size, key)
+    real = (torch.rand(batch_size, NUM_LABELS, generator=gen) < 0.3).float()
+    fake = torch.rand(batch_size, NUM_LABELS, generator=gen)
+    features = torch.randn(batch_size, FEATURE_DIM, generator=gen)
+    epsilon = torch.rand(batch_size, generator=gen)
+    return real.to(DEVICE), fake.to(DEVICE), features.to(DEVICE), epsilon.to(DEVICE)
+
+
+def _grads(loss, tensors):
+    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+
+
+# ------------------------------------------------------------------------------------------
+# The fused ops against their references
+# ------------------------------------------------------------------------------------------
+
+NORM_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-4),
+    torch.float16: dict(rtol=2e-3, atol=1e-5),
+}
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (17, 81), (64, 80), (5, 300)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_norm_penalty_matches_reference(backend, shape, dtype):
+    gen = _generator("norm", shape, dtype)
+    # Row norms spread around 1 (rows scaled by 0.2 … 2), one all-zero row (its gradient is 0).
+    g = torch.randn(shape, generator=gen) / math.sqrt(shape[1]) * torch.linspace(0.2, 2.0, shape[0])[:, None]
+    g[shape[0] // 2] = 0.0
+    g = g.to(device=DEVICE, dtype=dtype)
+    x, x_ref = g.clone().requires_grad_(True), g.clone().requires_grad_(True)
+    value, ref = norm_penalty(x), norm_penalty_reference(x_ref)
+    upstream = torch.tensor(1.7, device=DEVICE)
+    (value * upstream).backward()
+    (ref * upstream).backward()
+    assert value.dtype == torch.float32 and value.shape == ()
+    torch.testing.assert_close(value, ref, rtol=1e-5, atol=1e-7)
+    assert x.grad.dtype == dtype and (x.grad[shape[0] // 2] == 0).all()
+    torch.testing.assert_close(x.grad, x_ref.grad, **NORM_TOL[dtype])
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (17, 81), (64, 80)], ids=str)
+def test_interpolate_matches_reference(backend, shape):
+    gen = _generator("interp", shape)
+    real = (torch.rand(shape, generator=gen) < 0.3).float().to(DEVICE).requires_grad_(True)
+    fake = torch.rand(shape, generator=gen).to(DEVICE).requires_grad_(True)
+    seed = _seed(int(torch.randint(0, 2**62, (), generator=gen)))
+    out = interpolate(real, fake, seed)
+    eps = interpolation_epsilon(seed, shape[0])
+    assert eps.shape == (shape[0],) and ((eps >= 0) & (eps < 1)).all()
+    torch.testing.assert_close(out, interpolate_reference(real, fake, eps), rtol=1e-6, atol=1e-7)
+    # Linear in (y, ŷ): the gradients are ε and 1 − ε per row.
+    upstream = torch.randn(shape, generator=gen).to(DEVICE)
+    out.backward(upstream)
+    torch.testing.assert_close(real.grad, upstream * eps[:, None])
+    torch.testing.assert_close(fake.grad, upstream * (1 - eps[:, None]))
+    assert torch.equal(interpolate(real, fake, seed), out)
+    assert not torch.equal(interpolation_epsilon(_seed(int(seed) + 1), shape[0]), eps)
+
+
+def test_epsilon_is_uniform(backend):
+    # DKW: P(sup |F_n − F| > t) ≤ 2 exp(−2 n t²) = FALSE_FAILURE_RATE.
+    n = 2**15
+    eps = interpolation_epsilon(_seed(77), n).double().sort().values.cpu()
+    upper = torch.arange(1, n + 1, dtype=torch.float64) / n
+    sup = torch.maximum((upper - eps).abs(), (upper - 1.0 / n - eps).abs()).max().item()
+    assert sup < math.sqrt(math.log(2 / FALSE_FAILURE_RATE) / (2 * n))
+
+
+def test_opcheck(backend):
+    real = torch.rand(5, 3, device=DEVICE, requires_grad=True)
+    fake = torch.rand(5, 3, device=DEVICE, requires_grad=True)
+    seed = _seed(3)
+    g = torch.randn(5, 3, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastmlgan.gp_epsilon, (seed, 5))
+    torch.library.opcheck(torch.ops.fastmlgan.gp_interpolate, (real, fake, seed))
+    torch.library.opcheck(torch.ops.fastmlgan.gp_norm_penalty, (g,))
+    torch.library.opcheck(torch.ops.fastmlgan.gp_norm_penalty_backward, (torch.tensor(1.5, device=DEVICE), g.detach()))
+
+
+# ------------------------------------------------------------------------------------------
+# The explicit input gradient and the penalty against autograd
+# ------------------------------------------------------------------------------------------
+
+ARCHITECTURES = [  # (conditional, num_layers, hidden_dim, proj_dim)
+    (True, 1, 9, 6),
+    (True, 3, 16, 5),
+    (True, 8, 32, 16),
+    (False, 1, 4, 3),
+    (False, 4, 33, 8),
+]
+
+
+@pytest.mark.parametrize("conditional,num_layers,hidden_dim,proj_dim", ARCHITECTURES)
+def test_input_gradient_matches_autograd(conditional, num_layers, hidden_dim, proj_dim):
+    d = _random_discriminator(conditional, num_layers, hidden_dim, proj_dim, "input-grad")
+    real, _, features, _ = _batch(21, "input-grad")
+    labels = torch.rand_like(real).requires_grad_(True)
+    z = features if conditional else None
+    (expected,) = torch.autograd.grad(d(labels, z).sum(), labels)
+    torch.testing.assert_close(discriminator_input_gradient(d, labels.detach(), z), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("conditional,num_layers,hidden_dim,proj_dim", ARCHITECTURES)
+def test_penalty_matches_double_backward(backend, conditional, num_layers, hidden_dim, proj_dim):
+    key = (conditional, num_layers, hidden_dim)
+    d = _random_discriminator(conditional, num_layers, hidden_dim, proj_dim, key)
+    real, fake, features, _ = _batch(13, key)
+    fake.requires_grad_(True)
+    z = features if conditional else None
+    # ε drawn in-kernel from the generator's seed; the reference gets the same ε.
+    penalty = gradient_penalty(d, real, fake, z, generator=torch.Generator(DEVICE).manual_seed(5))
+    seed = _dispatch.draw_seed(torch.device(DEVICE), torch.Generator(DEVICE).manual_seed(5))
+    expected = gradient_penalty_autograd(d, real, fake, z, interpolation_epsilon(seed, real.shape[0]))
+    torch.testing.assert_close(penalty, expected, rtol=1e-5, atol=1e-7)
+
+    params = list(d.parameters()) + [fake]
+    names = [n for n, _ in d.named_parameters()] + ["fake"]
+    got, want = _grads(penalty, params), _grads(expected, params)
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+    # Every weight matrix does get a gradient from the penalty (only biases, feature_proj and the
+    # inputs get exactly zero), so the comparisons above are not between zeros.
+    for name, w in zip(names, want):
+        assert (w.abs().max() > 1e-4) == (name.endswith("weight") and not name.startswith("feature_proj")), name
+
+
+def test_penalty_with_fixed_epsilon_and_wrapped_discriminator():
+    d = _random_discriminator(True, 3, 16, 5, "wrapped")
+    real, fake, features, eps = _batch(9, "wrapped")
+    expected = gradient_penalty_autograd(d, real, fake, features, eps)
+    # torch.compile's wrapper (never called here) and a hand-made .module wrapper like DDP's.
+    holder = nn.Module()
+    holder.module = torch.compile(d)
+    penalty = gradient_penalty(holder, real, fake, features, epsilon=eps)
+    torch.testing.assert_close(penalty, expected, rtol=1e-5, atol=1e-7)
+    params = list(d.parameters())
+    for got, want in zip(_grads(penalty, params), _grads(expected, params)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_rejects_a_critic_it_cannot_walk():
+    d = _random_discriminator(True, 2, 8, 4, "reject")
+    d.body[1] = nn.Tanh()
+    real, fake, features, eps = _batch(4, "reject")
+    with pytest.raises(TypeError, match="gradient_penalty_autograd"):
+        gradient_penalty(d, real, fake, features, epsilon=eps)
+
+
+# ------------------------------------------------------------------------------------------
+# The D loss of eq. (4) under torch.compile(fullgraph=True)
+# ------------------------------------------------------------------------------------------
+
+
+def d_loss(discriminator, real, fake, mismatched, features, epsilon, penalty_fn, gp_weight=10.0):
+    """Eq. (4): −E D(y, z) + ½ E D(ŷ, z) + ½ E D(y′, z) + λ L_gp."""
+    scores = discriminator(torch.cat([real, fake, mismatched]), torch.cat([features] * 3))
+    matched, generated, negative = scores.split(real.shape[0])
+    gp = penalty_fn(discriminator, real, fake, features, epsilon)
+    return -matched.mean() + 0.5 * generated.mean() + 0.5 * negative.mean() + gp_weight * gp
+
+
+def _first_order(discriminator, real, fake, features, epsilon):
+    return gradient_penalty(discriminator, real, fake, features, epsilon=epsilon)
+
+
+def _fused_epsilon(discriminator, real, fake, features, seed):
+    return gradient_penalty(discriminator, real, fake, features, epsilon=interpolation_epsilon(seed, real.shape[0]))
+
+
+@pytest.mark.slow
+def test_compiled_d_loss_matches_eager_and_double_backward():
+    d = _random_discriminator(True, 3, 32, 16, "compile")
+    real, fake, features, eps = _batch(16, "compile")
+    mismatched = real.roll(1, dims=0)
+    params = list(d.parameters())
+    args = (d, real, fake, mismatched, features, eps)
+
+    textbook = d_loss(*args, gradient_penalty_autograd)
+    eager = d_loss(*args, _first_order)
+    compiled_fn = torch.compile(d_loss, fullgraph=True)
+    compiled = compiled_fn(*args, _first_order)
+    torch.testing.assert_close(eager, textbook, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled, textbook, rtol=1e-5, atol=1e-6)
+    want = _grads(textbook, params)
+    for got_eager, got_compiled, w in zip(_grads(eager, params), _grads(compiled, params), want):
+        torch.testing.assert_close(got_eager, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_compiled, w, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_penalty_with_in_kernel_epsilon(backend):
+    # The fused ops under fullgraph, on both paths: the seed is an input, so eager and compiled
+    # draw the same ε and must agree with the textbook penalty at that ε.
+    d = _random_discriminator(True, 2, 16, 8, "compile-seed")
+    real, fake, features, _ = _batch(10, "compile-seed")
+    seed = _seed(2**50 + 3)
+
+    def penalty_at_seed(d, real, fake, features, seed):
+        return norm_penalty(discriminator_input_gradient(d, interpolate(real, fake, seed), features))
+
+    value = torch.compile(penalty_at_seed, fullgraph=True)(d, real, fake, features, seed)
+    expected = gradient_penalty_autograd(d, real, fake, features, interpolation_epsilon(seed, 10))
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
+    params = list(d.parameters())
+    for got, want in zip(_grads(value, params), _grads(expected, params)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_public_call_follows_manual_seed(backend):
+    # Under compile the seed comes from inductor's RNG stream, still set by torch.manual_seed.
+    d = _random_discriminator(True, 2, 16, 8, "compile-public")
+    real, fake, features, _ = _batch(10, "compile-public")
+    compiled = torch.compile(lambda d, r, f, z: gradient_penalty(d, r, f, z), fullgraph=True)
+    values = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        values.append(compiled(d, real, fake, features))
+    assert torch.equal(values[0], values[1]) and not torch.equal(values[0], values[2])
+
+
+def test_triton_cases_in_fresh_process():
+    if TRITON_HERE:
+        pytest.skip("the Triton cases ran in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton", __file__]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

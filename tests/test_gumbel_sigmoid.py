@@ -1,0 +1,228 @@
+"""Gumbel sigmoid (§3.2): kernels and torch path against the reference, sampler statistics, the op.
+
+The Triton cases run on CPU through Triton's interpreter. It must be switched on before anything
+imports triton (see fastmlgan/kernels/_dispatch.py), so this module sets TRITON_INTERPRET=1 before
+its imports; when an earlier test module already imported triton (torchvision does), the Triton
+cases are skipped here and ``test_triton_cases_in_fresh_process`` reruns them in a subprocess.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastmlgan.errors import ConfigError  # noqa: E402
+from fastmlgan.kernels import _dispatch  # noqa: E402
+from fastmlgan.kernels.gumbel_sigmoid import (  # noqa: E402
+    EPS,
+    gumbel_sigmoid,
+    gumbel_sigmoid_reference,
+    seeded_logistic_noise,
+)
+
+# Each statistical test below fails by chance with probability at most this (Hoeffding / DKW).
+FALSE_FAILURE_RATE = 1e-6
+
+TRITON_HERE = torch.cuda.is_available() or _dispatch.triton_interpreter_active()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    if request.param == "triton" and not TRITON_HERE:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1; test_triton_cases_in_fresh_process runs these")
+    monkeypatch.setenv(_dispatch.ENV_VAR, request.param)
+    return request.param
+
+
+def _seed(value: int) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int64, device=DEVICE)
+
+
+def _gumbel_op(logits, seed, inv_temperature=0.9, hard=False):
+    return torch.ops.fastmlgan.gumbel_sigmoid(logits, seed, inv_temperature, hard)
+
+
+# Forward outputs are fp32 from upcast logits in every dtype; gradients are rounded to the logits'
+# dtype (bf16 keeps 8 bits, fp16 11), so only they get the looser relative tolerance.
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# tl.sigmoid and torch.sigmoid differ by up to an ulp of ŷ (6e-8 near 1), which moves 1 − ŷ, and so
+# the gradient g β ŷ (1 − ŷ), by up to g β · 6e-8 in absolute terms however small 1 − ŷ is.
+SIGMOID_ULP = 1.2e-7
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (17, 81), (64, 80), (2, 3, 7)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_op_matches_reference(backend, shape, dtype, hard):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, hard)).encode()))
+    logits = (3 * torch.randn(shape, generator=gen)).to(device=DEVICE, dtype=dtype)
+    grad_out = torch.randn(shape, generator=gen).to(DEVICE)
+    inv_temperature = 0.5 + torch.rand((), generator=gen).item()
+    seed = _seed(int(torch.randint(0, 2**62, (), generator=gen)))
+
+    x = logits.clone().requires_grad_(True)
+    out = _gumbel_op(x, seed, inv_temperature, hard)
+    out.backward(grad_out)
+
+    noise = seeded_logistic_noise(seed, shape, DEVICE)
+    assert noise.abs().max() <= -math.log(EPS) + 1e-4  # u kept in [EPS, 1 - EPS]
+    x_ref = logits.clone().requires_grad_(True)
+    ref = gumbel_sigmoid_reference(x_ref, noise, inv_temperature, hard)
+    ref.backward(grad_out)
+
+    assert out.dtype == torch.float32 and out.shape == logits.shape
+    assert x.grad.dtype == dtype
+    if hard:
+        soft = gumbel_sigmoid_reference(logits, noise, inv_temperature)
+        assert set(out.unique().tolist()) <= {0.0, 1.0}
+        # tl.sigmoid and torch.sigmoid may round an exact-0.5 tie apart; nothing else may differ.
+        differ = out != ref.detach()
+        assert not differ.any() or (soft[differ] - 0.5).abs().max() < 1e-6
+    else:
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-7)
+    atol = max(SIGMOID_ULP * inv_temperature * grad_out.abs().max().item(), 1e-6 if dtype != torch.float32 else 0)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=GRAD_RTOL[dtype], atol=atol)
+
+
+def test_non_contiguous_logits(backend):
+    logits = torch.randn(81, 17, device=DEVICE).t()
+    seed = _seed(7)
+    noise = seeded_logistic_noise(seed, logits.shape, DEVICE)
+    torch.testing.assert_close(_gumbel_op(logits, seed), gumbel_sigmoid_reference(logits, noise), rtol=1e-5, atol=1e-7)
+
+
+def test_noise_is_logistic(backend):
+    # DKW: P(sup_x |F_n(x) − F(x)| > t) ≤ 2 exp(−2 n t²). The logistic CDF is σ(x); the clamp at EPS
+    # moves it by at most EPS.
+    n = 2**16
+    noise = seeded_logistic_noise(_seed(2024), (n,), DEVICE).double().sort().values.cpu()
+    empirical_hi = torch.arange(1, n + 1, dtype=torch.float64) / n
+    cdf = torch.sigmoid(noise)
+    sup = torch.maximum((empirical_hi - cdf).abs(), (empirical_hi - 1.0 / n - cdf).abs()).max().item()
+    t = math.sqrt(math.log(2 / FALSE_FAILURE_RATE) / (2 * n)) + EPS
+    assert sup < t, f"KS distance {sup:.4f} ≥ {t:.4f}"
+
+
+def test_same_seed_same_sample_different_seed_differs(backend):
+    logits = torch.randn(17, 81, device=DEVICE)
+    a = _gumbel_op(logits, _seed(11))
+    assert torch.equal(a, _gumbel_op(logits, _seed(11)))
+    b = _gumbel_op(logits, _seed(12))
+    # Two independent continuous samples agree on an element with probability 0.
+    assert (a != b).float().mean() > 0.99
+    # A seed above 2**32 uses Philox's high key word too.
+    c = _gumbel_op(logits, _seed(11 + 2**40))
+    assert (a != c).float().mean() > 0.99
+
+
+def test_public_call_follows_torch_rng(backend):
+    logits = torch.randn(5, 80, device=DEVICE)
+    torch.manual_seed(3)
+    a = gumbel_sigmoid(logits)
+    torch.manual_seed(3)
+    assert torch.equal(a, gumbel_sigmoid(logits))
+    assert not torch.equal(a, gumbel_sigmoid(logits))
+    gen = torch.Generator(device=DEVICE)
+    b = gumbel_sigmoid(logits, generator=gen.manual_seed(5))
+    assert torch.equal(b, gumbel_sigmoid(logits, generator=gen.manual_seed(5)))
+
+
+@pytest.mark.parametrize("inv_temperature", [0.1, 0.9, 5.0])
+def test_hard_sample_is_bernoulli_sigmoid_of_logit(backend, inv_temperature):
+    # 1[σ(β(ℓ + n)) > 0.5] = 1[ℓ + n > 0] is Bernoulli(σ(ℓ)) whatever β (up to the EPS clamp,
+    # ≤ 1e-6). Hoeffding on each of the K columns, union bound: a column mean is off by more than
+    # t with probability ≤ 2K exp(−2 n t²) = FALSE_FAILURE_RATE.
+    n, levels = 8192, torch.tensor([-3.0, -1.0, -0.25, 0.0, 0.5, 2.0])
+    logits = levels.repeat(n, 1).to(DEVICE)
+    hard = _gumbel_op(logits, _seed(int(inv_temperature * 1000)), inv_temperature, True)
+    t = math.sqrt(math.log(2 * len(levels) / FALSE_FAILURE_RATE) / (2 * n)) + EPS
+    frequency = hard.mean(dim=0).cpu()
+    assert (frequency - torch.sigmoid(levels)).abs().max() < t, (frequency, torch.sigmoid(levels))
+
+
+# numpy, which runs the interpreter, warns when exp(−β x) overflows to inf; σ is then exactly 0.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+def test_large_inverse_temperature_gives_near_binary_soft_samples(backend):
+    # E|ŷ − 1[ℓ+n > 0]| = E σ(−β|ℓ+n|) ≤ 2 · ¼ · ∫₀^∞ σ(−βx) dx = ln 2 / (2β): the density of ℓ+n
+    # is at most ¼. Terms lie in [0, ½]: Hoeffding gives the mean ≤ bound + t except with
+    # probability FALSE_FAILURE_RATE.
+    n, beta = 2**14, 100.0
+    logits = torch.randn(n, device=DEVICE)
+    seed = _seed(99)
+    soft = _gumbel_op(logits, seed, beta)
+    distance = (soft - (soft > 0.5).float()).abs().mean().item()
+    t = math.sqrt(0.25 * math.log(1 / FALSE_FAILURE_RATE) / (2 * n))
+    assert distance < math.log(2) / (2 * beta) + t
+    # The same noise at β = 0.9 is far from binary: β is really applied.
+    assert (_gumbel_op(logits, seed, 0.9) - (soft > 0.5).float()).abs().mean() > 0.2
+
+
+def test_hard_backward_regenerates_the_forward_noise(backend):
+    # Behind a hard sample the backward regenerates ŷ from the seed: its gradient must be
+    # β ŷ (1 − ŷ) of the soft sample the forward thresholded (the noise must be the forward's).
+    logits = torch.randn(64, 80, device=DEVICE, requires_grad=True)
+    seed = _seed(5)
+    hard = _gumbel_op(logits, seed, 0.7, True)
+    hard.sum().backward()
+    soft = _gumbel_op(logits.detach(), seed, 0.7, False)
+    assert torch.equal(hard, (soft > 0.5).float())
+    torch.testing.assert_close(logits.grad, 0.7 * soft * (1 - soft), rtol=1e-5, atol=1e-7)
+    # Both backward routes of the op agree.
+    grad_out = torch.randn(64, 80, device=DEVICE)
+    from_soft = torch.ops.fastmlgan.gumbel_sigmoid_backward(grad_out, logits.detach(), seed, 0.7, soft)
+    regenerated = torch.ops.fastmlgan.gumbel_sigmoid_backward(grad_out, logits.detach(), seed, 0.7, None)
+    torch.testing.assert_close(from_soft, regenerated, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_public_call(backend):
+    # fullgraph: the seed draw is traced, the kernel sits inside the custom op. Inductor draws the
+    # seed from its own RNG stream, so check the sample's own properties, not eager equality.
+    compiled = torch.compile(lambda x: gumbel_sigmoid(x, 0.9), fullgraph=True)
+    logits = torch.randn(17, 81, device=DEVICE, requires_grad=True)
+    out = compiled(logits)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and ((out > 0) & (out < 1)).all()
+    torch.testing.assert_close(logits.grad, 0.9 * out.detach() * (1 - out.detach()), rtol=1e-5, atol=1e-7)
+    seed = _seed(8)
+    compiled_op = torch.compile(lambda x: _gumbel_op(x, seed, 0.9, True), fullgraph=True)
+    assert torch.equal(compiled_op(logits.detach()), _gumbel_op(logits.detach(), seed, 0.9, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(backend, dtype):
+    logits = torch.randn(3, 5, device=DEVICE, dtype=dtype, requires_grad=True)
+    seed = _seed(1234)
+    for hard in (False, True):
+        torch.library.opcheck(torch.ops.fastmlgan.gumbel_sigmoid, (logits, seed, 0.9, hard))
+    grad_out = torch.randn(3, 5, device=DEVICE)
+    soft = torch.rand(3, 5, device=DEVICE)
+    for saved in (None, soft):
+        torch.library.opcheck(
+            torch.ops.fastmlgan.gumbel_sigmoid_backward, (grad_out, logits.detach(), seed, 0.9, saved)
+        )
+
+
+def test_bad_backend_value(monkeypatch):
+    monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
+    with pytest.raises(ConfigError, match="FASTMLGAN_KERNELS"):
+        gumbel_sigmoid(torch.zeros(2, 3))
+
+
+def test_triton_cases_in_fresh_process():
+    if TRITON_HERE:
+        pytest.skip("the Triton cases ran in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton", __file__]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
