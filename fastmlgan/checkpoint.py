@@ -33,10 +33,24 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        # The rename itself must reach the disk too, or a power loss could undo it.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def run_dir_of(path: str | os.PathLike) -> Path:
+    """The run directory of ``path``: a run directory itself, or one of its checkpoint files."""
+    path = Path(path)
+    if path.is_file() and path.parent.name == CHECKPOINT_DIR:
+        return path.parent.parent
+    return path
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

@@ -159,6 +159,13 @@ class GanConfig:
         if self.inv_temperature <= 0:
             raise ConfigError(f"gan.inv_temperature must be > 0, got {self.inv_temperature}")
         _choice("gan.penalty", self.penalty, ("explicit", "autograd"))
+        if not self.conditional and self.negative_sampling:
+            # §4.2.3: rows (c) and (d) drop negative sampling. An unconditional D cannot see x, so a
+            # "mismatched" pair would just be another real label set scored as fake.
+            raise ConfigError(
+                "--gan.conditional false needs --gan.negative_sampling false too (Table 3 (d)): an "
+                "unconditional D cannot tell a mismatched label set from a real one"
+            )
 
 
 @dataclass

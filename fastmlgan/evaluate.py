@@ -8,7 +8,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
 import torch
 
 from fastmlgan import checkpoint as ckpt
@@ -18,6 +17,7 @@ from fastmlgan.errors import FastMLGANError
 from fastmlgan.metrics import compute_metrics, format_table
 from fastmlgan.models import build_generator
 from fastmlgan.progress import setup_logging
+from fastmlgan.trainer import predict
 
 
 def evaluate_checkpoint(path: str, data_overrides: dict[str, str], threshold: float = 0.5) -> dict:
@@ -28,6 +28,7 @@ def evaluate_checkpoint(path: str, data_overrides: dict[str, str], threshold: fl
     overrides = {f"data.{k}": v for k, v in saved.to_dict()["data"].items()}
     overrides.update({f"model.{k}": v for k, v in saved.to_dict()["model"].items()})
     overrides["model.pretrained"] = ""  # the checkpoint carries the weights
+    overrides["precision.amp"] = saved.precision.amp
     overrides.update(data_overrides)
     cfg = build_config(overrides, preset=saved.preset)
     info = DistInfo(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -38,15 +39,22 @@ def evaluate_checkpoint(path: str, data_overrides: dict[str, str], threshold: fl
             f"{len(splits.class_names)} (or in another order); evaluate on data with the same categories"
         )
     _, eval_loader = build_loaders(cfg.data, splits, info, cfg.train.seed)
-    generator = build_generator(cfg.model.backbone, len(splits.class_names), "", width=cfg.model.width, depth=cfg.model.depth)
+    generator = build_generator(
+        cfg.model.backbone,
+        len(splits.class_names),
+        "",
+        width=cfg.model.width,
+        depth=cfg.model.depth,
+        in_dim=getattr(splits.train, "feature_dim", None),
+    )
     generator.load_state_dict(state["generator"])
-    generator.to(info.device).eval()
-    scores, targets = [], []
-    with torch.no_grad():
-        for batch in eval_loader:
-            scores.append(torch.sigmoid(generator(batch["image"].to(info.device)).float()).cpu().numpy())
-            targets.append(batch["labels"].numpy())
-    return compute_metrics(np.concatenate(scores), np.concatenate(targets), threshold)
+    generator.to(info.device)
+    # The same precision as the evaluation during training.
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}.get(
+        cfg.precision.amp, torch.bfloat16 if info.device.type == "cuda" else None
+    )
+    scores, targets = predict(generator, eval_loader, info.device, amp)
+    return compute_metrics(scores, targets, threshold)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,8 +154,12 @@ def generator_loss(
     bce = logistic_loss(logits, y)
     fake = sample_label_sets(logits, spec)
     z = feature_extractor(x).float() if spec.conditional else None
+    # D is not trained here: call it with detached parameters, so that not even a compiled
+    # backward computes its weight gradients.
+    d = _unwrap(discriminator)
+    frozen = {name: p.detach() for name, p in d.named_parameters()}
     with _fp32(fake):
-        adversarial = -_unwrap(discriminator)(fake, z).mean()
+        adversarial = -torch.func.functional_call(d, frozen, (fake, z)).mean()
     loss = adversarial + spec.bce_weight * bce
     return {"loss_g": loss, "bce": bce.detach(), "g_adversarial": adversarial.detach()}
 

@@ -5,13 +5,14 @@ Parses the config, builds a Trainer, trains, and always tears down the process g
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
 
 from fastmlgan import checkpoint as ckpt
 from fastmlgan.config import Config, config_from_dict, parse_args
-from fastmlgan.distributed import destroy_distributed, init_distributed
+from fastmlgan.distributed import barrier, destroy_distributed, init_distributed
 from fastmlgan.errors import FastMLGANError
 from fastmlgan.progress import setup_logging
 
@@ -22,8 +23,13 @@ def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None
     """The config actually run, its directory, and the checkpoint to resume from (if any)."""
     if not cfg.resume:
         return cfg, Path(cfg.out or f"runs/{cfg.preset}"), None
-    run_dir = Path(cfg.resume)
-    state = ckpt.load(run_dir)
+    state = ckpt.load(cfg.resume)
+    run_dir = ckpt.run_dir_of(cfg.resume)
+    if not run_dir.is_dir():
+        raise FastMLGANError(
+            f"--resume {cfg.resume}: give the run directory (the one holding checkpoints/last.pt) "
+            "or a checkpoint file inside its checkpoints/ folder"
+        )
     saved = config_from_dict(state["config"])
     # Options given with --resume override the saved ones (e.g. more epochs); --resume itself and
     # --out keep pointing at the run being continued.
@@ -36,6 +42,27 @@ def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None
     merged["resume"] = str(run_dir)
     merged["out"] = str(run_dir)
     return config_from_dict(merged), run_dir, state
+
+
+def trim_metrics_log(path: Path, last_step: int) -> int:
+    """Drop the records a crashed run wrote after its last checkpoint (the resumed run writes
+    them again); returns how many. Rewritten atomically."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if (step := _record_step(line)) is not None and step <= last_step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+    return len(lines) - len(keep)
+
+
+def _record_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None  # a line torn by the crash: dropped, or the file would stop being JSON lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         if state is not None:
             trainer.load_state_dict(state)
             if info.is_main:
-                logger.info("resumed from %s: phase %s, epoch %d", cfg.resume, trainer.phase, trainer.epoch)
+                dropped = trim_metrics_log(out_dir / "metrics.jsonl", trainer.global_step)
+                logger.info(
+                    "resumed from %s: phase %s, %d epochs done, step %d (%d log records after it dropped: they are redone)",
+                    cfg.resume, trainer.phase, trainer.epoch, trainer.global_step, dropped,
+                )
         trainer.fit()
+        # Every rank leaves together: a rank tearing its process group down while another still
+        # writes results can abort the other's communication threads.
+        barrier()
         return 0
     except FastMLGANError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -83,6 +83,35 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
+@torch.no_grad()
+def predict(
+    generator: nn.Module,
+    loader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[np.ndarray, np.ndarray]:
+    """σ(G(x)) and the targets of every image ``loader`` yields, G in eval mode (this process only)."""
+    generator.eval()
+    scores, targets = [], []
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    for batch in loader:
+        x = _to_device(batch["image"], device)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=memory_format)
+        with autocast:
+            logits = generator(x)
+        # An undecodable image has a stand-in in its slot (the loaders' skip policy); leave it out
+        # so that no image is counted twice.
+        keep = ~batch["bad"].cpu().numpy() if "bad" in batch else slice(None)
+        scores.append(torch.sigmoid(logits.float()).cpu().numpy()[keep])
+        targets.append(batch["labels"].cpu().numpy()[keep])
+    num_labels = generator.num_labels
+    s = np.concatenate(scores) if scores else np.zeros((0, num_labels), np.float32)
+    t = np.concatenate(targets) if targets else np.zeros((0, num_labels), np.float32)
+    return s, t
+
+
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, out_dir: Path, splits=None) -> None:
         """``splits``: pre-built ``Splits`` (the reproduction harness passes its own); read from
@@ -166,6 +195,8 @@ class Trainer:
             self._g_loss = torch.compile(generator_loss, **options)
 
         self.amp_dtype = self._amp_dtype(cfg.precision.amp)
+        # fp16 gradients of G's activations underflow without loss scaling; bf16 needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(cfg.train.seed * 1000003 + info.rank)  # per-rank noise streams
         self.phase = "bce"
         self.epoch = 0  # completed epochs of the current phase
@@ -199,7 +230,15 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _sync_batchnorm_statistics(self) -> None:
+        """Give every rank rank 0's BatchNorm running statistics. DDP copies them into each rank
+        before a forward, after which each rank updates them from its own batch: without this,
+        ranks would evaluate (and freeze f_ext) with slightly different models."""
+        if self.info.enabled:
+            broadcast_module(self.generator, buffers_only=True)
+
     def _freeze_feature_extractor(self, source: str) -> None:
+        self._sync_batchnorm_statistics()
         self.feature_extractor = build_feature_extractor(self.generator, source).to(self.device)
         self.feature_source = source
         if self.info.is_main:
@@ -214,12 +253,12 @@ class Trainer:
 
     def bce_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Phase 1 (§3.2): one Adam step of G on L_logistic."""
+        self._mark_step()
         self.opt_g.zero_grad(set_to_none=True)
         with self.autocast():
             out = self._bce_loss(self.g_model, {"x": self._images(batch), "y": _to_device(batch["labels"], self.device)})
-        out["loss_g"].backward()
-        self._sync_gradients(self.generator)
-        self.opt_g.step()
+        self.scaler.scale(out["loss_g"]).backward()
+        self._step_generator()
         return out
 
     def discriminator_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -233,7 +272,11 @@ class Trainer:
         }
         if self.spec.negative_sampling:
             d_batch["mismatched_x"] = self._images(batches[2])
-            d_batch["mismatched_y"] = _to_device(self.mismatch_sampler.sample(batches[2]["labels"]), self.device)
+            mismatched = self.mismatch_sampler.sample(batches[2]["labels"])
+            if self.device.type == "cuda":
+                mismatched = mismatched.pin_memory()  # a pageable copy would block the host
+            d_batch["mismatched_y"] = _to_device(mismatched, self.device)
+        self._mark_step()
         self.opt_d.zero_grad(set_to_none=True)
         with self.autocast():
             out = self._d_loss(
@@ -246,6 +289,7 @@ class Trainer:
 
     def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One G update on eqs. (2)–(3). Only G's parameters receive gradients."""
+        self._mark_step()
         self.opt_g.zero_grad(set_to_none=True)
         with self.autocast():
             out = self._g_loss(
@@ -255,9 +299,8 @@ class Trainer:
                 {"x": self._images(batch), "y": _to_device(batch["labels"], self.device)},
                 self.spec,
             )
-        out["loss_g"].backward(inputs=list(self.generator.parameters()))
-        self._sync_gradients(self.generator)
-        self.opt_g.step()
+        self.scaler.scale(out["loss_g"]).backward(inputs=list(self.generator.parameters()))
+        self._step_generator()
         return out
 
     def train_step(self, stream: BatchStream) -> dict[str, torch.Tensor]:
@@ -268,6 +311,17 @@ class Trainer:
             d_out = self.discriminator_step([stream.next() for _ in range(kinds)])
         g_out = self.generator_step(stream.next())
         return {**d_out, **g_out}
+
+    def _step_generator(self) -> None:
+        self._sync_gradients(self.generator)
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
+
+    def _mark_step(self) -> None:
+        # CUDA graphs (compile.mode=reduce-overhead) reuse their output buffers: tell them where a
+        # new iteration starts.
+        if self.compiled and self.cfg.compile.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _sync_gradients(self, module: nn.Module) -> None:
         """Compiled multi-process runs average gradients here (eager runs: DDP already did)."""
@@ -280,23 +334,9 @@ class Trainer:
     @torch.no_grad()
     def predict(self) -> tuple[np.ndarray, np.ndarray]:
         """σ(G(x)) and targets for every evaluation image, gathered from all ranks (each image once)."""
-        if self.compiled and self.info.enabled:
-            # Without DDP nobody broadcasts BatchNorm statistics: evaluate with rank 0's everywhere.
-            broadcast_module(self.generator, buffers_only=True)
-        self.generator.eval()
-        scores, targets = [], []
-        for batch in self.eval_loader:
-            with self.autocast():
-                logits = self.generator(self._images(batch))
-            # An undecodable image has a stand-in in its slot (the loader's skip policy); leave it
-            # out so that no image is counted twice.
-            keep = ~batch["bad"].numpy() if "bad" in batch else slice(None)
-            scores.append(torch.sigmoid(logits.float()).cpu().numpy()[keep])
-            targets.append(batch["labels"].numpy()[keep])
+        self._sync_batchnorm_statistics()
+        s, t = predict(self.generator, self.eval_loader, self.device, self.amp_dtype, self.memory_format)
         self.generator.train()
-        num_labels = len(self.class_names)
-        s = np.concatenate(scores) if scores else np.zeros((0, num_labels), np.float32)
-        t = np.concatenate(targets) if targets else np.zeros((0, num_labels), np.float32)
         return all_gather_arrays(s, self.info), all_gather_arrays(t, self.info)
 
     def evaluate(self) -> dict[str, Any]:
@@ -325,6 +365,7 @@ class Trainer:
             "opt_d": self.opt_d.state_dict(),
             "mismatch_sampler": None if self.mismatch_sampler is None else self.mismatch_sampler.state_dict(),
             "rng": ckpt.rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "baseline_metrics": self.baseline_metrics,
             "gan_metrics": self.gan_metrics,
         }
@@ -354,7 +395,14 @@ class Trainer:
             self.phase, self.gan_metrics = "gan", None
         ckpt.set_rng_state(state["rng"])
         if self.info.rank:
+            # The checkpoint holds rank 0's streams: give the other ranks their own again.
             torch.manual_seed(self.cfg.train.seed * 1000003 + self.info.rank + 7 * self.global_step)
+            if self.mismatch_sampler is not None:
+                self.mismatch_sampler.generator.manual_seed(
+                    self.cfg.train.seed * 7919 + self.info.rank + 7 * self.global_step
+                )
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     def start_from_baseline(self, state: dict[str, Any]) -> None:
         """Start phase 2 from a finished phase 1 (a ``baseline.pt`` state): G, its optimizer,
@@ -372,11 +420,12 @@ class Trainer:
         self.data_epoch = state["data_epoch"] + 1
         self.phase, self.epoch, self.gan_metrics = ("gan" if self.cfg.gan.enable else "done"), 0, None
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, name: str = ckpt.LAST) -> None:
         if not self.cfg.checkpoint.enable:
             return
+        self._sync_batchnorm_statistics()  # the saved G is the one every rank evaluates
         if self.info.is_main:
-            ckpt.save_atomic(self.state_dict(), self.out_dir / ckpt.CHECKPOINT_DIR / ckpt.LAST)
+            ckpt.save_atomic(self.state_dict(), self.out_dir / ckpt.CHECKPOINT_DIR / name)
         barrier()
 
     # ------------------------------------------------------------------------------------------
@@ -389,6 +438,12 @@ class Trainer:
 
     def _check_finite(self, values: dict[str, float]) -> None:
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if self.info.enabled:
+            # Every rank must stop together, or the others would wait in the next collective.
+            flag = torch.tensor([0.0 if bad else 1.0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            if flag.item() == 0.0 and not bad:
+                bad = {"on another rank": float("nan")}
         if bad:
             raise FastMLGANError(
                 f"non-finite loss at step {self.global_step} ({bad}); lower --optim.g_lr/--optim.d_lr "
@@ -468,8 +523,7 @@ class Trainer:
                 self.baseline_metrics = self.evaluate()
             self.phase, self.epoch = ("gan" if self.cfg.gan.enable else "done"), 0
             self.save_checkpoint()
-            if self.info.is_main:
-                ckpt.save_atomic(self.state_dict(), self.out_dir / ckpt.CHECKPOINT_DIR / "baseline.pt")
+            self.save_checkpoint("baseline.pt")
         if self.phase == "gan":
             if self.feature_extractor is None:
                 self._freeze_feature_extractor("phase1")

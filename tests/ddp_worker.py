@@ -33,6 +33,9 @@ def main() -> None:
         for _ in range(2):
             trainer.bce_step(stream.next())
         trainer._freeze_feature_extractor("phase1")
+        f_ext_state = torch.cat([t.detach().flatten().float() for t in trainer.feature_extractor.state_dict().values()])
+        f_ext_all = [torch.zeros_like(f_ext_state) for _ in range(info.world_size)]
+        dist.all_gather(f_ext_all, f_ext_state)
         for _ in range(2):
             trainer.train_step(stream)
         final = params()
@@ -43,6 +46,8 @@ def main() -> None:
         if info.is_main:
             result = {
                 "max_abs_diff": float((gathered[0] - gathered[1]).abs().max()),
+                # f_ext (weights and BatchNorm statistics) must be one model on every rank.
+                "f_ext_max_abs_diff": float((f_ext_all[0] - f_ext_all[1]).abs().max()),
                 "change_from_init": float((final - init).abs().max()),
                 "first_batch_indices": indices,
             }

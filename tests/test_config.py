@@ -22,7 +22,7 @@ def test_paper_defaults():
 
 
 def test_overrides_are_typed_and_validated():
-    cfg = parse_args(["--preset", "smoke", "--gan.gp_weight", "5", "--gan.conditional=false", "--train.seed", "3"])
+    cfg = parse_args(["--preset", "smoke", "--gan.gp_weight", "5", "--gan.conditional=false", "--gan.negative_sampling", "no", "--train.seed", "3"])
     assert cfg.gan.gp_weight == 5.0 and cfg.gan.conditional is False and cfg.train.seed == 3
     assert cfg.preset == "smoke" and cfg.data.image_size == PRESETS["smoke"]()["data.image_size"]
     with pytest.raises(ConfigError, match="--train.seed: expected int"):
@@ -62,3 +62,16 @@ def test_help_lists_presets_and_options(capsys):
         assert name in out
     assert "--gan.gp_weight" in out and "lambda in eq. (4)" in out
     assert help_text("x").startswith("usage: x")
+
+
+def test_unconditional_discriminator_needs_no_negative_sampling():
+    # §4.2.3: Table 3 (d) is (c) with an unconditional D.
+    with pytest.raises(ConfigError, match="--gan.negative_sampling false"):
+        parse_args(["--gan.conditional", "false"])
+    cfg = parse_args(["--gan.conditional", "false", "--gan.negative_sampling", "false"])
+    assert not cfg.gan.conditional and not cfg.gan.negative_sampling
+
+
+def test_compile_needs_the_explicit_penalty():
+    with pytest.raises(ConfigError, match="--gan.penalty explicit"):
+        parse_args(["--compile.enable", "true", "--gan.penalty", "autograd"])

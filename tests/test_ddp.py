@@ -33,6 +33,7 @@ def test_parameters_identical_across_ranks(tmp_path, mode):
     # ... and the parameters moved, yet stayed bit-for-bit in step: gradients were averaged.
     assert result["change_from_init"] > 1e-4
     assert result["max_abs_diff"] == 0.0
+    assert result["f_ext_max_abs_diff"] == 0.0
 
 
 def test_torchrun_cli_writes_metrics(tmp_path):

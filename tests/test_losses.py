@@ -204,6 +204,10 @@ def test_generator_loss_is_eq2():
     fake = gumbel_sigmoid(logits, 0.9)
     expected = -d(fake, x).mean() + 10.0 * logistic_loss(logits, y)
     assert out["loss_g"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # D is only a critic here: a full backward leaves its parameters without gradients.
+    out["loss_g"].backward(retain_graph=True)
+    assert all(p.grad is None for p in d.parameters())
+    g.weight.grad = None
     # The adversarial term pushes G's logits: its gradient is non-zero and differs from BCE's alone.
     (grad_full,) = torch.autograd.grad(out["loss_g"], g.weight)
     (grad_bce,) = torch.autograd.grad(10.0 * logistic_loss(g(x), y), g.weight)

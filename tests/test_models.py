@@ -94,3 +94,16 @@ def test_discriminator_architecture():
     u = Discriminator(80, 2048, conditional=False)
     assert u.hidden_linears()[0].in_features == 256
     assert u(torch.rand(4, 80), None).shape == (4,)
+
+
+def test_inception_input_transform_does_not_depend_on_the_weights_source(tmp_path):
+    # torchvision enables transform_input only when it loads weights by name; the attribute is not
+    # in the state dict. A local file, a random start and a re-built checkpoint must agree.
+    import torchvision
+
+    random_start = build_generator("inception_v3", 5)
+    path = tmp_path / "inception.pth"
+    torch.save(torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), path)
+    from_file = build_generator("inception_v3", 5, pretrained=str(path))
+    assert random_start.trunk.transform_input is True
+    assert from_file.trunk.transform_input is True

@@ -248,3 +248,13 @@ def test_list_through_the_config(listed):
     assert (len(splits.train), len(splits.val)) == (4, 2) and splits.class_names == ["cat", "dog", "bird"]
     with pytest.raises(ConfigError, match="label_names"):
         build_splits(DataConfig(dataset="list", list_train="x", list_val="y"), CPU)
+
+
+def test_list_files_that_are_not_utf8_name_the_line(tmp_path):
+    from fastmlgan.errors import DataError
+    from fastmlgan.loaders.listfile import read_label_names
+
+    names = tmp_path / "names.txt"
+    names.write_bytes(b"cat\n\xff\xfedog\n")
+    with pytest.raises(DataError, match=r"names.txt:2: not UTF-8"):
+        read_label_names(names)

@@ -102,3 +102,48 @@ def test_bad_annotation_json(tmp_path):
             "--data.val_annotations", str(bad), "--data.val_images", str(tmp_path / "img")]
     proc = _run("fastmlgan.train", args, tmp_path, timeout=120)
     assert proc.returncode == 2 and "ann.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_accepts_a_checkpoint_file(smoke_run, tmp_path):
+    tmp, run, _ = smoke_run
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    proc = _run("fastmlgan.train", ["--resume", str(copy / "checkpoints" / "last.pt"), "--train.gan_epochs", "2"], tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert torch.load(copy / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_trim_metrics_log(tmp_path):
+    from fastmlgan.train import trim_metrics_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n{"step": 5, "split": "val"}\n{"step": 6}\n{"step": 7')  # torn last line
+    assert trim_metrics_log(log, 5) == 2
+    assert log.read_text() == '{"step": 1}\n{"step": 5, "split": "val"}\n'
+
+
+def test_feature_dataset_train_and_reevaluate(tmp_path):
+    # An MLP generator on feature vectors: train, then fastmlgan.evaluate reproduces the metrics.
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 160), ("test", 80)):
+        x = rng.normal(size=(n, 6)).astype(np.float32)
+        y = np.stack([x[:, 0] > 0, x[:, 1] > 0, (x[:, 0] > 0) & (x[:, 2] > 0)], axis=1).astype(np.uint8)
+        np.savez(tmp_path / f"{split}.npz", X=x, Y=y)
+    run = tmp_path / "run"
+    args = ["--data.dataset", "features", "--model.backbone", "mlp", "--model.width", "16",
+            "--data.features_train", str(tmp_path / "train.npz"), "--data.features_test", str(tmp_path / "test.npz"),
+            "--data.batch_size", "16", "--gan.hidden_dim", "16", "--gan.proj_dim", "8", "--gan.num_layers", "2",
+            "--train.bce_epochs", "3", "--train.gan_epochs", "1", "--optim.bce_lr", "1e-2", "--out", str(run)]
+    proc = _run("fastmlgan.train", args, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    expected = json.loads((run / "metrics.json").read_text())["gan"]
+    assert expected["num_images"] == 80 and expected["num_classes"] == 3
+    proc = _run("fastmlgan.evaluate", ["--checkpoint", str(run)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("C-F1", "O-F1", "mAP"):
+        assert again[key] == pytest.approx(expected[key], abs=1e-4)

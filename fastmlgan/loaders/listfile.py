@@ -37,13 +37,24 @@ logger = logging.getLogger(__name__)
 _SEPARATORS = re.compile(r"[;|]")
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+
+
 def read_label_names(path) -> list[str]:
     """Class names, one a line, in file order."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: label-names file not found")
     names, first_line = [], {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
         name = line.strip()
         if not name:
             continue
@@ -71,7 +82,7 @@ class ListScan:
 
 def _rows(list_file: Path):
     """(line number, path, [label names]) per row, or (line number, None, error message)."""
-    text = list_file.read_text(encoding="utf-8")
+    text = _read_utf8(list_file)
     if list_file.suffix.lower() in (".jsonl", ".ndjson"):
         for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():

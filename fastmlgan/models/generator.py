@@ -134,14 +134,19 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 def _torchvision_model(backbone: str, pretrained: str) -> nn.Module:
     import torchvision
 
+    # Inception v3's ImageNet weights expect inputs in [-1, 1]; transform_input converts from the
+    # ImageNet normalisation every loader uses. torchvision turns it on only when it loads weights
+    # by name, and it is not saved in state dicts: fix it to True for every inception_v3 G, so
+    # that a local weights file, a random start and a re-evaluated checkpoint all see one input.
+    inception = {"transform_input": True} if backbone == "inception_v3" else {}
     if not pretrained:
-        kwargs = {"aux_logits": False, "init_weights": True} if backbone == "inception_v3" else {}
+        kwargs = {"aux_logits": False, "init_weights": True, **inception} if inception else {}
         return torchvision.models.get_model(backbone, weights=None, **kwargs)
     path = Path(os.path.expanduser(pretrained))
     if path.suffix in (".pth", ".pt", ".bin") or path.exists():
         if not path.is_file():
             raise ConfigError(f"--model.pretrained {pretrained}: file not found")
-        kwargs = {"aux_logits": True, "init_weights": False} if backbone == "inception_v3" else {}
+        kwargs = {"aux_logits": True, "init_weights": False, **inception} if inception else {}
         model = torchvision.models.get_model(backbone, weights=None, **kwargs)
         state = _load_state_dict_file(path)
         missing, unexpected = model.load_state_dict(state, strict=False)
