@@ -7,8 +7,12 @@
 # new step at the end with its own `step` call and budget, and keep the total under 8 minutes.
 #
 #   1. environment      (~10 s)  nvidia-smi, python/torch/torchvision versions
-#   2. gpu tests        (<=180 s) pytest -m gpu over tests/ (DALI tests skip: DALI is not installed there)
-#   3. loader bench     (<=200 s) bench/loader.py --device cuda: torchvision-gpu and torch rows
+#   2. gpu tests        (<=150 s) pytest -m gpu over tests/ (DALI tests skip: DALI is not installed there),
+#                                 and the kernel tests, whose Triton cases compile for the GPU there
+#   3. loader bench     (<=140 s) bench/loader.py --device cuda: torchvision-gpu and torch rows
+#   4. kernel bench     (<=150 s) bench/kernels.py --device cuda: Gumbel sigmoid (Triton vs eager vs
+#                                 torch.compile) and the D step (eager double backward vs compiled
+#                                 first order vs compiled + Triton)
 #
 # Exit status: the number of failed steps (0 = all passed).
 
@@ -41,11 +45,15 @@ step() {
 step env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, torchvision; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"-\"); print(\"torchvision\", torchvision.__version__)'; $PY -c 'import nvidia.dali as d; print(\"dali\", d.__version__)' || echo 'dali: not installed'"
 
 # 2. GPU-marked tests (data, and whatever other modules mark gpu)
-step gpu-tests 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml "$OUT/gpu-tests.xml" tests
+step gpu-tests 150 "$PY" -m pytest -q -m "gpu or not slow" -p no:cacheprovider --junitxml "$OUT/gpu-tests.xml" \
+  tests/test_gumbel_sigmoid.py tests/test_gradient_penalty.py tests/test_backends.py tests/test_torchvision_gpu.py tests/test_dali.py
 
 # 3. loader benchmark on the GPU: torchvision-gpu (nvJPEG) against the torch CPU loader, same files
-step loader-bench 200 "$PY" bench/loader.py --device cuda --backend torchvision-gpu,torch --threads 8 \
+step loader-bench 140 "$PY" bench/loader.py --device cuda --backend torchvision-gpu,torch --threads 8 \
   --batch-size 64 --repeats 5 --data.root /tmp/fastmlgan-bench-embedded --out "$OUT/loader-gpu.json"
+
+# 4. kernel benchmark: medians after warm-up, every variant checked against the eager loss first
+step kernel-bench 150 "$PY" bench/kernels.py --device cuda --out "$OUT/kernels-gpu.json"
 
 echo "gpu_check: $FAILED step(s) failed, $(( $(date +%s) - START ))s in all; results in $OUT"
 exit "$FAILED"
