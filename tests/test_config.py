@@ -75,3 +75,15 @@ def test_unconditional_discriminator_needs_no_negative_sampling():
 def test_compile_needs_the_explicit_penalty():
     with pytest.raises(ConfigError, match="--gan.penalty explicit"):
         parse_args(["--compile.enable", "true", "--gan.penalty", "autograd"])
+
+
+def test_batch_size_must_divide_by_the_world_size():
+    import torch
+
+    from fastmlgan.distributed import DistInfo
+    from fastmlgan.loaders.registry import per_rank_batch
+
+    info = DistInfo(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"))
+    assert per_rank_batch(33, info, "data.batch_size") == 11
+    with pytest.raises(ConfigError, match="--data.batch_size 32 is not divisible by the world size 3"):
+        per_rank_batch(32, info, "data.batch_size")
