@@ -36,10 +36,11 @@ def build_splits(cfg: DataConfig, info: DistInfo) -> Splits:
             image_size=cfg.embedded_image_size,
             seed=cfg.embedded_seed,
         )
-        if info.is_main:
-            embedded.ensure(cfg.root, **params)
+        # Rank 0 writes the dataset (when missing); the others wait, then find it complete.
+        paths = embedded.ensure(cfg.root, **params) if info.is_main else None
         barrier()
-        paths = embedded.ensure(cfg.root, **params)
+        if paths is None:
+            paths = embedded.ensure(cfg.root, **params)
         train = read_coco(paths.train_ann, paths.train_images, cfg.drop_unlabeled, name="embedded-train")
         val = read_coco(paths.val_ann, paths.val_images, cfg.drop_unlabeled, name="embedded-val")
     elif cfg.dataset == "features":
