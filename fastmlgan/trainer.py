@@ -4,6 +4,7 @@ checkpoints. Launched by ``fastmlgan.train`` under ``python`` or ``torchrun``.""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -411,7 +412,9 @@ class Trainer:
         if list(state["class_names"]) != list(self.class_names):
             raise FastMLGANError("the baseline checkpoint was trained on other classes than this dataset has")
         self.generator.load_state_dict(state["generator"])
-        self.opt_g.load_state_dict(state["opt_g"])
+        # Adam keeps the tensors it is given and updates them in place: copy them, so that one
+        # baseline state can start any number of phase-2 runs.
+        self.opt_g.load_state_dict(copy.deepcopy(state["opt_g"]))
         if state["feature_extractor"] is not None:
             self._freeze_feature_extractor(state["feature_extractor_source"])
             self.feature_extractor.load_state_dict(state["feature_extractor"])
