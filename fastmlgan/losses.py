@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmlgan.kernels.gradient_penalty import gradient_penalty_autograd as _textbook_penalty
 from fastmlgan.kernels.gumbel_sigmoid import gumbel_sigmoid
 
 
@@ -75,15 +76,14 @@ def gradient_penalty_autograd(
 ) -> torch.Tensor:
     """Eq. (5), the textbook way (Gulrajani et al.): double backward through D.
 
-    y* = εy + (1−ε)ŷ with ε ~ U(0,1) per sample, the gradient taken w.r.t. the label input
-    only, the image features held fixed. Returns E[(‖∇_{y*} D(y*, z)‖₂ − 1)²] without λ.
+    y* = εy + (1−ε)ŷ with ε ~ U(0,1) per sample (drawn here unless given), the gradient taken
+    w.r.t. the label input only, the image features held fixed. Returns
+    E[(‖∇_{y*} D(y*, z)‖₂ − 1)²] without λ. ``--gan.penalty autograd``; the default computes the
+    same value first-order (``fastmlgan.kernels.gradient_penalty``).
     """
     if epsilon is None:
-        epsilon = torch.rand(real.shape[0], 1, device=real.device, dtype=torch.float32)
-    interp = (epsilon * real.float() + (1.0 - epsilon) * fake.float()).detach().requires_grad_(True)
-    scores = discriminator(interp, features)
-    (grad,) = torch.autograd.grad(scores.sum(), interp, create_graph=True)
-    return ((grad.norm(2, dim=1) - 1.0) ** 2).mean()
+        epsilon = torch.rand(real.shape[0], device=real.device, dtype=torch.float32)
+    return _textbook_penalty(discriminator, real, fake, features, epsilon)
 
 
 PenaltyFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
