@@ -275,6 +275,7 @@ class DALILoader:
             self.shard = range(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
             self.num_batches = -(-len(self.shard) // self.batch_size)
         self._labels = torch.from_numpy(images.labels.astype(np.float32))
+        self._pin = torch.cuda.is_available()
         self._iterator = None
         self._unfinished = False
         self._seen_duplicate = False
@@ -343,7 +344,8 @@ class DALILoader:
             crop = torch.full((len(index), 2), -1, dtype=torch.int64)
         return {
             "image": image,
-            "labels": self._labels[index],
+            # Pinned, so that the trainer's non_blocking copy to the GPU does not stall the host.
+            "labels": self._labels[index].pin_memory() if self._pin else self._labels[index],
             "crop": crop,
             "index": index,
             "bad": torch.zeros(len(index), dtype=torch.bool),

@@ -150,6 +150,7 @@ class TorchvisionLoader:
         else:
             self.sampler = ShardSampler(len(images), rank, world_size)
         self._labels = torch.from_numpy(images.labels.astype(np.float32))
+        self._pin = torch.cuda.is_available()
         self._known_bad: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -257,7 +258,8 @@ class TorchvisionLoader:
         index = torch.tensor(used, dtype=torch.int64)
         return {
             "image": normalize_batch(images, self.dtype, self.channels_last),
-            "labels": self._labels[index],
+            # Pinned, so that the trainer's non_blocking copy to the GPU does not stall the host.
+            "labels": self._labels[index].pin_memory() if self._pin else self._labels[index],
             "crop": crops,
             "index": index,
             "bad": torch.tensor(bad, dtype=torch.bool),
