@@ -21,6 +21,7 @@ def main() -> None:
     cfg = build_config({"data.root": data_root, "out": str(out), "compile.enable": str(compiled)}, preset="smoke")
     info = init_distributed("gloo")
     out.mkdir(parents=True, exist_ok=True)
+    trainer = None
     try:
         trainer = Trainer(cfg, info, out)
         params = lambda: torch.cat(  # noqa: E731
@@ -53,8 +54,12 @@ def main() -> None:
             }
             (out / "ddp_result.json").write_text(json.dumps(result))
     finally:
+        trainer = None  # DDP models go before the process group (see destroy_distributed)
         destroy_distributed()
 
 
 if __name__ == "__main__":
+    from fastmlgan.train import exit_after_distributed_run
+
     main()
+    exit_after_distributed_run(0)
