@@ -17,7 +17,7 @@ from fastmlgan.errors import FastMLGANError
 from fastmlgan.metrics import compute_metrics, format_table
 from fastmlgan.models import build_generator
 from fastmlgan.progress import setup_logging
-from fastmlgan.trainer import predict
+from fastmlgan.trainer import amp_dtype, predict
 
 
 def evaluate_checkpoint(path: str, data_overrides: dict[str, str], threshold: float = 0.5) -> dict:
@@ -50,10 +50,7 @@ def evaluate_checkpoint(path: str, data_overrides: dict[str, str], threshold: fl
     generator.load_state_dict(state["generator"])
     generator.to(info.device)
     # The same precision as the evaluation during training.
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}.get(
-        cfg.precision.amp, torch.bfloat16 if info.device.type == "cuda" else None
-    )
-    scores, targets = predict(generator, eval_loader, info.device, amp)
+    scores, targets = predict(generator, eval_loader, info.device, amp_dtype(cfg.precision.amp, info.device))
     return compute_metrics(scores, targets, threshold)
 
 

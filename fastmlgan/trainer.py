@@ -80,8 +80,21 @@ class BatchStream:
         return batch
 
 
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--precision.amp`` on ``device`` (None: no autocast)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
+
+
+def _inputs_to_device(batch: dict[str, torch.Tensor], device: torch.device, memory_format) -> torch.Tensor:
+    """G's input on the device: images in the model's memory format, feature vectors as they are."""
+    x = _to_device(batch["image"], device)
+    return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 
 
 @torch.no_grad()
@@ -97,9 +110,7 @@ def predict(
     scores, targets = [], []
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for batch in loader:
-        x = _to_device(batch["image"], device)
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=memory_format)
+        x = _inputs_to_device(batch, device, memory_format)
         with autocast:
             logits = generator(x)
         # An undecodable image has a stand-in in its slot (the loaders' skip policy); leave it out
@@ -195,7 +206,7 @@ class Trainer:
             self._d_loss = torch.compile(discriminator_loss, **options)
             self._g_loss = torch.compile(generator_loss, **options)
 
-        self.amp_dtype = self._amp_dtype(cfg.precision.amp)
+        self.amp_dtype = amp_dtype(cfg.precision.amp, self.device)
         # fp16 gradients of G's activations underflow without loss scaling; bf16 needs none.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         torch.manual_seed(cfg.train.seed * 1000003 + info.rank)  # per-rank noise streams
@@ -221,11 +232,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # set-up helpers
 
-    def _amp_dtype(self, amp: str) -> torch.dtype | None:
-        if amp == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else None
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -246,8 +252,7 @@ class Trainer:
             logger.info("f_ext frozen from %s", source)
 
     def _images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = _to_device(batch["image"], self.device)
-        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+        return _inputs_to_device(batch, self.device, self.memory_format)
 
     # ------------------------------------------------------------------------------------------
     # the steps: each a function of (models, batch) followed by its optimizer update

@@ -67,7 +67,7 @@ from fastmlgan.loaders.five_crop import (
     crop_window,
     crop_window_normalized,
 )
-from fastmlgan.loaders.torch_loader import IMAGENET_MEAN, IMAGENET_STD
+from fastmlgan.loaders.torch_loader import IMAGENET_MEAN, IMAGENET_STD, _check_batch, _check_rank
 
 logger = logging.getLogger(__name__)
 
@@ -235,10 +235,8 @@ class DALILoader:
         hw_decoder_load: float = 0.65,
         prefetch: int = 2,
     ):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"rank must be in [0, world_size={world_size}), got rank={rank}")
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        _check_rank(rank, world_size)
+        _check_batch(batch_size)
         if image_size < 1:
             raise ConfigError(f"image_size must be positive, got {image_size}")
         if decode not in DECODE_MODES:

@@ -36,7 +36,15 @@ from torchvision.transforms.v2 import functional as TF
 from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.loaders.base import LabeledImages
 from fastmlgan.loaders.five_crop import base_size, crop_window
-from fastmlgan.loaders.torch_loader import IMAGENET_MEAN, IMAGENET_STD, ON_BAD_IMAGE, ShardSampler, crop_for, decode_rgb
+from fastmlgan.loaders.torch_loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ON_BAD_IMAGE,
+    ShardSampler,
+    _check_batch,
+    crop_for,
+    decode_rgb,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +124,7 @@ class TorchvisionLoader:
     ):
         if on_bad_image not in ON_BAD_IMAGE:
             raise ConfigError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        _check_batch(batch_size)
         if image_size < 1:
             raise ConfigError(f"image_size must be positive, got {image_size}")
         self.device = torch.device(device)
