@@ -193,32 +193,36 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
         # Wrapping and compilation happen once, here; state dicts always come from the plain modules.
-        #  - eager: G and D are wrapped in DDP (gradient all-reduce overlapped with backward).
-        #  - compiled: each step (BCE, G, the whole D step with its penalty) is one fullgraph
-        #    torch.compile region. Dynamo cannot trace DDP's forward inside a fullgraph region
-        #    ("Unsupported method call Logger.set_runtime_stats_and_log", torch 2.14), so the steps
-        #    take the plain modules and gradients are averaged after backward in a few flat
-        #    buckets (allreduce_gradients).
+        #  - one process: each step (BCE, G, the whole D step with its penalty, f_ext's and G's
+        #    no-grad forwards) is one fullgraph torch.compile region.
+        #  - several processes, eager: G and D in DDP (all-reduce overlapped with backward).
+        #  - several processes, compiled: G is compiled as a module and wrapped in DDP (torch's
+        #    recommended order): DDPOptimizer splits G's graph at DDP's gradient buckets, so each
+        #    bucket's all-reduce starts while the rest of the backward runs. The loss around G
+        #    (a few small ops) stays eager: dynamo cannot trace DDP's forward inside a fullgraph
+        #    region ("Unsupported method call Logger.set_runtime_stats_and_log", torch 2.14). D's
+        #    step stays one compiled region on the plain module, its gradients averaged after
+        #    backward in flat buckets (allreduce_gradients): D is ~2M parameters and ~1% of an
+        #    iteration's time, so there is nothing to overlap.
+        self.compiled = cfg.compile.enable
+        options = {"fullgraph": True, "mode": cfg.compile.mode}
+        compiled = torch.compile if self.compiled else (lambda fn, **_: fn)
         self.g_model: nn.Module = self.generator
         self.d_model: nn.Module = self.discriminator
-        self.compiled = cfg.compile.enable
-        if info.enabled and not self.compiled:
+        self._bce_loss, self._g_loss, self._logits = (compiled(f, **options) for f in (bce_loss, generator_loss, _logits))
+        self._d_loss, self._features = compiled(discriminator_loss, **options), compiled(_features, **options)
+        self._allreduce_after_backward: set[nn.Module] = set()
+        if info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
+            if self.compiled:
+                self.generator.compile(mode=cfg.compile.mode)
+                self._bce_loss, self._g_loss, self._logits = bce_loss, generator_loss, _logits
+                broadcast_module(self.discriminator)
+                self._allreduce_after_backward.add(self.discriminator)
+            else:
+                self.d_model = DDP(self.discriminator, device_ids=ids)
             self.g_model = DDP(self.generator, device_ids=ids)
-            self.d_model = DDP(self.discriminator, device_ids=ids)
-        if info.enabled and self.compiled:
-            broadcast_module(self.generator)
-            broadcast_module(self.discriminator)
         self.penalty = gradient_penalty if cfg.gan.penalty == "explicit" else gradient_penalty_autograd
-        self._bce_loss, self._d_loss, self._g_loss = bce_loss, discriminator_loss, generator_loss
-        self._features, self._logits = _features, _logits
-        if self.compiled:
-            options = {"fullgraph": True, "mode": cfg.compile.mode}
-            self._bce_loss = torch.compile(bce_loss, **options)
-            self._d_loss = torch.compile(discriminator_loss, **options)
-            self._g_loss = torch.compile(generator_loss, **options)
-            self._features = torch.compile(_features, **options)
-            self._logits = torch.compile(_logits, **options)
 
         self.amp_dtype = amp_dtype(cfg.precision.amp, self.device)
         # fp16 gradients of G's activations underflow without loss scaling; bf16 needs none.
@@ -402,8 +406,8 @@ class Trainer:
             torch.compiler.cudagraph_mark_step_begin()
 
     def _sync_gradients(self, module: nn.Module) -> None:
-        """Compiled multi-process runs average gradients here (eager runs: DDP already did)."""
-        if self.compiled and self.info.enabled:
+        """Average the gradients of a module that is not in DDP (D in compiled multi-process runs)."""
+        if module in self._allreduce_after_backward:
             allreduce_gradients(module.parameters(), self.info.world_size)
 
     # ------------------------------------------------------------------------------------------

@@ -261,6 +261,10 @@ def build_train_loader(
         collate_fn=collate if pixels_per_batch is not None else None,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        # Every iter() draws the workers' base seed from this generator; without one it would come
+        # from torch's global RNG, shifting the training noise (Gumbel samples, ε) by one draw per
+        # epoch start, and a resumed run would draw its noise from another place in the stream.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -277,6 +281,7 @@ def build_eval_loader(
         drop_last=False,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        generator=torch.Generator(),  # see build_train_loader: keep torch's global RNG untouched
     )
 
 
