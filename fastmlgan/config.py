@@ -243,9 +243,13 @@ class DistConfig:
     """Process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo."""
     timeout_s: int = 1800
     """Collective timeout in seconds."""
+    bucket_cap_mb: float = 25.0
+    """DDP gradient bucket size in MB (torch's default): each bucket's all-reduce starts as soon as its gradients are ready, overlapping the rest of the backward."""
 
     def __post_init__(self) -> None:
         _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
+        if not self.bucket_cap_mb > 0:
+            raise ConfigError(f"--dist.bucket_cap_mb must be > 0, got {self.bucket_cap_mb}")
 
 
 @dataclass

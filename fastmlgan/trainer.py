@@ -27,7 +27,7 @@ from fastmlgan.distributed import (
     broadcast_module,
     broadcast_object,
 )
-from fastmlgan.errors import FastMLGANError
+from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.kernels import gradient_penalty
 from fastmlgan.losses import GanSpec, bce_loss, discriminator_loss, generator_loss, gradient_penalty_autograd
 from fastmlgan.metrics import compute_metrics, format_table
@@ -214,14 +214,20 @@ class Trainer:
         self._allreduce_after_backward: set[nn.Module] = set()
         if info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
+            ddp = {"device_ids": ids, "bucket_cap_mb": cfg.dist.bucket_cap_mb}
             if self.compiled:
+                if cfg.dist.bucket_cap_mb < 1:
+                    raise ConfigError(
+                        f"--dist.bucket_cap_mb {cfg.dist.bucket_cap_mb} with --compile.enable under torchrun: DDP's "
+                        "first bucket is 1 MB and torch.compile's DDPOptimizer needs the others at least as large; use >= 1"
+                    )
                 self.generator.compile(mode=cfg.compile.mode)
                 self._bce_loss, self._g_loss, self._logits = bce_loss, generator_loss, _logits
                 broadcast_module(self.discriminator)
                 self._allreduce_after_backward.add(self.discriminator)
             else:
-                self.d_model = DDP(self.discriminator, device_ids=ids)
-            self.g_model = DDP(self.generator, device_ids=ids)
+                self.d_model = DDP(self.discriminator, **ddp)
+            self.g_model = DDP(self.generator, **ddp)
         self.penalty = gradient_penalty if cfg.gan.penalty == "explicit" else gradient_penalty_autograd
 
         self.amp_dtype = amp_dtype(cfg.precision.amp, self.device)
