@@ -150,6 +150,10 @@ class GanConfig:
     """LeakyReLU slope in D (not given in the paper; 0.2 as in DCGAN/WGAN-GP)."""
     penalty: str = "explicit"
     """How eq. (5)'s input gradient is computed: explicit (as forward ops through D's layers; first order, compiles) | autograd (textbook double backward)."""
+    feature_cache: str = ""
+    """Frozen-feature cache file: f_ext of every training image under each of its 25 five-crop windows, computed once (bf16, memory-mapped) and reused by every run with the same f_ext weights, data and geometry; built when missing. '' = compute f_ext every step."""
+    feature_batch: int = 0
+    """Most images per f_ext forward in phase 2 (0: all of an iteration's images in one forward)."""
 
     def __post_init__(self) -> None:
         _positive("gan.d_steps", self.d_steps)
@@ -159,6 +163,8 @@ class GanConfig:
         if self.inv_temperature <= 0:
             raise ConfigError(f"gan.inv_temperature must be > 0, got {self.inv_temperature}")
         _choice("gan.penalty", self.penalty, ("explicit", "autograd"))
+        if self.feature_batch < 0:
+            raise ConfigError(f"--gan.feature_batch must be >= 0, got {self.feature_batch}")
         if not self.conditional and self.negative_sampling:
             # §4.2.3: rows (c) and (d) drop negative sampling. An unconditional D cannot see x, so a
             # "mismatched" pair would just be another real label set scored as fake.
@@ -200,7 +206,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of every random stream (model init, data order, crops, noise)."""
     log_every: int = 20
-    """Log losses every N optimizer steps (the only host syncs in the loop)."""
+    """Log losses every N steps (the only host syncs in the loop). A step is one G update in both phases: one batch in phase 1, one iteration of d_steps D updates and a G update in phase 2."""
     eval_every: int = 1
     """Evaluate every N epochs (and always at the end of each phase)."""
 
@@ -237,9 +243,13 @@ class DistConfig:
     """Process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo."""
     timeout_s: int = 1800
     """Collective timeout in seconds."""
+    bucket_cap_mb: float = 25.0
+    """DDP gradient bucket size in MB (torch's default): each bucket's all-reduce starts as soon as its gradients are ready, overlapping the rest of the backward."""
 
     def __post_init__(self) -> None:
         _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
+        if not self.bucket_cap_mb > 0:
+            raise ConfigError(f"--dist.bucket_cap_mb must be > 0, got {self.bucket_cap_mb}")
 
 
 @dataclass

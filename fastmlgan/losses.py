@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmlgan.kernels.gradient_penalty import gradient_penalty as _explicit_penalty
 from fastmlgan.kernels.gradient_penalty import gradient_penalty_autograd as _textbook_penalty
+from fastmlgan.kernels.gradient_penalty import unwrap_discriminator
 from fastmlgan.kernels.gumbel_sigmoid import gumbel_sigmoid
 
 
@@ -91,39 +93,39 @@ PenaltyFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | Non
 
 def discriminator_loss(
     discriminator: nn.Module,
-    generator: nn.Module,
-    feature_extractor: nn.Module,
-    batch: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor | None],
     spec: GanSpec,
-    penalty: PenaltyFn = gradient_penalty_autograd,
+    penalty: PenaltyFn | None = None,
 ) -> dict[str, torch.Tensor]:
-    """L_D of eq. (4) on three independently drawn batches (§4.1).
+    """L_D of eq. (4) on three independently drawn batches (§4.1), from what G and f_ext made of
+    them: a function of D alone, so phase 2 can run G and f_ext once for all its D updates.
 
-    ``batch`` holds ``matched_x, matched_y`` (real pairs), ``generated_x, generated_y`` (G labels
-    these images; ``generated_y`` are their true labels, the other end of the penalty's
-    interpolation), and with negative sampling ``mismatched_x, mismatched_y`` (``mismatched_y``
-    is another training image's label set, different from the image's own).
+    ``batch`` holds the real pairs ``matched_y, matched_z``; G's logits on the generated pairs'
+    images ``generated_logits`` with those images' features ``generated_z`` and their true label
+    sets ``generated_real_y`` (the other end of the penalty's interpolation, eq. 5); and with
+    negative sampling ``mismatched_y`` (another training image's label set, different from the
+    image's own) and ``mismatched_z``. The ``*_z`` are None for an unconditional D.
 
-    G runs without gradients; only D's parameters receive gradients from the result.
+    The Gumbel-sigmoid sample ŷ is drawn here, per call, so every D update has its own noise.
+    Only D's parameters receive gradients from the result. ``penalty`` defaults to the
+    config's default, ``--gan.penalty explicit`` (eq. 5 first order,
+    ``fastmlgan.kernels.gradient_penalty``).
     """
+    penalty = penalty or _explicit_penalty
     with torch.no_grad():
-        fake = sample_label_sets(generator(batch["generated_x"]), spec)
-        images = [batch["matched_x"], batch["generated_x"]]
-        if spec.negative_sampling:
-            images.append(batch["mismatched_x"])
-        if spec.conditional:
-            # One f_ext call for all pair kinds; D runs in fp32 whatever the autocast dtype.
-            z = feature_extractor(torch.cat(images)).float()
-            z_parts = list(torch.split(z, [x.shape[0] for x in images]))
-        else:
-            z, z_parts = None, [None] * len(images)
+        fake = sample_label_sets(batch["generated_logits"], spec)
     labels = [batch["matched_y"].float(), fake]
+    features = [batch["matched_z"], batch["generated_z"]]
     if spec.negative_sampling:
         labels.append(batch["mismatched_y"].float())
+        features.append(batch["mismatched_z"])
+    z = torch.cat([f.float() for f in features]) if spec.conditional else None
     with _fp32(fake):
-        # One D forward for all pair kinds (one DDP forward per backward).
+        # One D forward for all pair kinds (one DDP forward per backward); D runs in fp32
+        # whatever the autocast dtype.
         scores = discriminator(torch.cat(labels), z)
-        gp = penalty(_unwrap(discriminator), batch["generated_y"].float(), fake, z_parts[1])
+        generated_z = batch["generated_z"].float() if spec.conditional else None
+        gp = penalty(unwrap_discriminator(discriminator), batch["generated_real_y"].float(), fake, generated_z)
     parts = torch.split(scores, [y.shape[0] for y in labels])
     matched = parts[0].mean()
     generated = parts[1].mean()
@@ -144,22 +146,24 @@ def discriminator_loss(
 def generator_loss(
     discriminator: nn.Module,
     generator: nn.Module,
-    feature_extractor: nn.Module,
-    batch: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor | None],
     spec: GanSpec,
 ) -> dict[str, torch.Tensor]:
-    """L'_G = L_G + α·L_logistic (eqs. 2, 3) with L_G = −E[D(ŷ, x)], ŷ a Gumbel-sigmoid sample."""
-    x, y = batch["x"], batch["y"]
+    """L'_G = L_G + α·L_logistic (eqs. 2, 3) with L_G = −E[D(ŷ, x)], ŷ a Gumbel-sigmoid sample.
+
+    ``batch`` holds the images ``x``, their label sets ``y`` and their features ``z`` = f_ext(x)
+    (None for an unconditional D)."""
+    x, y, z = batch["x"], batch["y"], batch["z"]
     logits = generator(x)
     bce = logistic_loss(logits, y)
     fake = sample_label_sets(logits, spec)
-    z = feature_extractor(x).float() if spec.conditional else None
     # D is not trained here: call it with detached parameters, so that not even a compiled
     # backward computes its weight gradients.
-    d = _unwrap(discriminator)
+    d = unwrap_discriminator(discriminator)
     frozen = {name: p.detach() for name, p in d.named_parameters()}
     with _fp32(fake):
-        adversarial = -torch.func.functional_call(d, frozen, (fake, z)).mean()
+        features = z.float() if spec.conditional else None
+        adversarial = -torch.func.functional_call(d, frozen, (fake, features)).mean()
     loss = adversarial + spec.bce_weight * bce
     return {"loss_g": loss, "bce": bce.detach(), "g_adversarial": adversarial.detach()}
 
@@ -170,22 +174,64 @@ def bce_loss(generator: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, 
     return {"loss_g": bce, "bce": bce.detach()}
 
 
+# ----------------------------------------------------------------------------------------------
+# The same losses from images, one D update at a time: the paper's procedure read literally (G and
+# f_ext run inside each loss). The trainer computes G and f_ext once per phase-2 iteration instead;
+# these are the reference its batched path is tested against, and what the golden record uses.
+
+
+def image_features(feature_extractor: nn.Module | None, x: torch.Tensor, spec: GanSpec) -> torch.Tensor | None:
+    """f_ext(x) in fp32 (no gradients), or None for an unconditional D."""
+    if not spec.conditional:
+        return None
+    with torch.no_grad():
+        return feature_extractor(x).float()
+
+
+def discriminator_loss_from_images(
+    discriminator: nn.Module,
+    generator: nn.Module,
+    feature_extractor: nn.Module | None,
+    batch: dict[str, torch.Tensor],
+    spec: GanSpec,
+    penalty: PenaltyFn | None = None,
+) -> dict[str, torch.Tensor]:
+    """Eq. (4) from ``matched_x/_y``, ``generated_x/generated_real_y`` and (with negative sampling)
+    ``mismatched_x/_y``: G (no gradients) and f_ext run here, on this update's images."""
+    with torch.no_grad():
+        logits = generator(batch["generated_x"]).float()
+    feats = {
+        kind: image_features(feature_extractor, batch[f"{kind}_x"], spec)
+        for kind in ("matched", "generated", "mismatched")
+        if f"{kind}_x" in batch
+    }
+    d_batch = {
+        "matched_y": batch["matched_y"],
+        "matched_z": feats["matched"],
+        "generated_logits": logits,
+        "generated_real_y": batch["generated_real_y"],
+        "generated_z": feats["generated"],
+    }
+    if spec.negative_sampling:
+        d_batch["mismatched_y"] = batch["mismatched_y"]
+        d_batch["mismatched_z"] = feats["mismatched"]
+    return discriminator_loss(discriminator, d_batch, spec, penalty)
+
+
+def generator_loss_from_images(
+    discriminator: nn.Module,
+    generator: nn.Module,
+    feature_extractor: nn.Module | None,
+    batch: dict[str, torch.Tensor],
+    spec: GanSpec,
+) -> dict[str, torch.Tensor]:
+    """Eqs. (2)–(3) from ``x`` and ``y``, f_ext run here."""
+    z = image_features(feature_extractor, batch["x"], spec)
+    return generator_loss(discriminator, generator, {"x": batch["x"], "y": batch["y"], "z": z}, spec)
+
+
 def _fp32(like: torch.Tensor):
-    """D runs in fp32 whatever the autocast dtype: it is a few percent of the FLOPs, and the
-    penalty's gradient of a gradient loses too much in bf16."""
+    """D runs in fp32 whatever the autocast dtype: it is a few percent of the FLOPs, and its
+    input gradient (the penalty, eq. 5) is a product of eight matrices that bf16 would round at
+    every factor."""
     return torch.autocast(like.device.type, enabled=False)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers.
-
-    The G step calls D unwrapped: D is not being trained there, and calling its DDP wrapper would
-    prepare an all-reduce of gradients nobody uses.
-    """
-    while True:
-        if hasattr(module, "module") and isinstance(module.module, nn.Module):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module

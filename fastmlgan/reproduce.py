@@ -285,13 +285,13 @@ class SelectingTrainer(Trainer):
                 self.selected_state = copy.deepcopy(self.generator.state_dict())
         return metrics
 
-    def train_step(self, stream) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.adversarial:
-            return super().train_step(stream)
-        kinds = 3 if self.spec.negative_sampling else 2
-        for _ in range(self.cfg.gan.d_steps * kinds):
-            stream.next()  # the batches the D updates would draw: the G steps see the same data
-        return self.bce_step(stream.next())  # opt_g is at g_lr in phase 2 (Trainer.fit)
+            return super().train_step(batch)
+        # The control: the G updates of phase 2 on L_logistic alone, on the images the G updates
+        # would see (the D updates' batches are drawn and left unused).
+        g = self.layout.generator_rows()
+        return self.bce_step({k: v[g] for k, v in batch.items()})  # opt_g is at g_lr in phase 2
 
 
 # ----------------------------------------------------------------------------------------------

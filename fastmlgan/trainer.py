@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,56 +27,18 @@ from fastmlgan.distributed import (
     broadcast_module,
     broadcast_object,
 )
-from fastmlgan.errors import FastMLGANError
+from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.kernels import gradient_penalty
 from fastmlgan.losses import GanSpec, bce_loss, discriminator_loss, generator_loss, gradient_penalty_autograd
 from fastmlgan.metrics import compute_metrics, format_table
 from fastmlgan.models import Discriminator, build_feature_extractor, build_generator
+from fastmlgan.models.chunked_norm import batch_norm_chunks, make_chunkable
 from fastmlgan.progress import Progress
+from fastmlgan.stream import BatchStream, IterationLayout
 
 logger = logging.getLogger(__name__)
 
 PHASES = ("bce", "gan", "done")
-
-
-class BatchStream:
-    """An endless stream of training batches across data epochs, on the device.
-
-    Three independently drawn batches per D update (§4.1) are simply three consecutive batches
-    of the shuffled stream. Counts the share of wall time spent waiting for data and the images
-    the loader substituted because they could not be decoded.
-    """
-
-    def __init__(self, loader, device: torch.device, data_epoch: int = 0) -> None:
-        from fastmlgan.loaders.torch_loader import set_epoch
-
-        self.loader = loader
-        self.device = device
-        self.data_epoch = data_epoch
-        self._set_epoch = set_epoch
-        self._it: Iterator | None = None
-        self.wait_s = 0.0
-        self.num_bad = 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def next(self) -> dict[str, torch.Tensor]:
-        t0 = time.perf_counter()
-        while True:
-            if self._it is None:
-                self._set_epoch(self.loader, self.data_epoch)
-                self._it = iter(self.loader)
-            try:
-                batch = next(self._it)
-                break
-            except StopIteration:
-                self._it = None
-                self.data_epoch += 1
-        if "bad" in batch:
-            self.num_bad += int(batch["bad"].sum())
-        self.wait_s += time.perf_counter() - t0
-        return batch
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -97,6 +58,19 @@ def _inputs_to_device(batch: dict[str, torch.Tensor], device: torch.device, memo
     return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 
 
+def generator_scores(generator: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """σ(G(x)) in fp32: the trunk under autocast (when given), the head and the sigmoid in fp32.
+
+    A bf16 head rounds the logits to 8 bits of mantissa, so many images of one class would get
+    exactly the same score, and the ranking metrics (AP) would depend on how ties are broken."""
+    if amp_dtype is None:
+        return torch.sigmoid(generator(x).float())
+    with torch.autocast(x.device.type, dtype=amp_dtype):
+        features = generator.trunk(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.sigmoid(generator.head(features.float()))
+
+
 @torch.no_grad()
 def predict(
     generator: nn.Module,
@@ -108,15 +82,13 @@ def predict(
     """σ(G(x)) and the targets of every image ``loader`` yields, G in eval mode (this process only)."""
     generator.eval()
     scores, targets = [], []
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for batch in loader:
         x = _inputs_to_device(batch, device, memory_format)
-        with autocast:
-            logits = generator(x)
+        s = generator_scores(generator, x, amp_dtype)
         # An undecodable image has a stand-in in its slot (the loaders' skip policy); leave it out
         # so that no image is counted twice.
         keep = ~batch["bad"].cpu().numpy() if "bad" in batch else slice(None)
-        scores.append(torch.sigmoid(logits.float()).cpu().numpy()[keep])
+        scores.append(s.cpu().numpy()[keep])
         targets.append(batch["labels"].cpu().numpy()[keep])
     num_labels = generator.num_labels
     s = np.concatenate(scores) if scores else np.zeros((0, num_labels), np.float32)
@@ -124,12 +96,37 @@ def predict(
     return s, t
 
 
+def _features(feature_extractor: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """f_ext(x) in fp32 (D's input precision)."""
+    return feature_extractor(x).float()
+
+
+def _logits(generator: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return generator(x).float()
+
+
+def _log_vector(out: dict[str, torch.Tensor]) -> tuple[tuple[str, ...], torch.Tensor]:
+    """A step's logged values as one fp32 vector, taken right after the step.
+
+    One copy, so that reading them later needs one host sync for all keys, and so that a later
+    CUDA-graph replay (``compile.mode=reduce-overhead`` reuses its output buffers) cannot
+    overwrite them before they are logged."""
+    keys = tuple(k for k in out if out[k].numel() == 1)
+    return keys, torch.stack([out[k].detach().float().reshape(()) for k in keys])
+
+
 class Trainer:
+    """G, D and f_ext with their optimizers, the G and D steps, the two-phase schedule (§3.2,
+    §4.1), evaluation and checkpoints.
+
+    Steps (``global_step``) count G updates in both phases: a batch in phase 1, an iteration of
+    ``gan.d_steps`` D updates and one G update in phase 2."""
+
     def __init__(self, cfg: Config, info: DistInfo, out_dir: Path, splits=None) -> None:
         """``splits``: pre-built ``Splits`` (the reproduction harness passes its own); read from
         ``cfg.data`` when None."""
         from fastmlgan.loaders.negatives import MismatchedLabelSampler
-        from fastmlgan.loaders.registry import build_loaders, build_splits
+        from fastmlgan.loaders.registry import build_loaders, build_splits, per_rank_batch
 
         self.cfg = cfg
         self.info = info
@@ -143,8 +140,13 @@ class Trainer:
         num_labels = len(self.class_names)
         channels_last = cfg.model.channels_last and self.device.type == "cuda" and cfg.model.backbone != "mlp"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.channels_last = channels_last
         self.train_loader, self.eval_loader = build_loaders(
             cfg.data, self.splits, info, cfg.train.seed, channels_last=channels_last
+        )
+        self.gan_loader = None  # phase 2's loader: one batch per iteration, built when phase 2 starts
+        self.layout = IterationLayout(
+            per_rank_batch(cfg.data.batch_size, info, "data.batch_size"), cfg.gan.d_steps, cfg.gan.negative_sampling
         )
         self.mismatch_sampler = (
             MismatchedLabelSampler(self.splits.train.labels, seed=cfg.train.seed * 7919 + info.rank)
@@ -156,12 +158,17 @@ class Trainer:
         self.generator = build_generator(
             cfg.model.backbone, num_labels, cfg.model.pretrained, width=cfg.model.width, depth=cfg.model.depth, in_dim=in_dim
         ).to(self.device)
+        # Phase 2 runs G's no-grad forwards of all D updates as one batch, each update's images
+        # normalised as their own BatchNorm batch (fastmlgan.models.chunked_norm).
+        make_chunkable(self.generator)
         self.generator = self.generator.to(memory_format=self.memory_format)
         # §4.1: f_ext is the ImageNet-pretrained generator without its output layer, frozen. With
-        # no pretrained weights it is G's trunk frozen at the end of the BCE phase instead.
+        # no pretrained weights it is G's trunk frozen at the end of the BCE phase instead. An
+        # unconditional D (Table 3 (d)) never sees it, so then there is none.
         self.feature_extractor = None
         self.feature_source = ""
-        if cfg.model.pretrained:
+        self.feature_cache = None
+        if cfg.model.pretrained and self.spec.conditional and cfg.gan.enable:
             self._freeze_feature_extractor(f"pretrained:{cfg.model.pretrained}")
         self.discriminator = Discriminator(
             num_labels,
@@ -173,38 +180,55 @@ class Trainer:
             negative_slope=cfg.gan.negative_slope,
         ).to(self.device)
 
+        # Fused Adam (one kernel for all parameters) where the device has it; it also takes the
+        # fp16 loss scale on the device, so GradScaler.step never syncs with the host.
+        fused = {"fused": True} if self.device.type == "cuda" else {}
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         self.opt_g = torch.optim.Adam(
-            self.generator.parameters(), lr=cfg.optim.bce_lr, betas=betas, weight_decay=cfg.optim.weight_decay
+            self.generator.parameters(), lr=cfg.optim.bce_lr, betas=betas, weight_decay=cfg.optim.weight_decay, **fused
         )
         self.opt_d = torch.optim.Adam(
-            self.discriminator.parameters(), lr=cfg.optim.d_lr, betas=betas, weight_decay=cfg.optim.weight_decay
+            self.discriminator.parameters(), lr=cfg.optim.d_lr, betas=betas, weight_decay=cfg.optim.weight_decay, **fused
         )
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
         # Wrapping and compilation happen once, here; state dicts always come from the plain modules.
-        #  - eager: G and D are wrapped in DDP (gradient all-reduce overlapped with backward).
-        #  - compiled: each step (BCE, G, the whole D step with its penalty) is one fullgraph
-        #    torch.compile region. Dynamo cannot trace DDP's forward inside a fullgraph region
-        #    ("Unsupported method call Logger.set_runtime_stats_and_log", torch 2.14), so the steps
-        #    take the plain modules and gradients are averaged after backward in a few flat
-        #    buckets (allreduce_gradients). A compiled backward hands its gradients over only at
-        #    its end, so DDP could not overlap them with the backward anyway.
+        #  - one process: each step (BCE, G, the whole D step with its penalty, f_ext's and G's
+        #    no-grad forwards) is one fullgraph torch.compile region.
+        #  - several processes, eager: G and D in DDP (all-reduce overlapped with backward).
+        #  - several processes, compiled: G is compiled as a module and wrapped in DDP (torch's
+        #    recommended order): DDPOptimizer splits G's graph at DDP's gradient buckets, so each
+        #    bucket's all-reduce starts while the rest of the backward runs. The loss around G
+        #    (a few small ops) stays eager: dynamo cannot trace DDP's forward inside a fullgraph
+        #    region ("Unsupported method call Logger.set_runtime_stats_and_log", torch 2.14). D's
+        #    step stays one compiled region on the plain module, its gradients averaged after
+        #    backward in flat buckets (allreduce_gradients): D is ~2M parameters and ~1% of an
+        #    iteration's time, so there is nothing to overlap.
+        self.compiled = cfg.compile.enable
+        options = {"fullgraph": True, "mode": cfg.compile.mode}
+        compiled = torch.compile if self.compiled else (lambda fn, **_: fn)
         self.g_model: nn.Module = self.generator
         self.d_model: nn.Module = self.discriminator
-        self.compiled = cfg.compile.enable
-        if info.enabled and not self.compiled:
+        self._bce_loss, self._g_loss, self._logits = (compiled(f, **options) for f in (bce_loss, generator_loss, _logits))
+        self._d_loss, self._features = compiled(discriminator_loss, **options), compiled(_features, **options)
+        self._allreduce_after_backward: set[nn.Module] = set()
+        if info.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.g_model = DDP(self.generator, device_ids=ids)
-            self.d_model = DDP(self.discriminator, device_ids=ids)
-        if info.enabled and self.compiled:
-            broadcast_module(self.generator)
-            broadcast_module(self.discriminator)
+            ddp = {"device_ids": ids, "bucket_cap_mb": cfg.dist.bucket_cap_mb}
+            if self.compiled:
+                if cfg.dist.bucket_cap_mb < 1:
+                    raise ConfigError(
+                        f"--dist.bucket_cap_mb {cfg.dist.bucket_cap_mb} with --compile.enable under torchrun: DDP's "
+                        "first bucket is 1 MB and torch.compile's DDPOptimizer needs the others at least as large; use >= 1"
+                    )
+                self.generator.compile(mode=cfg.compile.mode)
+                self._bce_loss, self._g_loss, self._logits = bce_loss, generator_loss, _logits
+                broadcast_module(self.discriminator)
+                self._allreduce_after_backward.add(self.discriminator)
+            else:
+                self.d_model = DDP(self.discriminator, **ddp)
+            self.g_model = DDP(self.generator, **ddp)
         self.penalty = gradient_penalty if cfg.gan.penalty == "explicit" else gradient_penalty_autograd
-        self._bce_loss, self._d_loss, self._g_loss = bce_loss, discriminator_loss, generator_loss
-        if self.compiled:
-            options = {"fullgraph": True, "mode": cfg.compile.mode}
-            self._bce_loss = torch.compile(bce_loss, **options)
-            self._d_loss = torch.compile(discriminator_loss, **options)
-            self._g_loss = torch.compile(generator_loss, **options)
 
         self.amp_dtype = amp_dtype(cfg.precision.amp, self.device)
         # fp16 gradients of G's activations underflow without loss scaling; bf16 needs none.
@@ -212,7 +236,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed * 1000003 + info.rank)  # per-rank noise streams
         self.phase = "bce"
         self.epoch = 0  # completed epochs of the current phase
-        self.global_step = 0
+        self.global_step = 0  # G updates, both phases
         self.data_epoch = 0
         self.baseline_metrics: dict | None = None
         self.gan_metrics: dict | None = None
@@ -226,7 +250,7 @@ class Trainer:
                 self.device,
                 info.world_size,
                 self.amp_dtype,
-                cfg.compile.enable,
+                cfg.compile.mode if cfg.compile.enable else "off",
             )
 
     # ------------------------------------------------------------------------------------------
@@ -254,6 +278,30 @@ class Trainer:
     def _images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return _inputs_to_device(batch, self.device, self.memory_format)
 
+    def build_gan_loader(self):
+        """Phase 2's loader: each batch is one whole iteration (``IterationLayout``). With a
+        frozen-feature cache only its leading images (G's) are decoded."""
+        from fastmlgan.loaders.registry import build_train_loader
+
+        if self.gan_loader is None:
+            pixels = self.layout.pixel_rows if self.feature_cache is not None else None
+            self.gan_loader = build_train_loader(
+                self.cfg.data, self.splits, self.info, self.cfg.train.seed, self.layout.size,
+                self.channels_last, pixels_per_batch=pixels,
+            )
+        return self.gan_loader
+
+    def start_gan_phase(self) -> None:
+        """What phase 2 needs before its first step: f_ext (and its cache) and G's learning rate."""
+        if self.spec.conditional and self.feature_extractor is None:
+            self._freeze_feature_extractor("phase1")
+        if self.cfg.gan.feature_cache and self.spec.conditional and self.feature_cache is None:
+            from fastmlgan.feature_cache import open_feature_cache
+
+            self.feature_cache = open_feature_cache(self)
+        for group in self.opt_g.param_groups:
+            group["lr"] = self.cfg.optim.g_lr
+
     # ------------------------------------------------------------------------------------------
     # the steps: each a function of (models, batch) followed by its optimizer update
 
@@ -267,56 +315,89 @@ class Trainer:
         self._step_generator()
         return out
 
-    def discriminator_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """One D update on eq. (4) from three independently drawn batches (matched, generated,
-        mismatched; two without negative sampling)."""
-        d_batch = {
-            "matched_x": self._images(batches[0]),
-            "matched_y": _to_device(batches[0]["labels"], self.device),
-            "generated_x": self._images(batches[1]),
-            "generated_y": _to_device(batches[1]["labels"], self.device),
-        }
-        if self.spec.negative_sampling:
-            d_batch["mismatched_x"] = self._images(batches[2])
-            mismatched = self.mismatch_sampler.sample(batches[2]["labels"])
-            if self.device.type == "cuda":
-                mismatched = mismatched.pin_memory()  # a pageable copy would block the host
-            d_batch["mismatched_y"] = _to_device(mismatched, self.device)
-        self._mark_step()
+    def discriminator_step(self, d_batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """One D update on eq. (4) from what G and f_ext made of its three batches (matched,
+        generated, mismatched pairs; see ``losses.discriminator_loss``). D runs in fp32."""
         self.opt_d.zero_grad(set_to_none=True)
-        with self.autocast():
-            out = self._d_loss(
-                self.d_model, self.generator, self.feature_extractor, d_batch, self.spec, self.penalty
-            )
+        out = self._d_loss(self.d_model, d_batch, self.spec, self.penalty)
         out["loss_d"].backward()
         self._sync_gradients(self.discriminator)
         self.opt_d.step()
         return out
 
-    def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One G update on eqs. (2)–(3). Only G's parameters receive gradients."""
-        self._mark_step()
+    def generator_step(self, g_batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """One G update on eqs. (2)–(3) from images ``x``, labels ``y`` and features ``z``.
+        Only G's parameters receive gradients."""
         self.opt_g.zero_grad(set_to_none=True)
         with self.autocast():
-            out = self._g_loss(
-                self.discriminator,
-                self.g_model,
-                self.feature_extractor,
-                {"x": self._images(batch), "y": _to_device(batch["labels"], self.device)},
-                self.spec,
-            )
+            out = self._g_loss(self.discriminator, self.g_model, g_batch, self.spec)
         self.scaler.scale(out["loss_g"]).backward(inputs=list(self.generator.parameters()))
         self._step_generator()
         return out
 
-    def train_step(self, stream: BatchStream) -> dict[str, torch.Tensor]:
-        """One phase-2 iteration (§4.1): ``gan.d_steps`` D updates, then one G update."""
-        kinds = 3 if self.spec.negative_sampling else 2
-        d_out: dict[str, torch.Tensor] = {}
-        for _ in range(self.cfg.gan.d_steps):
-            d_out = self.discriminator_step([stream.next() for _ in range(kinds)])
-        g_out = self.generator_step(stream.next())
-        return {**d_out, **g_out}
+    @torch.no_grad()
+    def iteration_features(self, batch: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor | None:
+        """f_ext on every image of a phase-2 iteration, fp32 (R, feature_dim); None for an
+        unconditional D. From the frozen-feature cache when there is one, else one inference
+        forward over all the iteration's images (``gan.feature_batch`` at a time)."""
+        if not self.spec.conditional:
+            return None
+        if self.feature_cache is not None:
+            return self.feature_cache.lookup(batch["index"], batch["crop"], self.device)
+        size = self.cfg.gan.feature_batch or images.shape[0]
+        with self.autocast():
+            parts = [self._features(self.feature_extractor, x) for x in torch.split(images, size)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @torch.no_grad()
+    def generated_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """G's logits (fp32, no gradients) on the generated pairs of all D updates in one forward;
+        each update's B images are their own BatchNorm batch, as in separate forwards."""
+        with self.autocast(), batch_norm_chunks(self.generator, self.layout.d_steps):
+            return self._logits(self.generator, images)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One phase-2 iteration (§4.1) from one loader batch laid out by ``IterationLayout``:
+        ``gan.d_steps`` D updates, then one G update.
+
+        f_ext runs once on all of the iteration's images and G once (no gradients) on all the
+        generated pairs' images; then each D update runs D alone, with its own Gumbel noise,
+        interpolation ε and mismatched label sets, in the order of separate updates."""
+        lay = self.layout
+        self._mark_step()
+        images = self._images(batch)
+        host_labels = batch["labels"]
+        if self.feature_cache is not None:
+            host_labels = self.feature_cache.stand_in_labels(batch["index"], host_labels, self.splits.train.labels)
+        labels = _to_device(host_labels, self.device)
+        z = self.iteration_features(batch, images)
+        logits = self.generated_logits(images[lay.generated_rows()])
+
+        def rows(t: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+            return None if t is None else t[sl]
+
+        d_log = None
+        for k in range(lay.d_steps):
+            gen = lay.generated_rows(k)
+            d_batch = {
+                "matched_y": labels[lay.matched_rows(k)],
+                "matched_z": rows(z, lay.matched_rows(k)),
+                "generated_logits": logits[k * lay.batch_size : (k + 1) * lay.batch_size],
+                "generated_real_y": labels[gen],
+                "generated_z": rows(z, gen),
+            }
+            if self.spec.negative_sampling:
+                mm = lay.mismatched_rows(k)
+                mismatched = self.mismatch_sampler.sample(host_labels[mm])
+                if self.device.type == "cuda":
+                    mismatched = mismatched.pin_memory()  # a pageable copy would block the host
+                d_batch["mismatched_y"] = _to_device(mismatched, self.device)
+                d_batch["mismatched_z"] = rows(z, mm)
+            d_log = _log_vector(self.discriminator_step(d_batch))
+        g = lay.generator_rows()
+        g_out = self.generator_step({"x": images[g], "y": labels[g], "z": rows(z, g)})
+        g_keys, g_values = _log_vector(g_out)
+        return {**dict(zip(d_log[0], d_log[1])), **dict(zip(g_keys, g_values))}
 
     def _step_generator(self) -> None:
         self._sync_gradients(self.generator)
@@ -325,13 +406,14 @@ class Trainer:
 
     def _mark_step(self) -> None:
         # CUDA graphs (compile.mode=reduce-overhead) reuse their output buffers: tell them where a
-        # new iteration starts.
+        # new iteration starts. Within an iteration, later graphs read earlier graphs' outputs
+        # (f_ext's features, G's logits), so the mark is once per iteration, not per graph.
         if self.compiled and self.cfg.compile.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
 
     def _sync_gradients(self, module: nn.Module) -> None:
-        """Compiled multi-process runs average gradients here (eager runs: DDP already did)."""
-        if self.compiled and self.info.enabled:
+        """Average the gradients of a module that is not in DDP (D in compiled multi-process runs)."""
+        if module in self._allreduce_after_backward:
             allreduce_gradients(module.parameters(), self.info.world_size)
 
     # ------------------------------------------------------------------------------------------
@@ -420,7 +502,7 @@ class Trainer:
         # Adam keeps the tensors it is given and updates them in place: copy them, so that one
         # baseline state can start any number of phase-2 runs.
         self.opt_g.load_state_dict(copy.deepcopy(state["opt_g"]))
-        if state["feature_extractor"] is not None:
+        if state["feature_extractor"] is not None and self.spec.conditional:
             self._freeze_feature_extractor(state["feature_extractor_source"])
             self.feature_extractor.load_state_dict(state["feature_extractor"])
         self.baseline_metrics = state["baseline_metrics"]
@@ -460,7 +542,9 @@ class Trainer:
             )
 
     def _log_step(self, phase: str, out: dict[str, torch.Tensor], stream: BatchStream, t_start: float) -> str:
-        values = {k: float(v.detach()) for k, v in out.items()}  # the only host sync of the loop
+        keys = [k for k in out if out[k].numel() == 1]
+        # The only host sync of the loop: every logged value in one transfer.
+        values = dict(zip(keys, torch.stack([out[k].detach().float().reshape(()) for k in keys]).tolist()))
         self._check_finite(values)
         elapsed = time.perf_counter() - t_start
         record = {
@@ -475,26 +559,24 @@ class Trainer:
         keys = ("bce", "loss_d", "wasserstein", "gp")
         return " ".join(f"{k}={values[k]:.3f}" for k in keys if k in values)
 
-    def _epoch_batches(self, stream: BatchStream) -> int:
-        n = len(stream)
+    def _epoch_steps(self, phase: str, stream: BatchStream) -> int:
+        """G updates in an epoch of ``phase``: every batch of the loader (phase 1) or every
+        iteration-sized batch (phase 2), capped by ``train.max_steps_per_epoch`` batches of B."""
         cap = self.cfg.train.max_steps_per_epoch
-        return min(n, cap) if cap else n
+        if not cap:
+            return len(stream)
+        return max(1, min(len(stream), cap if phase == "bce" else cap // self.layout.num_batches))
 
     def _run_epoch(self, stream: BatchStream) -> None:
         phase = self.phase
-        n_batches = self._epoch_batches(stream)
-        if phase == "bce":
-            total = n_batches
-            desc = f"bce {self.epoch + 1}/{self.cfg.train.bce_epochs}"
-        else:
-            per_step = self.cfg.gan.d_steps * (3 if self.spec.negative_sampling else 2) + 1
-            total = max(1, n_batches // per_step)
-            desc = f"gan {self.epoch + 1}/{self.cfg.train.gan_epochs}"
-        progress = Progress(total, desc, enabled=self.info.is_main)
+        total = self._epoch_steps(phase, stream)
+        epochs = self.cfg.train.bce_epochs if phase == "bce" else self.cfg.train.gan_epochs
+        progress = Progress(total, f"{phase} {self.epoch + 1}/{epochs}", enabled=self.info.is_main)
         stream.wait_s = 0.0
         t_start = time.perf_counter()
         for i in range(total):
-            out = self.bce_step(stream.next()) if phase == "bce" else self.train_step(stream)
+            batch = stream.next()
+            out = self.bce_step(batch) if phase == "bce" else self.train_step(batch)
             self.global_step += 1
             postfix = None
             if (i + 1) % self.cfg.train.log_every == 0 or i + 1 == total:
@@ -503,7 +585,7 @@ class Trainer:
         progress.close()
         self.data_epoch = stream.data_epoch
         self.epoch += 1
-        last = self.epoch == (self.cfg.train.bce_epochs if phase == "bce" else self.cfg.train.gan_epochs)
+        last = self.epoch == epochs
         if last or self.epoch % self.cfg.train.eval_every == 0:
             metrics = self.evaluate()
             self._log_metrics({"phase": phase, "epoch": self.epoch, "step": self.global_step, "split": "val", **metrics})
@@ -520,26 +602,28 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Phase 1 (BCE) then phase 2 (WGAN-GP); resumable at any epoch boundary."""
-        stream = BatchStream(self.train_loader, self.device, self.data_epoch)
         self.generator.train()
         self.discriminator.train()
+        num_bad = 0
         if self.phase == "bce":
+            stream = BatchStream(self.train_loader, self.data_epoch)
             while self.epoch < self.cfg.train.bce_epochs:
                 self._run_epoch(stream)
                 self.save_checkpoint()
+            num_bad += stream.num_bad
             if self.baseline_metrics is None:  # bce_epochs = 0: the (pretrained) starting point
                 self.baseline_metrics = self.evaluate()
             self.phase, self.epoch = ("gan" if self.cfg.gan.enable else "done"), 0
+            self.data_epoch += 1  # phase 2 starts a fresh data epoch
             self.save_checkpoint()
             self.save_checkpoint("baseline.pt")
         if self.phase == "gan":
-            if self.feature_extractor is None:
-                self._freeze_feature_extractor("phase1")
-            for group in self.opt_g.param_groups:
-                group["lr"] = self.cfg.optim.g_lr
+            self.start_gan_phase()
+            stream = BatchStream(self.build_gan_loader(), self.data_epoch)
             while self.epoch < self.cfg.train.gan_epochs:
                 self._run_epoch(stream)
                 self.save_checkpoint()
+            num_bad += stream.num_bad
             if self.gan_metrics is None:
                 self.gan_metrics = self.evaluate()
             self.phase = "done"
@@ -547,7 +631,7 @@ class Trainer:
         results = {
             "baseline": self.baseline_metrics,
             "gan": self.gan_metrics,
-            "bad_images": stream.num_bad,
+            "bad_images": num_bad,
             "class_names": list(self.class_names),
         }
         if self.info.is_main:
@@ -557,4 +641,3 @@ class Trainer:
                 rows["+ WGAN-gp"] = self.gan_metrics
             print(format_table(rows, title=f"{self.splits.val.name}: {len(self.splits.val)} images"), flush=True)
         return results
-

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from fastmlgan.config import build_config
 from fastmlgan.distributed import destroy_distributed, init_distributed
-from fastmlgan.trainer import BatchStream, Trainer
+from fastmlgan.stream import BatchStream
+from fastmlgan.trainer import Trainer
 
 
 def main() -> None:
@@ -28,17 +29,18 @@ def main() -> None:
             [p.detach().flatten() for p in [*trainer.generator.parameters(), *trainer.discriminator.parameters()]]
         )
         init = params().clone()
-        stream = BatchStream(trainer.train_loader, trainer.device)
+        stream = BatchStream(trainer.train_loader)
         first = stream.next()
         trainer.bce_step(first)
         for _ in range(2):
             trainer.bce_step(stream.next())
-        trainer._freeze_feature_extractor("phase1")
+        trainer.start_gan_phase()  # f_ext frozen from G
         f_ext_state = torch.cat([t.detach().flatten().float() for t in trainer.feature_extractor.state_dict().values()])
         f_ext_all = [torch.zeros_like(f_ext_state) for _ in range(info.world_size)]
         dist.all_gather(f_ext_all, f_ext_state)
+        gan_stream = BatchStream(trainer.build_gan_loader(), data_epoch=1)
         for _ in range(2):
-            trainer.train_step(stream)
+            trainer.train_step(gan_stream.next())
         final = params()
         gathered = [torch.zeros_like(final) for _ in range(info.world_size)]
         dist.all_gather(gathered, final)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastmlgan.kernels import gradient_penalty
-from fastmlgan.losses import GanSpec, discriminator_loss, generator_loss
+from fastmlgan.losses import GanSpec, discriminator_loss_from_images, generator_loss_from_images
 from fastmlgan.models import Discriminator, build_feature_extractor, build_generator
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def batch():
         "matched_x": torch.randn(B, 3, S, S),
         "matched_y": torch.randint(0, 2, (B, C)).float(),
         "generated_x": torch.randn(B, 3, S, S),
-        "generated_y": torch.randint(0, 2, (B, C)).float(),
+        "generated_real_y": torch.randint(0, 2, (B, C)).float(),
         "mismatched_x": torch.randn(B, 3, S, S),
         "mismatched_y": torch.randint(0, 2, (B, C)).float(),
     }
@@ -53,7 +53,7 @@ def test_compiled_discriminator_step_matches_eager(models, batch, same_random_st
     g, f, d = models
     spec = GanSpec()
     results = []
-    for fn in (discriminator_loss, torch.compile(discriminator_loss, fullgraph=True)):
+    for fn in (discriminator_loss_from_images, torch.compile(discriminator_loss_from_images, fullgraph=True)):
         d.zero_grad(set_to_none=True)
         torch.manual_seed(5)
         out = fn(d, g, f, batch, spec, gradient_penalty)
@@ -72,7 +72,7 @@ def test_compiled_generator_step_matches_eager(models, batch, same_random_stream
     spec = GanSpec()
     gb = {"x": batch["matched_x"], "y": batch["matched_y"]}
     results = []
-    for fn in (generator_loss, torch.compile(generator_loss, fullgraph=True)):
+    for fn in (generator_loss_from_images, torch.compile(generator_loss_from_images, fullgraph=True)):
         g.zero_grad(set_to_none=True)
         torch.manual_seed(6)
         out = fn(d, g, f, gb, spec)

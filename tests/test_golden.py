@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fastmlgan.kernels import gradient_penalty
-from fastmlgan.losses import GanSpec, bce_loss, discriminator_loss, generator_loss
+from fastmlgan.losses import GanSpec, bce_loss, discriminator_loss_from_images, generator_loss_from_images
 from fastmlgan.models import Discriminator, build_feature_extractor, build_generator
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_losses.json"
@@ -43,9 +43,9 @@ def _record() -> dict[str, list[float]]:
         for _ in range(3):
             (xm, ym), (xg, yg), (xn, yn) = batch(), batch(), batch()
             opt_d.zero_grad()
-            out = discriminator_loss(
+            out = discriminator_loss_from_images(
                 d, g, f,
-                {"matched_x": xm, "matched_y": ym, "generated_x": xg, "generated_y": yg,
+                {"matched_x": xm, "matched_y": ym, "generated_x": xg, "generated_real_y": yg,
                  "mismatched_x": xn, "mismatched_y": yn},
                 spec, gradient_penalty,
             )
@@ -55,7 +55,7 @@ def _record() -> dict[str, list[float]]:
             record["gp"].append(out["gp"].item())
         x, y = batch()
         opt_g.zero_grad()
-        out = generator_loss(d, g, f, {"x": x, "y": y}, spec)
+        out = generator_loss_from_images(d, g, f, {"x": x, "y": y}, spec)
         out["loss_g"].backward(inputs=list(g.parameters()))
         opt_g.step()
         record["loss_g"].append(out["loss_g"].item())

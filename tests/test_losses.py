@@ -10,8 +10,8 @@ from torch import nn
 
 from fastmlgan.losses import (
     GanSpec,
-    discriminator_loss,
-    generator_loss,
+    discriminator_loss_from_images,
+    generator_loss_from_images,
     gradient_penalty_autograd,
     logistic_loss,
     sample_label_sets,
@@ -106,7 +106,7 @@ def _batch():
         "matched_x": torch.randn(B, F_DIM),
         "matched_y": torch.randint(0, 2, (B, C)).float(),
         "generated_x": torch.randn(B, F_DIM),
-        "generated_y": torch.randint(0, 2, (B, C)).float(),
+        "generated_real_y": torch.randint(0, 2, (B, C)).float(),
         "mismatched_x": torch.randn(B, F_DIM),
         "mismatched_y": torch.randint(0, 2, (B, C)).float(),
     }
@@ -131,15 +131,15 @@ def test_discriminator_loss_is_eq4(negative_sampling):
     batch = _batch()
     eps = torch.rand(B, 1)
     fixed_penalty = lambda disc, real, fake, z: gradient_penalty_autograd(disc, real, fake, z, eps)  # noqa: E731
-    out = discriminator_loss(d, g, _IdentityFeatures(), batch, spec, penalty=fixed_penalty)
+    out = discriminator_loss_from_images(d, g, _IdentityFeatures(), batch, spec, penalty=fixed_penalty)
     fake = torch.sigmoid(logits)
-    gp = gradient_penalty_autograd(d, batch["generated_y"], fake, batch["generated_x"], eps)
+    gp = gradient_penalty_autograd(d, batch["generated_real_y"], fake, batch["generated_x"], eps)
     expected = _expected_d_loss(d, batch, fake, spec, gp)
     assert out["loss_d"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert out["gp"].item() == pytest.approx(gp.item(), rel=1e-5)
     # Without negative sampling the mismatched pair has no influence at all (Table 3 (c)).
     batch2 = dict(batch, mismatched_y=1 - batch["mismatched_y"])
-    out2 = discriminator_loss(d, g, _IdentityFeatures(), batch2, spec, penalty=fixed_penalty)
+    out2 = discriminator_loss_from_images(d, g, _IdentityFeatures(), batch2, spec, penalty=fixed_penalty)
     if negative_sampling:
         assert out2["loss_d"].item() != pytest.approx(out["loss_d"].item(), rel=1e-6)
     else:
@@ -164,14 +164,14 @@ def test_unconditional_discriminator_ignores_images():
     batch = _batch()
     eps = torch.rand(B, 1)
     pen = lambda disc, real, fake, z: gradient_penalty_autograd(disc, real, fake, z, eps)  # noqa: E731
-    a = discriminator_loss(d, g, _Forbidden(), batch, spec, penalty=pen)["loss_d"]
-    b = discriminator_loss(d, g, _Forbidden(), dict(batch, matched_x=batch["matched_x"] * 5), spec, penalty=pen)["loss_d"]
+    a = discriminator_loss_from_images(d, g, _Forbidden(), batch, spec, penalty=pen)["loss_d"]
+    b = discriminator_loss_from_images(d, g, _Forbidden(), dict(batch, matched_x=batch["matched_x"] * 5), spec, penalty=pen)["loss_d"]
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
     # The conditional D does look at the images.
     dc = Discriminator(C, F_DIM, proj_dim=4, hidden_dim=8, num_layers=2)
     spec_c = GanSpec(gumbel=False)
-    a = discriminator_loss(dc, g, _IdentityFeatures(), batch, spec_c, penalty=pen)["loss_d"]
-    b = discriminator_loss(dc, g, _IdentityFeatures(), dict(batch, matched_x=batch["matched_x"] * 5), spec_c, penalty=pen)
+    a = discriminator_loss_from_images(dc, g, _IdentityFeatures(), batch, spec_c, penalty=pen)["loss_d"]
+    b = discriminator_loss_from_images(dc, g, _IdentityFeatures(), dict(batch, matched_x=batch["matched_x"] * 5), spec_c, penalty=pen)
     assert a.item() != pytest.approx(b["loss_d"].item(), rel=1e-6)
 
 
@@ -197,7 +197,7 @@ def test_generator_loss_is_eq2():
     g = _FixedGenerator(logits)
     x, y = torch.randn(B, F_DIM), torch.randint(0, 2, (B, C)).float()
     torch.manual_seed(9)
-    out = generator_loss(d, g, _IdentityFeatures(), {"x": x, "y": y}, spec)
+    out = generator_loss_from_images(d, g, _IdentityFeatures(), {"x": x, "y": y}, spec)
     torch.manual_seed(9)
     from fastmlgan.kernels.gumbel_sigmoid import gumbel_sigmoid
 

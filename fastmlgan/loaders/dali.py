@@ -259,6 +259,7 @@ class DALILoader:
         self.hw_decoder_load = float(hw_decoder_load)
         self.prefetch = int(prefetch)
         self.epoch = 0
+        self.start_batch = 0
         n = len(images)
         if self.train:
             per_rank = n // self.world_size
@@ -281,8 +282,12 @@ class DALILoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """DALI's reader keeps its own shuffle, so a resumed epoch cannot replay the interrupted
+        run's images: it yields the epoch's remaining number of batches (``num_batches -
+        start_batch``), so epoch boundaries stay where they were, with a fresh draw of images."""
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
 
     def _build(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -363,7 +368,7 @@ class DALILoader:
 
     def _epoch(self, iterator) -> Iterator[dict]:
         if self.train:
-            for _ in range(self.num_batches):
+            for _ in range(self.num_batches - min(self.start_batch, self.num_batches)):
                 yield self._batch(self._next(iterator))
             # A longer shard may hold one more full batch: drain it so the next epoch starts fresh.
             for _ in iterator:

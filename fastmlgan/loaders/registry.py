@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from fastmlgan.config import DataConfig
 from fastmlgan.distributed import DistInfo, barrier
@@ -17,6 +18,8 @@ logger = logging.getLogger(__name__)
 class Splits:
     train: LabeledImages
     val: LabeledImages
+    # Feature data: the training split's standardisation, fitted once (training rows only).
+    standardizer: Any = field(default=None, repr=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -104,33 +107,92 @@ def per_rank_batch(global_batch: int, info: DistInfo, option: str) -> int:
 def build_loaders(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int, channels_last: bool = False):
     """(train loader, eval loader) for this rank. ``channels_last``: the dali and torchvision-gpu
     backends deliver images in that memory format (the torch backend leaves it to the caller)."""
-    from fastmlgan.loaders.torch_loader import FiveCropDataset, build_eval_loader, build_train_loader
-
     batch = per_rank_batch(cfg.batch_size, info, "data.batch_size")
-    eval_batch = per_rank_batch(cfg.eval_batch_size, info, "data.eval_batch_size")
-    if cfg.dataset != "features":
-        backend = resolve_backend(cfg.backend, info.device, log=info.is_main)
-        if backend != "torch":
-            return _build_gpu_backend_loaders(backend, cfg, splits, info, seed, batch, eval_batch, channels_last)
-    if cfg.dataset == "features":
-        from fastmlgan.loaders.features import FeatureDataset, Standardizer
+    train = build_train_loader(cfg, splits, info, seed, batch, channels_last)
+    return train, build_eval_loader(cfg, splits, info, seed, channels_last)
 
-        # Standardised with statistics of the training split only.
-        standardizer = Standardizer().fit(splits.train.features)
-        train_ds = FeatureDataset(splits.train, standardizer)
-        val_ds = FeatureDataset(splits.val, standardizer)
-        workers = 0  # in-memory tensors: worker processes would only add overhead
-    else:
-        train_ds = FiveCropDataset(splits.train, cfg.image_size, train=True, seed=seed, on_bad_image=cfg.on_bad_image)
-        val_ds = FiveCropDataset(splits.val, cfg.image_size, train=False, seed=seed, on_bad_image=cfg.on_bad_image)
-        workers = cfg.num_workers
-    if len(train_ds) < batch * info.world_size:
+
+def build_train_loader(
+    cfg: DataConfig,
+    splits: Splits,
+    info: DistInfo,
+    seed: int,
+    batch: int,
+    channels_last: bool = False,
+    pixels_per_batch: int | None = None,
+):
+    """This rank's training loader with ``batch`` samples per batch (phase 2 asks for a whole
+    iteration's batches at once). ``pixels_per_batch=K``: only the first K images of each batch
+    are decoded where the backend can skip decoding (torch, torchvision-gpu); the others carry
+    labels, index and crop only. DALI decodes them all; the trainer ignores the extra rows."""
+    if len(splits.train) < batch * info.world_size:
         raise ConfigError(
-            f"--data.batch_size {cfg.batch_size} is larger than the training set ({len(train_ds)} images)"
+            f"--data.batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images)"
         )
-    train = build_train_loader(train_ds, batch, info.rank, info.world_size, seed, workers)
-    val = build_eval_loader(val_ds, eval_batch, info.rank, info.world_size, workers)
-    return train, val
+    if cfg.dataset == "features":
+        from fastmlgan.loaders.features import FeatureDataset
+        from fastmlgan.loaders.torch_loader import build_train_loader as torch_train_loader
+
+        # Standardised with statistics of the training split only; in-memory tensors: worker
+        # processes would only add overhead.
+        return torch_train_loader(FeatureDataset(splits.train, _standardizer(splits)), batch, info.rank, info.world_size, seed, 0)
+    backend = resolve_backend(cfg.backend, info.device, log=info.is_main)
+    if backend == "dali":
+        from fastmlgan.loaders.dali import build_dali_train_loader
+
+        _log_dali_bad_image_policy(cfg, info)
+        return build_dali_train_loader(
+            splits.train, cfg.image_size, batch, info.rank, info.world_size, seed, decode=cfg.dali_decode,
+            **_dali_common(cfg, info, channels_last),
+        )
+    if backend == "torchvision-gpu":
+        from fastmlgan.loaders.torchvision_gpu import build_torchvision_train_loader
+
+        return build_torchvision_train_loader(
+            splits.train, cfg.image_size, batch, info.rank, info.world_size, seed,
+            pixels_per_batch=pixels_per_batch, **_torchvision_common(cfg, info, channels_last),
+        )
+    from fastmlgan.loaders.torch_loader import FiveCropDataset
+    from fastmlgan.loaders.torch_loader import build_train_loader as torch_train_loader
+
+    dataset = FiveCropDataset(splits.train, cfg.image_size, train=True, seed=seed, on_bad_image=cfg.on_bad_image)
+    return torch_train_loader(dataset, batch, info.rank, info.world_size, seed, cfg.num_workers, pixels_per_batch)
+
+
+def build_eval_loader(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int, channels_last: bool = False):
+    """This rank's evaluation loader: every image of ``splits.val`` once across ranks."""
+    batch = per_rank_batch(cfg.eval_batch_size, info, "data.eval_batch_size")
+    from fastmlgan.loaders.torch_loader import build_eval_loader as torch_eval_loader
+
+    if cfg.dataset == "features":
+        from fastmlgan.loaders.features import FeatureDataset
+
+        return torch_eval_loader(FeatureDataset(splits.val, _standardizer(splits)), batch, info.rank, info.world_size, 0)
+    backend = resolve_backend(cfg.backend, info.device, log=False)
+    if backend == "dali":
+        from fastmlgan.loaders.dali import build_dali_eval_loader
+
+        return build_dali_eval_loader(
+            splits.val, cfg.image_size, batch, info.rank, info.world_size, **_dali_common(cfg, info, channels_last)
+        )
+    if backend == "torchvision-gpu":
+        from fastmlgan.loaders.torchvision_gpu import build_torchvision_eval_loader
+
+        return build_torchvision_eval_loader(
+            splits.val, cfg.image_size, batch, info.rank, info.world_size, **_torchvision_common(cfg, info, channels_last)
+        )
+    from fastmlgan.loaders.torch_loader import FiveCropDataset
+
+    dataset = FiveCropDataset(splits.val, cfg.image_size, train=False, seed=seed, on_bad_image=cfg.on_bad_image)
+    return torch_eval_loader(dataset, batch, info.rank, info.world_size, cfg.num_workers)
+
+
+def _standardizer(splits: Splits):
+    from fastmlgan.loaders.features import Standardizer
+
+    if splits.standardizer is None:
+        splits.standardizer = Standardizer().fit(splits.train.features)
+    return splits.standardizer
 
 
 BACKENDS = ("auto", "dali", "torchvision-gpu", "torch")
@@ -170,30 +232,18 @@ def resolve_backend(requested: str, device, log: bool = True) -> str:
     return requested
 
 
-def _build_gpu_backend_loaders(backend, cfg: DataConfig, splits: Splits, info: DistInfo, seed, batch, eval_batch, channels_last):
-    if len(splits.train) < batch * info.world_size:
-        raise ConfigError(
-            f"--data.batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images)"
+def _log_dali_bad_image_policy(cfg: DataConfig, info: DistInfo) -> None:
+    if cfg.on_bad_image == "skip" and info.is_main:
+        logger.info(
+            "data.backend dali cannot skip undecodable images (on_bad_image=skip is not honoured): "
+            "check the dataset first with python -m fastmlgan.loaders.check"
         )
-    device = info.device
-    if backend == "dali":
-        from fastmlgan.loaders.dali import build_dali_eval_loader, build_dali_train_loader
 
-        if cfg.on_bad_image == "skip" and info.is_main:
-            logger.info(
-                "data.backend dali cannot skip undecodable images (on_bad_image=skip is not honoured): "
-                "check the dataset first with python -m fastmlgan.loaders.check"
-            )
-        common = dict(device=device, num_threads=cfg.num_threads, channels_last=channels_last,
-                      hw_decoder_load=cfg.dali_hw_decoder_load)
-        train = build_dali_train_loader(
-            splits.train, cfg.image_size, batch, info.rank, info.world_size, seed, decode=cfg.dali_decode, **common
-        )
-        val = build_dali_eval_loader(splits.val, cfg.image_size, eval_batch, info.rank, info.world_size, **common)
-        return train, val
-    from fastmlgan.loaders.torchvision_gpu import build_torchvision_eval_loader, build_torchvision_train_loader
 
-    common = dict(device=device, num_threads=cfg.num_threads, on_bad_image=cfg.on_bad_image, channels_last=channels_last)
-    train = build_torchvision_train_loader(splits.train, cfg.image_size, batch, info.rank, info.world_size, seed, **common)
-    val = build_torchvision_eval_loader(splits.val, cfg.image_size, eval_batch, info.rank, info.world_size, **common)
-    return train, val
+def _dali_common(cfg: DataConfig, info: DistInfo, channels_last: bool) -> dict:
+    return dict(device=info.device, num_threads=cfg.num_threads, channels_last=channels_last,
+                hw_decoder_load=cfg.dali_hw_decoder_load)
+
+
+def _torchvision_common(cfg: DataConfig, info: DistInfo, channels_last: bool) -> dict:
+    return dict(device=info.device, num_threads=cfg.num_threads, on_bad_image=cfg.on_bad_image, channels_last=channels_last)

@@ -13,6 +13,7 @@ and ranks take the same number of steps. Evaluation keeps every image exactly on
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 
@@ -133,12 +134,23 @@ class FiveCropDataset(Dataset):
         raise DataError(f"{self.images.name}: none of the {n} images can be decoded")
 
     def __getitem__(self, item) -> dict:
-        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
-        index = int(index)
+        # item: index, (epoch, index), or (epoch, index, pixels) from a sampler with
+        # ``pixels_per_batch``: pixels=False asks for everything but the image (not decoded).
+        if not isinstance(item, tuple):
+            item = (self.epoch, item)
+        epoch, index = int(item[0]), int(item[1])
+        if len(item) > 2 and not item[2]:
+            position, size_index = crop_for(self.seed, epoch, index) if self.train else (-1, -1)
+            return {
+                "labels": torch.from_numpy(self.images.labels[index].astype(np.float32)),
+                "crop": torch.tensor([position, size_index], dtype=torch.int64),
+                "index": torch.tensor(index, dtype=torch.int64),
+                "bad": torch.tensor(False),
+            }
         used, image, substituted = self._decode(index)
         if self.train:
             # The crop belongs to the requested slot (seed, epoch, index), substitute or not.
-            position, size_index = crop_for(self.seed, int(epoch), index)
+            position, size_index = crop_for(self.seed, epoch, index)
             pixels = five_crop(image, position, size_index, self.image_size)
         else:
             position, size_index = -1, -1
@@ -153,19 +165,32 @@ class FiveCropDataset(Dataset):
 
 
 class _EpochTaggedSampler(Sampler):
-    """Wraps a sampler so that it yields ``(epoch, index)``: the epoch reaches persistent workers."""
+    """Wraps a sampler so that it yields ``(epoch, index)``: the epoch reaches persistent workers.
 
-    def __init__(self, sampler: DistributedSampler):
+    ``set_epoch(epoch, start_batch=k)`` starts the epoch's order at its k-th batch of
+    ``batch_size`` (a resumed run continues where the interrupted one stopped)."""
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int, pixels_per_batch: int | None = None):
         self.sampler = sampler
+        self.batch_size = batch_size
+        self.pixels_per_batch = pixels_per_batch
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = int(epoch)
+        self.start = int(start_batch) * self.batch_size
         self.sampler.set_epoch(self.epoch)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        return ((epoch, int(i)) for i in self.sampler)
+    def __iter__(self) -> Iterator[tuple]:
+        epoch, start = self.epoch, self.start
+        order = itertools.islice(self.sampler, start, None)
+        if self.pixels_per_batch is None:
+            return ((epoch, int(i)) for i in order)
+        # Batches are consecutive runs of batch_size from the epoch's start (drop_last), so a
+        # sample's place in its batch is its place in the epoch modulo batch_size.
+        k, b = self.pixels_per_batch, self.batch_size
+        return ((epoch, int(i), (start + n) % b < k) for n, i in enumerate(order))
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -195,12 +220,30 @@ def _check_batch(batch_size: int) -> None:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
 
 
+def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack a batch's fields; ``image`` only from the items that carry one (``pixels_per_batch``:
+    they are the leading ones)."""
+    out = {key: torch.stack([item[key] for item in items]) for key in items[0] if key != "image"}
+    images = [item["image"] for item in items if "image" in item]
+    if images:
+        out["image"] = torch.stack(images)
+    return out
+
+
 def build_train_loader(
-    dataset: FiveCropDataset, batch_size: int, rank: int, world_size: int, seed: int, num_workers: int = 0
+    dataset: FiveCropDataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    num_workers: int = 0,
+    pixels_per_batch: int | None = None,
 ) -> DataLoader:
     """Shuffled, sharded training batches; the last partial batch of each epoch is dropped.
 
-    Call ``set_epoch(loader, epoch)`` before each epoch: it reshuffles and redraws the crops."""
+    Call ``set_epoch(loader, epoch)`` before each epoch: it reshuffles and redraws the crops.
+    ``pixels_per_batch=K``: only the first K images of each batch are decoded (``image`` has K
+    rows; every other field has ``batch_size``)."""
     _check_rank(rank, world_size)
     _check_batch(batch_size)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -212,11 +255,16 @@ def build_train_loader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=_EpochTaggedSampler(sampler),
+        sampler=_EpochTaggedSampler(sampler, batch_size, pixels_per_batch),
         num_workers=num_workers,
         drop_last=True,
+        collate_fn=collate if pixels_per_batch is not None else None,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        # Every iter() draws the workers' base seed from this generator; without one it would come
+        # from torch's global RNG, shifting the training noise (Gumbel samples, ε) by one draw per
+        # epoch start, and a resumed run would draw its noise from another place in the stream.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -233,15 +281,21 @@ def build_eval_loader(
         drop_last=False,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        generator=torch.Generator(),  # see build_train_loader: keep torch's global RNG untouched
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Set the epoch of the loader's sampler (shuffle) and dataset (crops)."""
+def set_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
+    """Set the epoch of the loader's sampler (shuffle) and dataset (crops); its next iteration
+    starts at batch ``start_batch`` of that epoch."""
     if not isinstance(loader, DataLoader) and hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)  # the dali and torchvision-gpu loaders keep their own epoch
+        loader.set_epoch(epoch, start_batch=start_batch)  # the dali / torchvision-gpu / cache loaders
         return
-    if hasattr(loader.sampler, "set_epoch"):
+    if isinstance(loader.sampler, _EpochTaggedSampler):
+        loader.sampler.set_epoch(epoch, start_batch=start_batch)
+    elif start_batch:
+        raise ValueError("this loader cannot start an epoch mid-way")
+    elif hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
     if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)

@@ -121,6 +121,7 @@ class TorchvisionLoader:
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
         prefetch: int = 2,
+        pixels_per_batch: int | None = None,
     ):
         if on_bad_image not in ON_BAD_IMAGE:
             raise ConfigError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
@@ -143,7 +144,10 @@ class TorchvisionLoader:
         self.dtype = dtype
         self.channels_last = bool(channels_last)
         self.prefetch = max(1, int(prefetch))
+        # Only the first K images of each training batch are decoded (the rest: labels, index, crop).
+        self.pixels_per_batch = pixels_per_batch
         self.epoch = 0
+        self.start_batch = 0
         if self.train:
             # range(n) stands in for the dataset: the sampler only needs its length.
             self.sampler = DistributedSampler(
@@ -165,8 +169,10 @@ class TorchvisionLoader:
         n = len(self.sampler)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Reshuffle and redraw the crops for ``epoch``; the next pass starts at its batch ``start_batch``."""
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
         if self.train:
             self.sampler.set_epoch(self.epoch)
 
@@ -242,10 +248,13 @@ class TorchvisionLoader:
         raise DataError(f"{self.images.name}: none of the {n} images can be decoded")
 
     def _assemble(self, indices: list[int], loaded: list) -> dict:
+        """The batch of ``indices``; ``loaded`` holds the files of its first len(loaded) (all of
+        them unless ``pixels_per_batch``), the others get no image."""
+        decoded, rest = indices[: len(loaded)], indices[len(loaded) :]
         if self.device.type != "cpu":
-            loaded = self._decode_gpu(indices, loaded)
+            loaded = self._decode_gpu(decoded, loaded)
         used, bad, pixels = [], [], []
-        for index, result in zip(indices, loaded):
+        for index, result in zip(decoded, loaded):
             if isinstance(result, DataError):
                 j, result = self._substitute(index, result)
                 used.append(j)
@@ -254,11 +263,13 @@ class TorchvisionLoader:
                 used.append(index)
                 bad.append(False)
             pixels.append(result)
+        used += rest
+        bad += [False] * len(rest)
         first = torch.stack(pixels)
         if self.train:
             # The crop belongs to the requested slot (seed, epoch, index), substitute or not.
             crops = torch.tensor([crop_for(self.seed, self.epoch, i) for i in indices], dtype=torch.int64)
-            images = five_crop_batch(first, crops, self.image_size)
+            images = five_crop_batch(first, crops[: len(decoded)], self.image_size)
         else:
             crops = torch.full((len(indices), 2), -1, dtype=torch.int64)
             images = first
@@ -280,7 +291,7 @@ class TorchvisionLoader:
         batches = [order[i : i + step] for i in range(0, len(order), step)]
         if self.train and batches and len(batches[-1]) < step:
             batches.pop()
-        return batches
+        return batches[self.start_batch :]
 
     def __iter__(self) -> Iterator[dict]:
         if self._pool is None:
@@ -290,7 +301,8 @@ class TorchvisionLoader:
         ahead = 0
         for b, indices in enumerate(batches):
             while ahead < len(batches) and ahead <= b + self.prefetch:
-                pending.append([self._pool.submit(self._load, i) for i in batches[ahead]])
+                decode = batches[ahead][: self.pixels_per_batch] if self.train else batches[ahead]
+                pending.append([self._pool.submit(self._load, i) for i in decode])
                 ahead += 1
             futures = pending.pop(0)
             yield self._assemble(indices, [f.result() for f in futures])
@@ -319,11 +331,13 @@ def build_torchvision_train_loader(
     on_bad_image: str = "skip",
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
+    pixels_per_batch: int | None = None,
 ) -> TorchvisionLoader:
     """Shuffled, sharded five-crop training batches (the torch loader's order and crops); last partial batch dropped."""
     return TorchvisionLoader(
         images, image_size, batch_size, rank, world_size, train=True, seed=seed, device=device,
         num_threads=num_threads, on_bad_image=on_bad_image, dtype=dtype, channels_last=channels_last,
+        pixels_per_batch=pixels_per_batch,
     )
 
 
