@@ -26,6 +26,8 @@ from trained_model import (
 from fastmlgan import predict
 from fastmlgan.classifier import preprocess_image
 
+# One smoke-preset training per session (~15 s on 2 busy cores) feeds every test here.
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 # Predict and evaluation run the same fp32 ops on the same inputs; only the batch composition
 # differs, which on the CPU changed no score by more than 1.2e-7 (measured). On a GPU (TF32

@@ -71,7 +71,8 @@ def coco128_images(shared_data: Path, n: int) -> list[str]:
     paths = sorted((shared_data / COCO128).glob("*.jpg"))
     chosen = [str(p) for p in paths[:n]]
     grey = str(shared_data / COCO128 / "000000000086.jpg")
-    assert Image.open(grey).mode == "L"
+    with Image.open(grey) as img:
+        assert img.mode == "L"
     return chosen if grey in chosen else [*chosen, grey]
 
 
