@@ -182,13 +182,13 @@ def build_parser(prog: str = "fastmlgan predict") -> argparse.ArgumentParser:
     parser.add_argument("paths", metavar="PATH", nargs="*", help="image files or folders (searched recursively)")
     parser.add_argument("--list", action="append", default=[], metavar="FILE", help="file of image paths, one a line (- = stdin); repeatable")
     choose = parser.add_mutually_exclusive_group()
-    choose.add_argument("--threshold", type=float, default=None, help="labels with a score above it (default 0.5)")
+    choose.add_argument("--threshold", type=float, default=None, metavar="T", help="labels with a score above it (default 0.5)")
     choose.add_argument("--top-k", type=int, default=None, metavar="K", help="the K highest-scoring labels instead")
     parser.add_argument("--format", choices=FORMATS, default="csv", help="csv (default) or jsonl")
     parser.add_argument("--out", default="", metavar="FILE", help="write rows to FILE instead of standard output")
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (default 64)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when there is one")
-    parser.add_argument("--num-workers", type=int, default=2, metavar="N", help="decoding worker processes (default 2; 0 = in this process)")
+    parser.add_argument("--num-workers", type=int, default=2, metavar="N", help="decoding worker processes (default 2; 0 = in this process, as for a single batch)")
     return parser
 
 
@@ -214,15 +214,20 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"no image files ({extensions}) found in {' '.join(args.paths + args.list)}")
     for folder in empty:
         logger.warning("%s: no image files (%s) in this folder", folder, extensions)
+    try:
+        out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot write it ({e.strerror})") from None
     logger.info(
         "%s: %s G, %d classes, %d px; %d images on %s",
         model.source, model.generator.backbone, len(model.class_names), image_size, len(paths), device,
     )
-    out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 - closed below
     num_failed = 0
     try:
         writer = RowWriter(out, args.format, model.class_names)
-        rows = predict_rows(model.generator, paths, image_size, device, args.batch_size, args.num_workers)
+        # One batch has nothing to overlap: worker start-up would only add to it.
+        workers = args.num_workers if len(paths) > args.batch_size else 0
+        rows = predict_rows(model.generator, paths, image_size, device, args.batch_size, workers)
         for path, scores, error in rows:
             if scores is None:
                 num_failed += 1

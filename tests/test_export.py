@@ -132,7 +132,7 @@ def test_predict_reads_the_export_like_the_checkpoint(run, exported, tmp_path, c
     outputs = []
     for model in (run, exported):
         with restored_logging():
-            assert predict.main([str(model), *paths, "--format", "jsonl", "--num-workers", "0"]) == 0
+            assert predict.main([str(model), *paths, "--format", "jsonl", "--num-workers", "0", "--device", "cpu"]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 6
 
