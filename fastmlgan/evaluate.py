@@ -8,19 +8,22 @@ import argparse
 import json
 import sys
 
+import numpy as np
 import torch
 
 from fastmlgan import checkpoint as ckpt
+from fastmlgan.classifier import generator_from_checkpoint
 from fastmlgan.config import build_config, config_from_dict
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import FastMLGANError
 from fastmlgan.metrics import compute_metrics, format_table
-from fastmlgan.models import build_generator
 from fastmlgan.progress import setup_logging
 from fastmlgan.trainer import amp_dtype, predict
 
 
-def evaluate_checkpoint(path: str, data_overrides: dict[str, str], threshold: float = 0.5) -> dict:
+def checkpoint_scores(path: str, data_overrides: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """σ(G(x)) and the targets of every evaluation image of the checkpoint's data (or of the data
+    ``data_overrides`` point to), fed exactly as the evaluation during training."""
     from fastmlgan.loaders.registry import build_loaders, build_splits
 
     state = ckpt.load(path)
@@ -39,18 +42,13 @@ def evaluate_checkpoint(path: str, data_overrides: dict[str, str], threshold: fl
             f"{len(splits.class_names)} (or in another order); evaluate on data with the same categories"
         )
     _, eval_loader = build_loaders(cfg.data, splits, info, cfg.train.seed)
-    generator = build_generator(
-        cfg.model.backbone,
-        len(splits.class_names),
-        "",
-        width=cfg.model.width,
-        depth=cfg.model.depth,
-        in_dim=getattr(splits.train, "feature_dim", None),
-    )
-    generator.load_state_dict(state["generator"])
-    generator.to(info.device)
+    generator = generator_from_checkpoint(state, str(path)).to(info.device)
     # The same precision as the evaluation during training.
-    scores, targets = predict(generator, eval_loader, info.device, amp_dtype(cfg.precision.amp, info.device))
+    return predict(generator, eval_loader, info.device, amp_dtype(cfg.precision.amp, info.device))
+
+
+def evaluate_checkpoint(path: str, data_overrides: dict[str, str], threshold: float = 0.5) -> dict:
+    scores, targets = checkpoint_scores(path, data_overrides)
     return compute_metrics(scores, targets, threshold)
 
 

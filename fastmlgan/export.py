@@ -1,0 +1,276 @@
+"""``fastmlgan export --checkpoint CKPT --out DIR [--onnx] [--torch-export] [--overwrite]``: the
+generator G of a training checkpoint as a model to use (D, f_ext and the optimizers stay behind).
+
+DIR receives:
+
+- ``model.safetensors``: G's weights (state dict names of ``fastmlgan.models.Generator``).
+- ``fastmlgan.json``: format version, class names, the model spec that rebuilds G, the
+  preprocessing of evaluation, the training config, versions, and the checkpoint it came from.
+- ``model.onnx`` with ``--onnx`` (needs ``onnx`` and ``onnxscript``; input "images" or "features",
+  output "logits", dynamic batch).
+- ``model.pt2`` with ``--torch-export`` (``torch.export.save``; ``torch.export.load(p).module()``).
+
+Every file outputs logits; σ(logits) are the per-label probabilities. Each ONNX/torch.export
+file is checked against G on a random batch before the export counts as done (the largest
+difference is recorded in fastmlgan.json). ``fastmlgan.load_classifier(DIR)`` and
+``fastmlgan predict DIR ...`` read the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastmlgan import __version__
+from fastmlgan.classifier import (
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    SIDECAR,
+    WEIGHTS,
+    build_from_spec,
+    locate,
+    model_spec,
+    preprocessing_of,
+    read_checkpoint,
+)
+from fastmlgan.config import Config, config_from_dict
+from fastmlgan.errors import ConfigError, FastMLGANError
+from fastmlgan.models import Generator
+
+logger = logging.getLogger("fastmlgan.export")
+
+ONNX_FILE = "model.onnx"
+TORCH_EXPORT_FILE = "model.pt2"
+# fp32 on the CPU: ONNX Runtime and the exported graph fuse and reorder differently from eager
+# torch; on the smoke model logits differed by ~1e-6 (measured), so 1e-3 only catches a wrong graph.
+CHECK_ATOL = 1e-3
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out} is not empty; pick another folder or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _replace_file(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``: a failed export never leaves a torn file."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export.save wants the .pt2 suffix
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # safetensors creates its file owner-only; the model is meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _example_input(spec: dict[str, Any], preprocessing: dict[str, Any], batch: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    if spec["backbone"] == "mlp":
+        return torch.randn(batch, spec["in_dim"], generator=g)
+    side = preprocessing["image_size"]
+    return torch.randn(batch, 3, side, side, generator=g)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def _check(name: str, reference: torch.Tensor, got: torch.Tensor) -> float:
+    diff = _max_diff(reference, got)
+    if not diff <= CHECK_ATOL:
+        raise FastMLGANError(f"{name}: its logits differ from G's by {diff:.3g} (> {CHECK_ATOL}) on a check batch")
+    return diff
+
+
+def _export_onnx(generator: Generator, example: torch.Tensor, path: Path, input_name: str) -> dict[str, Any]:
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"--onnx needs the {' and '.join(missing)} package(s): pip install onnx onnxscript "
+            "(onnxruntime to run the model)"
+        )
+    batch = torch.export.Dim("batch")
+
+    def write(tmp: Path) -> None:
+        torch.onnx.export(
+            generator,
+            (example,),
+            str(tmp),
+            input_names=[input_name],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            external_data=False,  # one file; G is far below protobuf's 2 GB limit
+            dynamo=True,
+            verbose=False,
+        )
+
+    _replace_file(path, write)
+    entry: dict[str, Any] = {"file": path.name, "input": input_name, "output": "logits"}
+    if importlib.util.find_spec("onnxruntime") is None:
+        logger.warning("onnxruntime is not installed: %s was not run once to check it", path.name)
+        return entry
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    check = torch.cat([example, example[:1]])  # another batch size than the traced one
+    got = torch.from_numpy(session.run(None, {input_name: check.numpy()})[0])
+    with torch.no_grad():
+        entry["max_abs_diff"] = _check(path.name, generator(check), got)
+    entry["checked_with"] = f"onnxruntime {onnxruntime.__version__}"
+    return entry
+
+
+def _export_torch(generator: Generator, example: torch.Tensor, path: Path) -> dict[str, Any]:
+    program = torch.export.export(generator, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    _replace_file(path, lambda tmp: torch.export.save(program, str(tmp)))
+    check = torch.cat([example, example[:1]])
+    with torch.no_grad():
+        diff = _check(path.name, generator(check), torch.export.load(str(path)).module()(check))
+    return {"file": path.name, "output": "logits", "max_abs_diff": diff, "checked_with": f"torch {torch.__version__}"}
+
+
+def _feature_standardization(cfg: Config) -> dict[str, Any]:
+    """The z-scoring an mlp G was trained with: statistics of the training split (not in checkpoints)."""
+    from fastmlgan.loaders.features import Standardizer, load_feature_dataset
+
+    try:
+        train, _ = load_feature_dataset(cfg.data.features_train, cfg.data.features_test, xml=cfg.data.features_xml or None)
+    except FastMLGANError as e:
+        raise ConfigError(
+            f"an mlp G needs its training features' mean/std, which checkpoints do not store; reading "
+            f"data.features_train {cfg.data.features_train} failed: {e}"
+        ) from None
+    s = Standardizer().fit(train.features)
+    return {"mean": s.mean.tolist(), "std": s.std.tolist(), "missing": "training mean (0 after z-scoring)"}
+
+
+def _versions() -> dict[str, str]:
+    import torchvision
+
+    out = {"fastmlgan": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
+    for name in ("safetensors", "onnx", "onnxscript", "onnxruntime"):
+        if importlib.util.find_spec(name) is not None:
+            out[name] = getattr(__import__(name), "__version__", "?")
+    return out
+
+
+def export_checkpoint(
+    checkpoint: str | Path, out: str | Path, onnx: bool = False, torch_export: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write G of ``checkpoint`` (a file or run directory) to the folder ``out``; returns the sidecar."""
+    if importlib.util.find_spec("safetensors") is None:
+        raise ConfigError("export needs the safetensors package: pip install safetensors")
+    kind, path = locate(checkpoint)
+    if kind == "export":
+        raise ConfigError(f"--checkpoint {checkpoint} is already an exported model folder, not a training checkpoint")
+    state = read_checkpoint(path)
+    out = Path(out)
+    created = not out.exists()
+    _prepare_out_dir(out, overwrite)
+    # An earlier export's sidecar goes first: until the new one is written, DIR is no valid export.
+    (out / SIDECAR).unlink(missing_ok=True)
+    try:
+        return _write_export(state, path, out, onnx, torch_export)
+    except BaseException:
+        for name in (WEIGHTS, ONNX_FILE, TORCH_EXPORT_FILE):
+            (out / name).unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _write_export(state: dict[str, Any], path: Path, out: Path, onnx: bool, torch_export: bool) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    cfg = config_from_dict(state["config"])
+    spec = model_spec(cfg, len(state["class_names"]), state["generator"])
+    generator = build_from_spec(spec, state["generator"], str(path))  # eval mode, CPU, fp32
+    preprocessing = preprocessing_of(cfg, spec)
+    if spec["backbone"] == "mlp":
+        preprocessing["standardize"] = _feature_standardization(cfg)
+    weights = {k: v.detach().contiguous() for k, v in generator.state_dict().items()}
+    _replace_file(out / WEIGHTS, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+    files: dict[str, Any] = {"weights": WEIGHTS, "onnx": None, "torch_export": None}
+    example = _example_input(spec, preprocessing)
+    if onnx:
+        input_name = "features" if spec["backbone"] == "mlp" else "images"
+        files["onnx"] = _export_onnx(generator, example, out / ONNX_FILE, input_name)
+    if torch_export:
+        files["torch_export"] = _export_torch(generator, example, out / TORCH_EXPORT_FILE)
+    for name, entry in ((ONNX_FILE, files["onnx"]), (TORCH_EXPORT_FILE, files["torch_export"])):
+        if entry is None and (out / name).exists():
+            (out / name).unlink()  # left by an earlier export (--overwrite): it would not match
+
+    sidecar = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "class_names": list(state["class_names"]),
+        "model": {**spec, "output": "logits (B, num_labels); sigmoid gives the per-label probabilities"},
+        "preprocessing": preprocessing,
+        "files": files,
+        "source": {
+            "checkpoint": str(Path(path).resolve()),
+            "phase": state.get("phase"),
+            "epoch": state.get("epoch"),
+            "global_step": state.get("global_step"),
+            "baseline_metrics": state.get("baseline_metrics"),
+            "gan_metrics": state.get("gan_metrics"),
+        },
+        "training_config": state["config"],
+        "versions": _versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    # Written last: a folder with a sidecar is a complete export.
+    _replace_file(out / SIDECAR, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2) + "\n"))
+    return sidecar
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser(prog: str = "fastmlgan export") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint file or a run directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must be empty or absent)")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxscript)")
+    parser.add_argument("--torch-export", action="store_true", help="also write model.pt2 (torch.export)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR, replacing an earlier export")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("fastmlgan").setLevel(logging.INFO)  # not the exporters' own INFO chatter
+    try:
+        args = build_parser().parse_args(argv)
+        sidecar = export_checkpoint(args.checkpoint, args.out, args.onnx, args.torch_export, args.overwrite)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except FastMLGANError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    source = sidecar["source"]
+    written = [WEIGHTS, SIDECAR] + [e["file"] for e in (sidecar["files"]["onnx"], sidecar["files"]["torch_export"]) if e]
+    print(
+        f"exported G of {source['checkpoint']} (phase {source['phase']}, step {source['global_step']}, "
+        f"{len(sidecar['class_names'])} classes) to {args.out}: {', '.join(written)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
