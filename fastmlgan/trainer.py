@@ -439,10 +439,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # the schedule
 
-    def _log_metrics(self, record: dict[str, Any]) -> None:
+    def _log_metrics(self, record: dict[str, Any], epoch_start: float | None = None, images_per_step: int = 0) -> None:
         if self.info.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if getattr(self, "run_log", None) is None:  # fastmlgan.train attaches one (TensorBoard, train.log)
+                from fastmlgan.runlog import RunLog
+
+                self.run_log = RunLog(self.out_dir)
+            self.run_log.write(record, epoch_start, images_per_step)
 
     def _check_finite(self, values: dict[str, float]) -> None:
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
@@ -471,7 +474,8 @@ class Trainer:
             "data_wait_frac": round(stream.wait_s / elapsed, 4) if elapsed > 0 else 0.0,
             "bad_images": stream.num_bad,
         }
-        self._log_metrics(record)
+        batches = 1 if phase == "bce" else self.cfg.gan.d_steps * (3 if self.spec.negative_sampling else 2) + 1
+        self._log_metrics(record, t_start, batches * self.cfg.data.batch_size)  # adds img/s (global)
         keys = ("bce", "loss_d", "wasserstein", "gp")
         return " ".join(f"{k}={values[k]:.3f}" for k in keys if k in values)
 
