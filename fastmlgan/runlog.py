@@ -253,7 +253,8 @@ class RunLog:
         tmp = self.out_dir / (RESULTS + ".tmp")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         tmp.replace(self.out_dir / RESULTS)
-        table = format_per_class(classes, title=f"per class ({model}, threshold 0.5)")
+        # The title does not repeat the row name: scripts count the summary table's rows in stdout.
+        table = format_per_class(classes, title="per class, the final generator (threshold 0.5)")
         print(table, flush=True)
         if self.log_file is not None:
             for text in (summary, table):

@@ -245,7 +245,7 @@ def test_finish_adds_the_per_class_table_to_metrics_json(tmp_path, capsys):
     assert saved["per_class"]["model"] == "smallcnn" and saved["per_class"]["num_without_positives"] == 1
     assert saved["per_class"]["classes"] == json.loads(json.dumps(per_class_metrics(SCORES, TARGETS, ["cat", "dog", "kite"])))
     printed = capsys.readouterr().out
-    assert "per class (smallcnn, threshold 0.5)" in printed and "kite" in printed
+    assert "per class, the final generator (threshold 0.5)" in printed and "kite" in printed
     log = (tmp_path / "train.log").read_text()
     assert "THE TABLE" in log and "1 of 3 classes have no positive target" in log
     assert not (tmp_path / "curves.png").exists()  # --log.plots false
