@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     start_step = 0
     finished = False
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(argv, prog="fastmlgan train")
         if cfg is None:  # --help
             return 0
         info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
