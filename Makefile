@@ -1,16 +1,22 @@
-# Two commands do all set-up on a fresh machine:
+# Two commands do all set-up on a fresh machine (Linux or macOS):
 #   make train   create .venv, install, generate the embedded dataset, train and evaluate
 #   make test    create .venv, install, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CUDA build of torch; it also runs on CPU-only machines. Override for another build, e.g.
-#   make train TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cu126"
+# torch and torchvision first, at the versions the tests run with. For another build (CPU-only,
+# another CUDA version) set TORCH_SPEC as the README's "Install" section shows.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= dev,dali
+# DALI has Linux wheels only (its extra's environment markers skip it elsewhere as well).
+UNAME_S ?= $(shell uname -s)
+ifeq ($(UNAME_S),Linux)
+EXTRAS ?= dev,plots,tb,dali
+else
+EXTRAS ?= dev,plots,tb
+endif
 ARGS ?=
 
-.PHONY: install train test bench lint clean
+.PHONY: install train test bench lint docker-lint clean
 
 install: $(VENV)/.installed
 
@@ -22,7 +28,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 	touch $@
 
 train: install
-	$(PY) -m fastmlgan.train $(ARGS)
+	$(PY) -m fastmlgan train $(ARGS)
 
 test: install
 	$(PY) -m pytest -q -m "not benchmark" $(ARGS)
@@ -31,8 +37,16 @@ bench: install
 	$(PY) bench/kernels.py
 	$(PY) bench/loader.py
 
-lint: install
+lint: install docker-lint
 	$(VENV)/bin/ruff check .
+
+# hadolint comes with the dev extra where a wheel carries its binary (not Linux aarch64).
+docker-lint: install
+	@if [ -x $(VENV)/bin/hadolint ]; then \
+		$(VENV)/bin/hadolint Dockerfile.cuda && echo "hadolint: Dockerfile.cuda passes"; \
+	else \
+		echo "hadolint is not installed on this platform: Dockerfile.cuda not linted"; \
+	fi
 
 clean:
 	rm -rf runs .pytest_cache

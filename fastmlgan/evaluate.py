@@ -1,11 +1,17 @@
-"""``python -m fastmlgan.evaluate --checkpoint PATH [--data.key value ...]``: re-evaluate a
-checkpoint's generator (by default on the evaluation split it was trained with) and print the
-metrics as JSON and as the paper's table."""
+"""``fastmlgan evaluate --checkpoint PATH [--json] [--data.key value ...]`` (also ``python -m
+fastmlgan.evaluate``): re-evaluate a checkpoint's generator (by default on the evaluation split it
+was trained with).
+
+Output for people and for scripts never mixes: the paper's table goes to stdout, or with
+``--json`` one JSON object of every metric goes to stdout and the table to stderr. Log lines
+always go to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 import numpy as np
@@ -17,7 +23,6 @@ from fastmlgan.config import build_config, config_from_dict
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import FastMLGANError
 from fastmlgan.metrics import compute_metrics, format_table
-from fastmlgan.progress import setup_logging
 from fastmlgan.trainer import amp_dtype, predict
 
 
@@ -53,26 +58,42 @@ def evaluate_checkpoint(path: str, data_overrides: dict[str, str], threshold: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastmlgan.evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fastmlgan evaluate",
+        description="Re-evaluate a checkpoint's generator. The table goes to stdout; with --json, one JSON "
+        "object goes to stdout and the table to stderr. Other data: --data.KEY VALUE (same categories).",
+    )
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file or a run directory")
-    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--threshold", type=float, default=0.5, help="predict a label when its score > threshold")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
     args, rest = parser.parse_known_args(argv)
     overrides: dict[str, str] = {}
     i = 0
     while i < len(rest):
-        key = rest[i]
-        if not key.startswith("--data.") or i + 1 >= len(rest):
-            parser.error(f"unexpected argument {key!r}: only --data.key value overrides are accepted")
-        overrides[key[2:]] = rest[i + 1]
-        i += 2
-    setup_logging(True)
+        key, eq, value = rest[i].partition("=")
+        if not key.startswith("--data."):
+            parser.error(f"unexpected argument {rest[i]!r}: only --data.key value overrides are accepted")
+        if not eq:
+            if i + 1 >= len(rest):
+                parser.error(f"{key} needs a value")
+            value = rest[i + 1]
+            i += 1
+        overrides[key[2:]] = value
+        i += 1
+    # Log lines on stderr: stdout holds the result only.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
     try:
         metrics = evaluate_checkpoint(args.checkpoint, overrides, args.threshold)
     except FastMLGANError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table({"checkpoint": metrics}))
-    print(json.dumps(metrics))
+    table = format_table({"checkpoint": metrics}, title=f"{args.checkpoint} (threshold {args.threshold})")
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps(metrics))
+    else:
+        print(table)
     return 0
 
 

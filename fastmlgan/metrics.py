@@ -31,9 +31,15 @@ Conventions, part of the contract:
 - A class with no predicted labels has precision 0; O-P is 0 when nothing is predicted; F1 is 0
   when P + R = 0.
 
-Command line (prints one JSON object; bad input prints ``error: ...`` and exits with status 2)::
+Command line (prints one JSON object on stdout; bad input prints ``error: ...`` and exits with
+status 2)::
 
     python -m fastmlgan.metrics SCORES.npy TARGETS.npy [--threshold 0.5] [--logits]
+        [--per-class [--class-names FILE]]
+
+Classes without a positive target are not dropped silently: stderr says how many and which, and
+``--per-class`` adds ``per_class`` (``per_class_metrics``: every class, those without positives
+marked) to the JSON.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -196,6 +203,68 @@ def format_table(rows: Mapping[str, Mapping], title: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def per_class_metrics(scores, targets, class_names: Sequence[str] | None = None, threshold: float = 0.5) -> list[dict]:
+    """P, R, F1 and AP of every class, in percent, in class order, with its number of positive
+    targets and of predicted labels. A class with no positive target is listed, not dropped: its
+    recall, F1 and AP are undefined (None) and ``note`` says why; its precision is 0 (every label
+    predicted for it is wrong, and a class never predicted has precision 0). Over the other
+    classes, the means of P, R and AP are C-P, C-R and mAP of ``compute_metrics``."""
+    scores, targets = _validate(scores, targets)
+    threshold = _validate_threshold(threshold)
+    num_classes = scores.shape[1]
+    names = [str(i) for i in range(num_classes)] if class_names is None else [str(n) for n in class_names]
+    if len(names) != num_classes:
+        raise DataError(f"{len(names)} class names for {num_classes} classes")
+    predicted = scores > threshold
+    true_pos = (predicted & targets).sum(axis=0)
+    num_predicted = predicted.sum(axis=0)
+    num_positive = targets.sum(axis=0)
+    evaluated = num_positive > 0
+    ap = np.full(num_classes, np.nan)
+    if evaluated.any():
+        ap[evaluated] = _average_precision(scores[:, evaluated], targets[:, evaluated])
+    rows = []
+    for c in range(num_classes):
+        precision = true_pos[c] / num_predicted[c] if num_predicted[c] else 0.0
+        row = {
+            "class": names[c],
+            "index": c,
+            "positives": int(num_positive[c]),
+            "predicted": int(num_predicted[c]),
+            "P": float(100.0 * precision),
+            "R": None,
+            "F1": None,
+            "AP": None,
+        }
+        if evaluated[c]:
+            recall = true_pos[c] / num_positive[c]
+            row.update(R=float(100.0 * recall), F1=float(100.0 * _harmonic_mean(precision, recall)), AP=float(100.0 * ap[c]))
+        else:
+            row["note"] = "no positive target: recall, F1 and AP undefined; left out of C-P/C-R/C-F1 and mAP"
+        rows.append(row)
+    return rows
+
+
+def format_per_class(rows: Sequence[Mapping], title: str | None = None) -> str:
+    """``per_class_metrics`` as a fixed-width table; undefined values print as ``-`` and a last
+    line counts the classes without positives."""
+    name_width = max([len("class"), *(len(r["class"]) for r in rows)])
+    header = "class".ljust(name_width) + "".join(h.rjust(w) for h, w in (("pos", 8), ("pred", 8), ("P", 7), ("R", 7), ("F1", 7), ("AP", 7)))
+    lines = [title] if title else []
+    lines += [header, "-" * len(header)]
+    for r in rows:
+        cells = [f"{r['positives']:>8}", f"{r['predicted']:>8}"]
+        cells += [("-" if r[k] is None else f"{r[k]:.1f}").rjust(7) for k in ("P", "R", "F1", "AP")]
+        lines.append(r["class"].ljust(name_width) + "".join(cells))
+    missing = [r["class"] for r in rows if r["positives"] == 0]
+    if missing:
+        lines.append(
+            f"{len(missing)} of {len(rows)} classes have no positive target ({', '.join(missing[:10])}"
+            f"{', ...' if len(missing) > 10 else ''}): left out of C-P, C-R, C-F1 and mAP"
+        )
+    return "\n".join(lines)
+
+
 def _load_npy(path: str, what: str) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
@@ -226,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("targets", help="(N, C) .npy of 0/1 labels")
     parser.add_argument("--threshold", type=float, default=0.5, help="predict a label when score > threshold")
     parser.add_argument("--logits", action="store_true", help="scores are logits: apply a sigmoid first")
+    parser.add_argument("--per-class", action="store_true", help="add per_class: P, R, F1, AP of every class")
+    parser.add_argument("--class-names", help="text file, one class name a line, in column order (with --per-class)")
     args = parser.parse_args(argv)
 
     try:
@@ -238,11 +309,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise DataError(f"logits in {args.scores} contain NaN or infinite values")
             scores = _sigmoid(scores)
         metrics = compute_metrics(scores, targets, threshold=args.threshold)
+        if args.per_class:
+            names = _read_class_names(args.class_names) if args.class_names else None
+            metrics["per_class"] = per_class_metrics(scores, targets, names, threshold=args.threshold)
     except FastMLGANError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    without = np.flatnonzero(~np.asarray(targets).astype(bool).any(axis=0))
+    if len(without):
+        listed = ", ".join(str(c) for c in without[:20]) + (", ..." if len(without) > 20 else "")
+        print(
+            f"note: {len(without)} of {metrics['num_classes']} classes have no positive target (column {listed}): "
+            "recall and AP are undefined for them, so C-P, C-R, C-F1 and mAP average over the other "
+            f"{metrics['num_classes_evaluated']} (O-P, O-R, O-F1 count them); --per-class lists every class",
+            file=sys.stderr,
+        )
     print(json.dumps(metrics))
     return 0
+
+
+def _read_class_names(path: str) -> list[str]:
+    try:
+        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        raise DataError(f"cannot read class names file {path}: {exc}") from None
 
 
 if __name__ == "__main__":

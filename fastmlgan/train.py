@@ -1,6 +1,16 @@
-"""Entry point: ``python -m fastmlgan.train [...]`` or ``torchrun --nproc_per_node N -m fastmlgan.train [...]``.
+"""Entry point: ``fastmlgan train [...]``, ``python -m fastmlgan.train [...]`` or
+``torchrun --nproc_per_node N -m fastmlgan.train [...]``.
 
-Parses the config, builds a Trainer, trains, and always tears down the process group.
+Parses the config, checks the run directory, builds a Trainer, creates the run directory, trains,
+writes the per-class table and the curves, and always tears down the process group.
+
+Runs never mix: a non-empty ``--out`` is refused unless the run is continued (``--resume``) or
+started over (``--overwrite``). ``--overwrite`` moves the old content aside to
+``<out>.replaced-<time>`` (nothing is deleted; remove it when no longer needed), and only when the
+directory holds a fastmlgan run (config.json, metrics.jsonl or checkpoints/). The directory is
+created only once the Trainer is built, so a run that fails on its data or options leaves
+nothing behind; a run that fails after that but before its first step removes what it wrote
+(and puts an overwritten run back).
 """
 
 from __future__ import annotations
@@ -9,15 +19,21 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from fastmlgan import checkpoint as ckpt
 from fastmlgan.config import Config, config_from_dict, parse_args
-from fastmlgan.distributed import barrier, destroy_distributed, init_distributed
+from fastmlgan.distributed import barrier, broadcast_object, destroy_distributed, init_distributed
 from fastmlgan.errors import FastMLGANError
 from fastmlgan.progress import setup_logging
+from fastmlgan.runlog import METRICS_LOG, TRAIN_LOG, LogFile, RunLog, require_tensorboard, run_record
 
 logger = logging.getLogger("fastmlgan.train")
+
+CONFIG = "config.json"
+# What marks a directory as a fastmlgan run (the only kind --overwrite may move aside).
+RUN_MARKERS = (CONFIG, METRICS_LOG, ckpt.CHECKPOINT_DIR)
 
 
 def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None]:
@@ -66,44 +82,184 @@ def _record_step(line: str) -> int | None:
         return None  # a line torn by the crash: dropped, or the file would stop being JSON lines
 
 
+def is_run_dir(path: Path) -> bool:
+    return any((path / marker).exists() for marker in RUN_MARKERS)
+
+
+def check_run_dir(cfg: Config, out_dir: Path) -> str | None:
+    """Why ``out_dir`` cannot take this run (None: it can)."""
+    if cfg.resume or not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        return f"--out {out_dir} is a file, not a directory"
+    content = sorted(p.name for p in out_dir.iterdir())
+    if not content:
+        return None
+    if not cfg.overwrite:
+        shown = ", ".join(content[:5]) + (", ..." if len(content) > 5 else "")
+        return (
+            f"run directory {out_dir} is not empty ({shown}): continue that run with --resume {out_dir}, "
+            f"start it over with --overwrite (the old content is moved to {out_dir.name}.replaced-<time>), "
+            "or give another --out"
+        )
+    if not is_run_dir(out_dir):
+        return (
+            f"--overwrite: {out_dir} is not empty and holds no fastmlgan run (no {', '.join(RUN_MARKERS)}); "
+            "it is left alone: give another --out"
+        )
+    if Path.cwd().resolve().is_relative_to(out_dir.resolve()):
+        return f"--overwrite: {out_dir} holds the current directory; run from elsewhere or give another --out"
+    return None
+
+
+class RunDir:
+    """The run directory as this process found it, so that a run failing before its first step can
+    leave it as it was."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.created = False
+        self.moved_to: Path | None = None
+        self.written: list[Path] = []
+
+    def create(self, overwrite: bool) -> None:
+        if overwrite and self.path.is_dir() and any(self.path.iterdir()):
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            target = self.path.with_name(f"{self.path.name}.replaced-{stamp}")
+            n = 1
+            while target.exists():
+                target = self.path.with_name(f"{self.path.name}.replaced-{stamp}-{n}")
+                n += 1
+            os.replace(self.path, target)  # a rename: nothing is copied or deleted
+            self.moved_to = target
+        self.created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def new_file(self, name: str) -> Path:
+        """``name`` in the directory, remembered for ``discard`` when this process creates it."""
+        path = self.path / name
+        if not path.exists():
+            self.written.append(path)
+        return path
+
+    def discard(self) -> None:
+        """Remove what this process wrote, the directory if it created it and it is now empty, and
+        put back the run that --overwrite moved aside."""
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        if self.created:
+            try:
+                self.path.rmdir()
+            except OSError:  # something else appeared in it: keep it
+                return
+        if self.moved_to is not None and not self.path.exists():
+            os.replace(self.moved_to, self.path)
+
+
+def write_config(path: Path, cfg: Config, argv: list[str], world_size: int) -> None:
+    """The resolved config and, under ``run``, what ran it (``--config`` and config_from_dict skip
+    ``run``). A resumed run keeps the earlier invocations' records in ``run.history``."""
+    record = run_record(argv, world_size)
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_text()).get("run")
+        except (OSError, ValueError, AttributeError):
+            earlier = None
+        if isinstance(earlier, dict):
+            record["history"] = [*earlier.pop("history", []), earlier]
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**cfg.to_dict(), "run": record}, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     info = None
     trainer = None
+    log_file = None
+    run_dir = None
+    start_step = 0
+    finished = False
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(argv, prog="fastmlgan train")
         if cfg is None:  # --help
             return 0
         info = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
         setup_logging(info.is_main)
-        cfg, out_dir, state = resolve_run(cfg, argv)
         if info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(cfg.to_json() + "\n")
-            logger.info("run directory %s", out_dir.resolve())
+            log_file = LogFile()
+            logging.getLogger().addHandler(log_file)
+        cfg, out_dir, state = resolve_run(cfg, argv)
+        # Rank 0 decides for everyone: the ranks of other nodes may not see its file system.
+        refusal = broadcast_object(check_run_dir(cfg, out_dir) if info.is_main else None, info)
+        if refusal:
+            raise FastMLGANError(refusal)
+        if cfg.log.tensorboard and info.is_main:
+            require_tensorboard()
         from fastmlgan.trainer import Trainer
 
         trainer = Trainer(cfg, info, out_dir)
         if state is not None:
             trainer.load_state_dict(state)
-            if info.is_main:
-                dropped = trim_metrics_log(out_dir / "metrics.jsonl", trainer.global_step)
+        start_step = trainer.global_step
+        if info.is_main:
+            run_dir = RunDir(out_dir)
+            run_dir.create(cfg.overwrite and state is None)
+            write_config(run_dir.new_file(CONFIG), cfg, argv, info.world_size)
+            log_file.open(run_dir.new_file(TRAIN_LOG))
+            logger.info("run directory %s", out_dir.resolve())
+            if run_dir.moved_to is not None:
+                logger.info("--overwrite: the previous run in it is now %s", run_dir.moved_to)
+            if state is not None:
+                dropped = trim_metrics_log(out_dir / METRICS_LOG, trainer.global_step)
                 logger.info(
                     "resumed from %s: phase %s, %d epochs done, step %d (%d log records after it dropped: they are redone)",
                     cfg.resume, trainer.phase, trainer.epoch, trainer.global_step, dropped,
                 )
-        trainer.fit()
+            trainer.run_log = RunLog(out_dir, cfg.log.tensorboard, cfg.log.plots, log_file, start_step)
+        barrier()
+        results = trainer.fit()
+        # The per-class table of the final generator: fit() evaluated it last (a finished run
+        # resumed with nothing left to train has to predict once more).
+        if trainer.last_predictions is None:
+            trainer.last_predictions = trainer.predict()
+        scores, targets = trainer.last_predictions
+        if info.is_main:
+            rows = {cfg.model.backbone: results["baseline"]}
+            if results["gan"] is not None:
+                rows["+ WGAN-gp"] = results["gan"]
+            from fastmlgan.metrics import format_table
+
+            trainer.run_log.finish(
+                results, scores, targets, trainer.class_names, model=list(rows)[-1], summary=format_table(rows)
+            )
         # Every rank leaves together: a rank tearing its process group down while another still
         # writes results can abort the other's communication threads.
         barrier()
+        finished = True
         return 0
     except FastMLGANError as e:
+        if log_file is not None:
+            log_file.write_line(f"error: {e}")
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last completed epoch is in the run directory's checkpoints/last.pt", file=sys.stderr)
+        started = trainer is not None and trainer.global_step > start_step
+        print(
+            "interrupted; the last completed epoch is in the run directory's checkpoints/last.pt"
+            if started
+            else "interrupted before the first step; nothing was written",
+            file=sys.stderr,
+        )
         return 130
     finally:
+        if run_dir is not None and not finished and (trainer is None or trainer.global_step == start_step):
+            run_dir.discard()  # failed before its first step: leave no half-made run behind
+        if trainer is not None and trainer.run_log is not None:
+            trainer.run_log.close()
+        if log_file is not None:
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
         trainer = None  # DDP models go before the process group (see destroy_distributed)
         destroy_distributed()
 

@@ -240,6 +240,8 @@ class Trainer:
         self.data_epoch = 0
         self.baseline_metrics: dict | None = None
         self.gan_metrics: dict | None = None
+        self.run_log = None  # metrics.jsonl, TensorBoard, train.log (fastmlgan.runlog); rank 0 writes
+        self.last_predictions: tuple[np.ndarray, np.ndarray] | None = None  # of the last evaluate()
         if info.is_main:
             logger.info(
                 "G: %s (%d params, pretrained=%r), D: %d params, device %s, world size %d, amp %s, compile %s",
@@ -428,8 +430,10 @@ class Trainer:
         return all_gather_arrays(s, self.info), all_gather_arrays(t, self.info)
 
     def evaluate(self) -> dict[str, Any]:
-        """The metrics of ``fastmlgan.metrics`` on the evaluation split (§4.1: whole image, one crop)."""
+        """The metrics of ``fastmlgan.metrics`` on the evaluation split (§4.1: whole image, one crop).
+        The scores and targets stay in ``last_predictions`` (the end-of-run per-class table)."""
         scores, targets = self.predict()
+        self.last_predictions = (scores, targets)
         metrics = compute_metrics(scores, targets) if self.info.is_main else None
         return broadcast_object(metrics, self.info)
 
@@ -521,10 +525,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # the schedule
 
-    def _log_metrics(self, record: dict[str, Any]) -> None:
+    def _log_metrics(self, record: dict[str, Any], epoch_start: float | None = None, images_per_step: int = 0) -> None:
         if self.info.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if self.run_log is None:  # fastmlgan.train attaches one (TensorBoard, train.log)
+                from fastmlgan.runlog import RunLog
+
+                self.run_log = RunLog(self.out_dir)
+            self.run_log.write(record, epoch_start, images_per_step)
 
     def _check_finite(self, values: dict[str, float]) -> None:
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
@@ -555,7 +562,8 @@ class Trainer:
             "data_wait_frac": round(stream.wait_s / elapsed, 4) if elapsed > 0 else 0.0,
             "bad_images": stream.num_bad,
         }
-        self._log_metrics(record)
+        batches = 1 if phase == "bce" else self.layout.num_batches
+        self._log_metrics(record, t_start, batches * self.cfg.data.batch_size)  # adds img/s (global)
         keys = ("bce", "loss_d", "wasserstein", "gp")
         return " ".join(f"{k}={values[k]:.3f}" for k in keys if k in values)
 

@@ -31,11 +31,12 @@ def test_overrides_are_typed_and_validated():
         parse_args(["--gan.conditional", "maybe"])
 
 
-def test_unknown_option_lists_valid_ones():
+def test_unknown_option_suggests_the_nearest_valid_ones():
+    # Issue 10: the nearest options (difflib), not all 69 of them.
     with pytest.raises(ConfigError) as e:
         parse_args(["--gan.gp_wieght", "5"])
     msg = str(e.value)
-    assert "--gan.gp_wieght" in msg and "gan.gp_weight" in msg and "data.batch_size" in msg
+    assert "--gan.gp_wieght" in msg and "did you mean --gan.gp_weight" in msg and "data.batch_size" not in msg
 
 
 def test_unknown_preset_and_choices():
@@ -87,3 +88,118 @@ def test_batch_size_must_divide_by_the_world_size():
     assert per_rank_batch(33, info, "data.batch_size") == 11
     with pytest.raises(ConfigError, match="--data.batch_size 32 is not divisible by the world size 3"):
         per_rank_batch(32, info, "data.batch_size")
+
+
+# ---------------------------------------------------------------- issue 10: the command line
+
+
+def test_bare_boolean_flag_means_true_and_does_not_swallow_the_next_option():
+    cfg = parse_args(["--gan.enable", "--out", "X", "--compile.enable", "--log.tensorboard"])
+    assert cfg.gan.enable is True and cfg.out == "X" and cfg.compile.enable is True and cfg.log.tensorboard is True
+    cfg = parse_args(["--preset", "smoke", "--gan.enable", "false", "--out", "X", "--gan.gumbel"])
+    assert cfg.gan.enable is False and cfg.out == "X" and cfg.gan.gumbel is True
+    assert parse_args(["--overwrite"]).overwrite is True
+    # A bare non-boolean option still needs its value.
+    with pytest.raises(ConfigError, match="--train.seed needs a value"):
+        parse_args(["--train.seed", "--out", "X"])
+    with pytest.raises(ConfigError, match="--out needs a value"):
+        parse_args(["--out"])
+
+
+@pytest.mark.parametrize(
+    "argv, suggested",
+    [
+        (["--data.batchsize", "3"], "--data.batch_size"),
+        (["--batch_size", "3"], "--data.batch_size"),  # the right name without its section
+        (["--train.bce_weight", "3"], "--gan.bce_weight"),  # in another section
+        (["--log.tensorbord"], "--log.tensorboard"),
+    ],
+)
+def test_unknown_option_suggestions(argv, suggested):
+    with pytest.raises(ConfigError) as e:
+        parse_args(argv)
+    msg = str(e.value)
+    assert f"unknown option {argv[0]}" in msg and suggested in msg
+    assert msg.count("--") <= 6  # a few suggestions, never the whole list
+
+
+def test_unknown_option_without_a_near_one_lists_its_section_only():
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--gan.zzz", "1"])
+    msg = str(e.value)
+    assert "--gan.gp_weight" in msg and "--data." not in msg
+
+
+def test_help_shows_each_default_once_and_the_preset_value_where_it_differs(capsys):
+    text = help_text("x")
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  --") and "(default" in line}
+    assert lines["--data.batch_size"].strip() == "--data.batch_size (default 32)"  # embedded: also 32
+    assert lines["--data.image_size"].strip() == "--data.image_size (default 224; embedded: 56)"
+    assert lines["--gan.enable"].strip() == "--gan.enable (default true)"
+    assert "[" not in "".join(lines.values())
+    # --preset before --help: that preset's values.
+    assert parse_args(["--preset", "smoke", "--help"]) is None
+    out = capsys.readouterr().out
+    assert "--data.batch_size (default 32; smoke: 16)" in out and "--log.tensorboard (default false)" in out
+
+
+def test_config_file_round_trip_and_later_options_win(tmp_path):
+    cfg = build_config({"gan.gp_weight": "3", "train.seed": "7", "log.tensorboard": "true"}, preset="smoke")
+    # A run's config.json: the config plus a "run" record, which --config ignores.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**cfg.to_dict(), "run": {"command": "x", "world_size": 2}}))
+    again = parse_args(["--config", str(path)])
+    assert again == cfg
+    later = parse_args(["--config", str(path), "--gan.gp_weight", "4", "--out", "elsewhere"])
+    assert later.gan.gp_weight == 4.0 and later.out == "elsewhere" and later.train.seed == 7
+    # An option before --config still wins: options override the file wherever they stand.
+    assert parse_args(["--train.seed", "9", "--config", str(path)]).train.seed == 9
+    # The file's preset is the base for keys it does not set.
+    path.write_text(json.dumps({"preset": "smoke", "gan": {"gp_weight": 2}}))
+    partial = parse_args(["--config", str(path)])
+    assert partial.preset == "smoke" and partial.data.batch_size == 16 and partial.gan.gp_weight == 2.0
+
+
+def test_config_file_never_resumes_or_overwrites(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**build_config(preset="smoke").to_dict(), "resume": "runs/a", "overwrite": True}))
+    cfg = parse_args(["--config", str(path)])
+    assert cfg.resume == "" and cfg.overwrite is False
+    with pytest.raises(ConfigError, match="--config does not go with --resume"):
+        parse_args(["--config", str(path), "--resume", "runs/a"])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"gan": {"gp_wieght": 1}}, "unknown option --gan.gp_wieght; did you mean --gan.gp_weight"),
+        ({"gam": {"gp_weight": 1}}, "unknown option --gam"),
+        ({"data": {"batch_size": 3.5}}, "--data.batch_size: expected int, got 3.5"),
+        ({"gan": {"enable": 1}}, "--gan.enable: expected bool, got 1"),
+        ({"data": {"root": 5}}, "--data.root: expected a string"),
+        ({"gan": 3}, "section 'gan' must be an object"),
+        ([1, 2], "expected a JSON object"),
+    ],
+)
+def test_config_file_errors_name_the_file_and_the_key(tmp_path, content, message):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--config", str(path)])
+    assert message in str(e.value) and "mine.json" in str(e.value)
+
+
+def test_config_file_unreadable(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        parse_args(["--config", str(tmp_path / "absent.json")])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"bad.json: not JSON \(line 1"):
+        parse_args(["--config", str(bad)])
+
+
+def test_typed_values_are_checked_not_passed_through():
+    # Python callers and --config files give typed values; a wrong type is an error naming the option.
+    assert build_config({"optim.g_lr": 1}).optim.g_lr == 1.0  # an int where a float goes is fine
+    with pytest.raises(ConfigError, match="--train.seed: expected int, got True"):
+        build_config({"train.seed": True})

@@ -23,11 +23,19 @@ def _run(module: str, args: list[str], cwd: Path, timeout: int = 300) -> subproc
     )
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
     run = tmp / "run"
-    proc = _run("fastmlgan.train", ["--preset", "smoke", "--out", str(run), "--data.root", str(tmp / "data")], tmp)
+    # Through the `fastmlgan` command (python -m fastmlgan train); TensorBoard where installed (the tb extra).
+    tensorboard = ["--log.tensorboard"] if _installed("tensorboard") else []
+    proc = _run("fastmlgan", ["train", "--preset", "smoke", "--out", str(run), "--data.root", str(tmp / "data"), *tensorboard], tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tmp, run, proc
 
@@ -52,9 +60,9 @@ def test_checkpoint_reevaluates_to_the_same_metrics(smoke_run):
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["phase"] == "done" and state["feature_extractor_source"] == "phase1"
     for name, row in (("baseline.pt", "baseline"), ("last.pt", "gan")):
-        proc = _run("fastmlgan.evaluate", ["--checkpoint", str(run / "checkpoints" / name)], tmp)
+        proc = _run("fastmlgan.evaluate", ["--checkpoint", str(run / "checkpoints" / name), "--json"], tmp)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        again = json.loads(proc.stdout.strip().splitlines()[-1])
+        again = json.loads(proc.stdout)  # stdout holds the JSON object alone
         expected = json.loads((run / "metrics.json").read_text())[row]
         for key in ("C-F1", "O-F1", "mAP", "avg_labels"):
             assert again[key] == pytest.approx(expected[key], abs=1e-4), (name, key)
@@ -142,8 +150,86 @@ def test_feature_dataset_train_and_reevaluate(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     expected = json.loads((run / "metrics.json").read_text())["gan"]
     assert expected["num_images"] == 80 and expected["num_classes"] == 3
-    proc = _run("fastmlgan.evaluate", ["--checkpoint", str(run)], tmp_path)
+    proc = _run("fastmlgan.evaluate", ["--checkpoint", str(run), "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    again = json.loads(proc.stdout.strip().splitlines()[-1])
+    again = json.loads(proc.stdout)
     for key in ("C-F1", "O-F1", "mAP"):
         assert again[key] == pytest.approx(expected[key], abs=1e-4)
+
+
+# ---------------------------------------------------------------- issue 10: seeing a run
+
+
+def test_train_log_holds_what_rank_0_logged(smoke_run):
+    tmp, run, proc = smoke_run
+    log = (run / "train.log").read_text()
+    # Everything the loggers printed, the records logged before the directory existed included.
+    logged = [line.split(" ", 1)[1] for line in proc.stdout.splitlines() if " INFO " in line]
+    assert logged and all(line in log for line in logged)
+    assert "generating embedded dataset" in log and "run directory" in log
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"split"' not in line]
+    assert all(f" step {step}: " in log for step in steps)  # the loss records
+    assert "+ WGAN-gp" in log and "per class" in log  # the final tables
+
+
+def test_metrics_json_has_the_per_class_table(smoke_run):
+    tmp, run, proc = smoke_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    per_class = metrics["per_class"]
+    assert per_class["model"] == "+ WGAN-gp" and per_class["threshold"] == 0.5
+    assert [c["class"] for c in per_class["classes"]] == metrics["class_names"]
+    # The final generator's table: its averages are the final row's class metrics.
+    evaluated = [c for c in per_class["classes"] if c["positives"] > 0]
+    assert len(evaluated) == metrics["gan"]["num_classes_evaluated"]
+    assert sum(c["positives"] for c in per_class["classes"]) > 0
+    for key, summary in (("P", "C-P"), ("R", "C-R"), ("AP", "mAP")):
+        mean = sum(c[key] for c in evaluated) / len(evaluated)
+        assert mean == pytest.approx(metrics["gan"][summary], abs=1e-6), key
+    assert "per class, the final generator (threshold 0.5)" in proc.stdout
+    assert proc.stdout.count("+ WGAN-gp") == 1  # the row name once: in the paper's table
+
+
+def test_img_per_s_in_every_log_step(smoke_run):
+    tmp, run, _ = smoke_run
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"split"' not in line]
+    # A fresh run knows its start (step 0), so every log line has its throughput.
+    assert steps and all(r["img_per_s"] > 0 for r in steps)
+
+
+def test_curves_png(smoke_run):
+    if not _installed("matplotlib"):
+        pytest.skip("matplotlib is not installed (the plots extra): no curves.png")
+    import matplotlib.image
+
+    tmp, run, _ = smoke_run
+    assert matplotlib.image.imread(run / "curves.png").shape[:2] == (360, 1300)
+
+
+def test_tensorboard_scalars(smoke_run):
+    if not _installed("tensorboard"):
+        pytest.skip("tensorboard is not installed (the tb extra)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp, run, _ = smoke_run
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    bce = [(r["step"], r["bce"]) for r in records if "bce" in r]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("loss/bce")] == bce
+    f1 = [(r["step"], r["C-F1"]) for r in records if r.get("split") == "val"]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("val/C-F1")] == f1
+    assert {"speed/img_per_s", "speed/data_wait_frac", "loss/loss_d", "loss/gp"} <= set(events.Tags()["scalars"])
+
+
+def test_evaluate_output_for_people_and_for_scripts(smoke_run, capsys):
+    from fastmlgan import evaluate
+
+    tmp, run, _ = smoke_run
+    assert evaluate.main(["--checkpoint", str(run)]) == 0
+    people = capsys.readouterr()
+    assert "C-F1" in people.out and "{" not in people.out  # the table, no JSON
+    assert evaluate.main(["--checkpoint", str(run), "--json"]) == 0
+    scripts = capsys.readouterr()
+    metrics = json.loads(scripts.out)  # the whole of stdout is one JSON object
+    assert metrics["C-F1"] == pytest.approx(json.loads((run / "metrics.json").read_text())["gan"]["C-F1"], abs=1e-4)
+    assert "C-F1" in scripts.err  # the table went to stderr

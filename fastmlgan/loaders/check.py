@@ -1,5 +1,6 @@
-"""Scan a dataset before training: ``python -m fastmlgan.loaders.check [--first N] [--threads T]
-[--no-decode] --data.dataset ... --data.*`` (the same ``--data.*`` options as training).
+"""Scan a dataset before training: ``fastmlgan check [--first N] [--threads T] [--no-decode]
+--data.dataset ... --data.*`` (the same ``--data.*`` options as training; also ``python -m
+fastmlgan.loaders.check``). With no dataset option it prints its usage and exits with status 2.
 
 Every image listed by the dataset's annotation or list files is opened and classified:
 
@@ -154,13 +155,22 @@ def listings(cfg) -> list[Listing]:
             _coco_listing("val", paths.val_ann, paths.val_images),
         ]
     if cfg.dataset == "coco":
-        for key in ("train_annotations", "train_images", "val_annotations", "val_images"):
-            if not getattr(cfg, key):
-                raise ConfigError(f"data.dataset=coco needs --data.{key}")
-        return [
-            _coco_listing("train", cfg.train_annotations, cfg.train_images),
-            _coco_listing("val", cfg.val_annotations, cfg.val_images),
-        ]
+        # Each split is checked on its own when only it is given (a training split before its
+        # evaluation split exists, say); a split needs both its annotations and its images.
+        given = []
+        for split in ("train", "val"):
+            annotations, images = getattr(cfg, f"{split}_annotations"), getattr(cfg, f"{split}_images")
+            if bool(annotations) != bool(images):
+                missing = f"{split}_images" if annotations else f"{split}_annotations"
+                raise ConfigError(f"data.dataset=coco: the {split} split needs --data.{missing} too")
+            if annotations:
+                given.append(_coco_listing(split, annotations, images))
+        if not given:
+            raise ConfigError(
+                "data.dataset=coco needs --data.train_annotations and --data.train_images (the training split), "
+                "--data.val_annotations and --data.val_images (the evaluation split), or both"
+            )
+        return given
     if cfg.dataset == "nuswide":
         from fastmlgan.loaders.nuswide import read_listing
 
@@ -176,12 +186,15 @@ def listings(cfg) -> list[Listing]:
     if cfg.dataset == "list":
         from fastmlgan.loaders.listfile import read_label_names, scan_list
 
-        for key in ("list_train", "list_val", "label_names"):
-            if not getattr(cfg, key):
-                raise ConfigError(f"data.dataset=list needs --data.{key}")
+        if not cfg.label_names:
+            raise ConfigError("data.dataset=list needs --data.label_names")
+        if not (cfg.list_train or cfg.list_val):
+            raise ConfigError("data.dataset=list needs --data.list_train, --data.list_val or both")
         names = read_label_names(cfg.label_names)
         out = []
         for split, list_file in (("train", cfg.list_train), ("val", cfg.list_val)):
+            if not list_file:
+                continue
             scan = scan_list(list_file, names, cfg.image_root or None)
             out.append(Listing(split, scan.paths, scan.labels.any(axis=1), scan.problems))
         return out
@@ -273,12 +286,16 @@ def format_report(report: Report, first: int = 10) -> str:
     return "\n".join(lines)
 
 
-USAGE = """usage: python -m fastmlgan.loaders.check [--first N] [--threads T] [--no-decode] [--json FILE] --data.KEY VALUE ...
+USAGE = """usage: fastmlgan check [--first N] [--threads T] [--no-decode] [--json FILE] --data.dataset KIND --data.KEY VALUE ...
+       (also python -m fastmlgan.loaders.check)
 
 Scans every image of a dataset given by the training options (--data.dataset coco|nuswide|list|embedded
-and the options it needs; see python -m fastmlgan.train --help) and reports missing, unreadable,
-truncated and non-JPEG files, images without labels and unknown labels. Exit status 1 when training
-would fail, 0 otherwise.
+and the options it needs, or --preset NAME / --config FILE; see fastmlgan train --help) and reports
+missing, unreadable, truncated and non-JPEG files, images without labels and unknown labels. For
+coco and list data, a split given alone (say only --data.train_annotations and --data.train_images)
+is checked alone. Exit status 1 when training would fail, 2 for bad options, 0 otherwise.
+
+  fastmlgan check --data.dataset coco --data.train_annotations ann.json --data.train_images images/
 
   --first N      offenders printed per kind (default 10)
   --threads T    reader threads (default 8)
@@ -317,7 +334,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 rest.append(arg)
             i += 1
-        cfg = parse_args(rest, prog="python -m fastmlgan.loaders.check")
+        if not any(a.startswith(("--data.", "--preset", "--config")) for a in rest):
+            # Without a dataset the defaults would generate and check the embedded set: name one.
+            print(USAGE, file=sys.stderr)
+            raise ConfigError("name the dataset to check: --data.dataset coco|nuswide|list|embedded and its files")
+        cfg = parse_args(rest, prog="fastmlgan check")
         if cfg is None:
             return 0
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

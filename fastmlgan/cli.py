@@ -1,0 +1,202 @@
+"""The ``fastmlgan`` command (and ``python -m fastmlgan``): one entry point for every tool.
+
+``fastmlgan COMMAND [ARGS...]`` hands ARGS to the command's own module, imported when it runs,
+so ``fastmlgan train ...`` is ``python -m fastmlgan.train ...`` and so on; the module entry
+points keep working on their own.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+PROG = "fastmlgan"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = REPO_ROOT / "bench"
+
+# name -> (module whose main(argv) -> int runs it, one line of help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("fastmlgan.train", "train a model (BCE, then WGAN-GP); --nproc N runs N processes on this machine"),
+    "evaluate": ("fastmlgan.evaluate", "re-evaluate a checkpoint on its evaluation split or other data"),
+    "predict": ("fastmlgan.predict", "label images with a checkpoint or an exported model (CSV or JSONL)"),
+    "export": ("fastmlgan.export", "export a checkpoint's generator (safetensors + JSON sidecar)"),
+    "check": ("fastmlgan.loaders.check", "scan a dataset for missing, broken or unlabelled images before training"),
+    "reproduce": ("fastmlgan.reproduce", "run the paper's Tables 1 and 3 over several seeds"),
+    "bench": ("", "run a benchmark of the source checkout's bench/ folder (loader, kernels, train, gpu_check)"),
+}
+
+
+def usage() -> str:
+    lines = [
+        f"usage: {PROG} [--version] [-h] COMMAND [ARGS...]",
+        "",
+        "Adversarial learning of label dependency (Tsai & Lee) for multi-label classification.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", f"'{PROG} COMMAND --help' gives a command's options."]
+    return "\n".join(lines)
+
+
+def version_text() -> str:
+    """fastmlgan, torch, torchvision, CUDA and the git revision (in a checkout)."""
+    from fastmlgan.runlog import git_revision, versions
+
+    v = versions()
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU visible"
+    lines = [
+        f"fastmlgan {v['fastmlgan']}",
+        f"torch {v['torch']} (CUDA {v['cuda'] or 'none: a CPU build'}; {gpu})",
+        f"torchvision {v['torchvision']}",
+        f"python {v['python']}",
+    ]
+    if v.get("dali"):
+        lines.append(f"DALI {v['dali']}")
+    revision = git_revision()
+    lines.append(f"git {revision}" if revision else "git: not a checkout")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version_text())
+        return 0
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        print(f"error: unknown command {command!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    if command == "bench":
+        return run_bench(args)
+    if command == "train":
+        try:
+            nproc, args = _take_nproc(args)
+        except ValueError as e:
+            return _fail(str(e))
+        if nproc is not None and nproc > 1:
+            return launch_torchrun(nproc, args)
+    return _run_module(command, args)
+
+
+def _run_module(command: str, args: list[str]) -> int:
+    module_name = COMMANDS[command][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:  # the module exists but one of its imports is missing
+            raise
+        print(
+            f"error: '{PROG} {command}' is not available in this installation ({module_name} is missing)",
+            file=sys.stderr,
+        )
+        return 2
+    code = module.main(args)
+    return int(code or 0)
+
+
+def _take_nproc(args: list[str]) -> tuple[int | None, list[str]]:
+    """``--nproc N`` (or ``--nproc=N``) out of the train options; ValueError for a bad N."""
+    rest: list[str] = []
+    nproc = None
+    i = 0
+    while i < len(args):
+        key, eq, value = args[i].partition("=")
+        if key != "--nproc":
+            rest.append(args[i])
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(args):
+                raise ValueError("--nproc needs a number of processes")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        try:
+            nproc = int(value)
+        except ValueError:
+            raise ValueError(f"--nproc: expected a number of processes, got {value!r}") from None
+        if nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    return nproc, rest
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def torchrun_command(nproc: int, args: Sequence[str]) -> list[str]:
+    """The single-machine launch of ``train --nproc N``: torchrun (as ``python -m
+    torch.distributed.run``, the same interpreter) with a local rendezvous."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+        "-m", "fastmlgan.train", *args,
+    ]
+
+
+def launch_torchrun(nproc: int, args: Sequence[str]) -> int:
+    command = torchrun_command(nproc, args)
+    os.execv(command[0], command)  # replaces this process: signals reach torchrun directly
+    return 0  # not reached
+
+
+# ----------------------------------------------------------------------------------------------
+# bench
+
+
+def bench_scripts(bench_dir: Path = BENCH_DIR) -> dict[str, list[str]]:
+    """name -> command of each benchmark in ``bench_dir`` (a source checkout's bench/ folder)."""
+    scripts: dict[str, list[str]] = {}
+    if not bench_dir.is_dir():
+        return scripts
+    for path in sorted(bench_dir.glob("*.py")):
+        if not path.name.startswith(("test_", "_")):
+            scripts[path.stem] = [sys.executable, str(path)]
+    for path in sorted(bench_dir.glob("*.sh")):
+        scripts[path.stem] = ["bash", str(path)]
+    return scripts
+
+
+def run_bench(args: list[str], bench_dir: Path = BENCH_DIR) -> int:
+    scripts = bench_scripts(bench_dir)
+    if not scripts:
+        return _fail(
+            f"no benchmarks here: they are scripts in a source checkout's bench/ folder ({bench_dir} is absent); "
+            "clone the repository and run 'fastmlgan bench NAME' from an editable install (pip install -e .)"
+        )
+    if not args or args[0] in ("-h", "--help"):
+        print(f"usage: {PROG} bench NAME [ARGS...]   (NAME --help: the benchmark's options)\n\nbenchmarks in {bench_dir}:")
+        for name, command in scripts.items():
+            print(f"  {name:<10} {Path(command[-1]).name}")
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in scripts:
+        close = difflib.get_close_matches(name, scripts, n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        return _fail(f"no benchmark {name!r} in {bench_dir}{hint} (there are: {', '.join(scripts)})")
+    # The repository root on the path: the scripts import fastmlgan and their neighbours.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(bench_dir.parent), os.environ.get("PYTHONPATH")]))}
+    return subprocess.call([*scripts[name], *rest], cwd=bench_dir.parent, env=env)
+
+
+def entry() -> None:
+    """The console script and ``python -m fastmlgan``."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank of `torchrun -m fastmlgan train`
+        from fastmlgan.train import exit_after_distributed_run
+
+        exit_after_distributed_run(code)
+    raise SystemExit(code)
