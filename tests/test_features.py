@@ -11,14 +11,8 @@ import pytest
 import torch
 
 from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.features import (
-    FeatureSet,
-    Standardizer,
-    load_feature_dataset,
-    read_matrix,
-    read_meka,
-    read_mulan,
-)
+from fastmlgan.loaders.arff import read_meka, read_mulan
+from fastmlgan.loaders.features import FeatureSet, Standardizer, load_feature_dataset, read_matrix
 
 NS = "http://mulan.sourceforge.net/labels"
 
