@@ -12,7 +12,9 @@ Encoding rules, shared by all ARFF files:
   words of ``medical`` would become 2898 redundant columns;
 * label attributes must be nominal ``{0,1}`` or numeric with values 0/1, and never missing;
 * in sparse rows ``{index value, ...}`` an absent value is 0, which for a nominal attribute is
-  its first declared value (ARFF specification).
+  its first declared value (ARFF specification); an index may appear only once in a row;
+* a number cell is a plain decimal that fits float32: ``inf``, ``nan`` and the like are refused
+  (``fastmlgan.loaders.feature_set.to_float``), since ``?`` is how ARFF writes a missing value.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class _ArffTable:
 _DIRECTIVE = re.compile(r"@([A-Za-z]+)\s*(.*)$")
 _NUMERIC_TYPES = {"numeric", "real", "integer"}
 _MEKA_C = re.compile(r"(?:^|\s)-C\s+(-?\d+)")
+# int() would also take '1_0' or non-ASCII digits: a sparse index is ASCII digits (Java's sign allowed).
+_SPARSE_INDEX = re.compile(r"[+-]?[0-9]+")
 
 
 def _split_quoted(text: str) -> list[str]:
@@ -98,6 +102,26 @@ def _split_quoted(text: str) -> list[str]:
         raise ValueError(f"unterminated {quote} quote")
     tokens.append("".join(cur) if was_quoted else "".join(cur).strip())
     return tokens
+
+
+def _strip_comment(line: str) -> str:
+    """``line`` up to its first ``%`` outside quotes: the comment runs to the end of the line, so
+    a '}' after it does not close a sparse row or a nominal declaration."""
+    quote = None
+    i = 0
+    while i < len(line):
+        ch = line[i]
+        if quote:
+            if ch == "\\":
+                i += 1  # an escaped character, as _split_quoted reads it
+            elif ch == quote:
+                quote = None
+        elif ch == "'" or ch == '"':
+            quote = ch
+        elif ch == "%":
+            return line[:i]
+        i += 1
+    return line
 
 
 def _unquote_name(text: str) -> tuple[str, str]:
@@ -157,8 +181,8 @@ def _read_header(path: Path, lines: list[str]) -> tuple[str, int, list[_Attribut
     attributes: list[_Attribute] = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(lines):
-        s = raw.strip()
-        if not s or s[0] == "%":
+        s = (_strip_comment(raw) if "%" in raw else raw).strip()
+        if not s:
             continue
         where = f"{path}:{i + 1}"
         m = _DIRECTIVE.match(s)
@@ -196,16 +220,20 @@ def _sparse_row(body: str, slow: bool, defaults: list[str]) -> list[str]:
     if not body.strip():
         return row
     entries = _split_quoted(body) if slow else body.split(",")
+    seen: dict[int, str] = {}
     for entry in entries:
         parts = entry.split(None, 1)
         if len(parts) != 2:
             raise ValueError(f"sparse entry {entry.strip()!r} is not 'index value'")
-        try:
-            j = int(parts[0])
-        except ValueError:
-            raise ValueError(f"sparse index {parts[0]!r} is not an integer") from None
+        if not _SPARSE_INDEX.fullmatch(parts[0]):
+            raise ValueError(f"sparse index {parts[0]!r} is not an integer")
+        j = int(parts[0])
         if not 0 <= j < len(defaults):
             raise ValueError(f"sparse index {j} out of range: {len(defaults)} attributes (0..{len(defaults) - 1})")
+        if j in seen:
+            # Weka keeps one of the two values without a word; a row is one value per attribute.
+            raise ValueError(f"sparse index {j} appears twice in the row ({seen[j]!r} and {entry.strip()!r})")
+        seen[j] = entry.strip()
         row[j] = parts[1].strip()
     return row
 
@@ -222,22 +250,16 @@ def _read_arff(path) -> _ArffTable:
     row_lines: list[int] = []
     for i in range(data_line, len(lines)):
         s = lines[i]
-        if "'" in s or '"' in s or "%" in s:
-            slow = True
-            s = s.strip()
-            if not s or s[0] == "%":
-                continue
-        else:
-            slow = False
-            s = s.strip()
-            if not s:
-                continue
+        slow = "'" in s or '"' in s or "%" in s
+        s = (_strip_comment(s) if "%" in s else s).strip()
+        if not s:
+            continue
         where = f"{path}:{i + 1}"
         if s[0] == "{":
             close = s.rfind("}")
             if close < 0:
                 raise DataError(f"{where}: sparse row has no closing '}}'")
-            if s[close + 1 :].strip() and not s[close + 1 :].strip().startswith("%"):
+            if s[close + 1 :].strip():
                 raise DataError(f"{where}: unexpected text after the sparse row: {s[close + 1 :][:40]!r}")
             try:
                 rows.append(_sparse_row(s[1:close], slow, sparse_default))
@@ -444,8 +466,6 @@ def _mulan_xml_beside(arff: Path) -> Path | None:
         if arff.stem == xml_path.stem or arff.stem.startswith(xml_path.stem + "-"):
             return xml_path
     return None
-
-
 
 
 ARFF_FORMATS = ("auto", "mulan", "meka")

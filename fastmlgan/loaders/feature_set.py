@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,11 @@ from fastmlgan.errors import DataError
 MISSING = "?"
 """The ARFF token of a missing value (a .csv cell may also be empty)."""
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# What a number cell may hold: a plain decimal. Python's float() (and numpy's, which uses it) also
+# takes 'inf', 'nan', '1_000' and non-ASCII digits, none of which a MULAN/MEKA file means.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_UNDERSCORE = ord("_")
 
 
 @dataclass
@@ -79,27 +85,61 @@ def read_text(path: Path) -> str:
 
 
 def to_float(cells: np.ndarray, names, lines: np.ndarray, path, missing=(MISSING,)) -> np.ndarray:
-    """(N, k) float64 from string cells; a ``missing`` token is NaN; a bad number names its line."""
+    """(N, k) float64 from string cells; a ``missing`` token is NaN.
+
+    Every other cell must be a plain decimal that fits float32 (the features' dtype): a cell that
+    is not, 'inf' and 'nan' included, raises a DataError naming the file, the line (the row) and
+    the column. Left alone, an inf feature turns the standardised inputs into NaN and shows up much later as
+    a non-finite loss that the trainer blames on the learning rate.
+    """
+    is_missing = None
     try:
-        return cells.astype(np.float64)  # the common case: one vectorised pass, blanks allowed
+        values = cells.astype(np.float64)  # the common case: one vectorised pass, no missing value
     except ValueError:
-        pass
-    stripped = np.char.strip(cells)
-    is_missing = np.isin(stripped, list(missing))
-    try:
-        return np.where(is_missing, "nan", stripped).astype(np.float64)
-    except ValueError:
-        pass
-    # Slow path, only to report the first bad value in file order.
+        is_missing = np.isin(np.char.strip(cells), list(missing))
+        try:
+            values = np.where(is_missing, "nan", cells).astype(np.float64)
+        except ValueError:
+            values = None
+    if values is not None:
+        suspect = ~np.isfinite(values) | (np.abs(values) > _FLOAT32_MAX)
+        if is_missing is not None:
+            suspect &= ~is_missing
+        if not suspect.any() and not _odd_characters(cells).any():
+            return values
+    return _to_float_checked(cells, names, lines, path, missing)
+
+
+def _odd_characters(cells: np.ndarray) -> np.ndarray:
+    """Cells holding '_' or a non-ASCII character, which float() reads but a decimal has not."""
+    if cells.size == 0:
+        return np.zeros(cells.shape, dtype=bool)
+    codes = np.ascontiguousarray(cells).view(np.uint32).reshape(*cells.shape, -1)
+    return ((codes == _UNDERSCORE) | (codes > 127)).any(axis=-1)
+
+
+def _to_float_checked(cells: np.ndarray, names, lines: np.ndarray, path, missing) -> np.ndarray:
+    """``to_float`` cell by cell, in file order, to name the first bad cell."""
     out = np.full(cells.shape, np.nan)
     for i in range(cells.shape[0]):
         for j in range(cells.shape[1]):
-            if is_missing[i, j]:
+            text = str(cells[i, j]).strip()
+            if text in missing:
                 continue
-            try:
-                out[i, j] = float(stripped[i, j])
-            except ValueError:
-                raise DataError(f"{path}:{lines[i]}: {names[j]!r}: {str(stripped[i, j])!r} is not a number") from None
+            where = f"{path}:{lines[i]}: {names[j]!r}"  # the line is the row, the name the column
+            if not _DECIMAL.fullmatch(text):
+                try:
+                    float(text)
+                except ValueError:
+                    raise DataError(f"{where}: {text!r} is not a number") from None
+                what = "a finite number" if text.lstrip("+-").lower() in ("inf", "infinity", "nan") else "a decimal"
+                raise DataError(
+                    f"{where}: {text!r} is not {what} (data row {i + 1}; a missing value is written {MISSING!r})"
+                )
+            value = float(text)
+            if not abs(value) <= _FLOAT32_MAX:
+                raise DataError(f"{where}: {text!r} is beyond float32's range, ±{_FLOAT32_MAX:.4g} (data row {i + 1})")
+            out[i, j] = value
     return out
 
 
