@@ -24,7 +24,7 @@ ADAM = (
 )
 WEIGHTS = (
     "The logistic loss weight of the generator $\\alpha$ and the gradient penalty scale of the "
-    "discriminator $\\lambda$ were both set to 1."
+    "discriminator $\\lambda$ were both set to 10."
 )
 GUMBEL = "In Gumbel sigmoid, the inverse temperature was set to 0.9 without annealing."
 D_STEPS = (
