@@ -217,17 +217,6 @@ def _fixed_epsilon_penalty(kind: str):
     return lambda d, real, fake, z: explicit_gradient_penalty(d, real, fake, z, epsilon=eps)
 
 
-@pytest.fixture
-def _planted_bug(monkeypatch):
-    """PLANTED BUG (this commit only): ε on the wrong end of y* = ε y + (1 − ε) ŷ."""
-    import importlib
-
-    module = importlib.import_module("fastmlgan.kernels.gradient_penalty")  # the package exports a function of that name
-    interpolate = module.interpolate_reference
-    monkeypatch.setattr(module, "interpolate_reference", lambda real, fake, eps: interpolate(fake, real, eps))
-
-
-@pytest.mark.usefixtures("_planted_bug")
 @pytest.mark.parametrize("penalty", ["autograd", "explicit"])
 @pytest.mark.parametrize("negative_sampling", [True, False])
 def test_discriminator_loss_is_eq4(negative_sampling, penalty):
