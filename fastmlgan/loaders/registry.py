@@ -108,8 +108,16 @@ def build_loaders(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int, ch
 
     batch = per_rank_batch(cfg.batch_size, info, "data.batch_size")
     eval_batch = per_rank_batch(cfg.eval_batch_size, info, "data.eval_batch_size")
+    if cfg.dataset == "features" and cfg.backend == "cache":
+        raise ConfigError(
+            "--data.backend cache stores decoded images, but data.dataset=features holds feature vectors: "
+            "use --data.backend auto"
+        )
     if cfg.dataset != "features":
-        backend = resolve_backend(cfg.backend, info.device, log=info.is_main)
+        cached = _current_caches(cfg, splits, info) if cfg.backend == "auto" else ""
+        backend = resolve_backend(cfg.backend, info.device, log=info.is_main, cached=cached)
+        if backend == "cache":
+            return _build_cache_loaders(cfg, splits, info, seed, batch, eval_batch, channels_last)
         if backend != "torch":
             return _build_gpu_backend_loaders(backend, cfg, splits, info, seed, batch, eval_batch, channels_last)
     if cfg.dataset == "features":
@@ -133,13 +141,14 @@ def build_loaders(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int, ch
     return train, val
 
 
-BACKENDS = ("auto", "dali", "torchvision-gpu", "torch")
+BACKENDS = ("auto", "dali", "torchvision-gpu", "torch", "cache")
 
 
-def resolve_backend(requested: str, device, log: bool = True) -> str:
-    """The loader backend actually used: ``auto`` takes DALI on a GPU when it is installed, else
-    torchvision-gpu on a GPU, else torch. ``dali`` without a GPU runs DALI's CPU pipeline;
-    ``torchvision-gpu`` without a GPU is an error."""
+def resolve_backend(requested: str, device, log: bool = True, cached: str = "") -> str:
+    """The loader backend actually used: ``auto`` takes the decoded-image cache when ``cached``
+    (the folder holding current caches of both splits) is given, else DALI on a GPU when it is
+    installed, else torchvision-gpu on a GPU, else torch. ``dali`` without a GPU runs DALI's CPU
+    pipeline; ``torchvision-gpu`` without a GPU is an error."""
     import torch
 
     from fastmlgan.loaders.dali import dali_available
@@ -148,7 +157,9 @@ def resolve_backend(requested: str, device, log: bool = True) -> str:
         raise ConfigError(f"--data.backend: {requested!r} is not one of {', '.join(BACKENDS)}")
     on_gpu = torch.device(device).type == "cuda"
     if requested == "auto":
-        if on_gpu:
+        if cached:
+            backend, reason = "cache", f"current caches of both splits in {cached}"
+        elif on_gpu:
             backend = "dali" if dali_available() else "torchvision-gpu"
             reason = "GPU, DALI installed" if backend == "dali" else "GPU, DALI not installed (pip install '.[dali]')"
         else:
@@ -196,4 +207,48 @@ def _build_gpu_backend_loaders(backend, cfg: DataConfig, splits: Splits, info: D
     common = dict(device=device, num_threads=cfg.num_threads, on_bad_image=cfg.on_bad_image, channels_last=channels_last)
     train = build_torchvision_train_loader(splits.train, cfg.image_size, batch, info.rank, info.world_size, seed, **common)
     val = build_torchvision_eval_loader(splits.val, cfg.image_size, eval_batch, info.rank, info.world_size, **common)
+    return train, val
+
+
+def _current_caches(cfg: DataConfig, splits: Splits, info: DistInfo) -> str:
+    """For ``auto``: the cache folder when current caches of both splits exist there (rank 0's
+    answer on every rank, so that all ranks pick one backend), else ''."""
+    from fastmlgan.distributed import broadcast_object
+    from fastmlgan.loaders.cache import Geometry, find_current, resolve_cache_dir
+
+    found = ""
+    if info.is_main:
+        directory = resolve_cache_dir(cfg.cache_dir)
+        reasons = []
+        for images, purpose in ((splits.train, "train"), (splits.val, "eval")):
+            path, why = find_current(images, Geometry(purpose, cfg.image_size), directory)
+            if path is None:
+                reasons.append(why)
+        if not reasons:
+            found = str(directory)
+        elif any("no cache" not in r for r in reasons):
+            # A cache exists but cannot be used: say so, never use it silently.
+            logger.info("data.backend auto: not using the decoded-image cache: %s", "; ".join(reasons))
+    return broadcast_object(found, info)
+
+
+def _build_cache_loaders(cfg: DataConfig, splits: Splits, info: DistInfo, seed, batch, eval_batch, channels_last):
+    from fastmlgan.loaders.cache import Geometry, ensure_cache, resolve_cache_dir
+    from fastmlgan.loaders.cache_loader import CacheLoader
+
+    if len(splits.train) < batch * info.world_size:
+        raise ConfigError(
+            f"--data.batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images)"
+        )
+    if cfg.cache_device == "cuda" and info.device.type != "cuda":
+        raise ConfigError(f"--data.cache_device cuda keeps the cache in GPU memory, but this process runs on {info.device}")
+    directory = resolve_cache_dir(cfg.cache_dir)
+    caches = [
+        ensure_cache(images, Geometry(purpose, cfg.image_size), directory, cfg.on_bad_image, info,
+                     num_threads=cfg.num_threads, progress=info.is_main)
+        for images, purpose in ((splits.train, "train"), (splits.val, "eval"))
+    ]
+    common = dict(device=info.device, num_threads=cfg.num_threads, channels_last=channels_last, cache_device=cfg.cache_device)
+    train = CacheLoader(caches[0], cfg.image_size, batch, info.rank, info.world_size, train=True, seed=seed, **common)
+    val = CacheLoader(caches[1], cfg.image_size, eval_batch, info.rank, info.world_size, train=False, **common)
     return train, val
