@@ -75,6 +75,7 @@ CHUNK_BYTES = 32 * 2**20
 """Pixel rows are decoded, written and checksummed in chunks of about this size."""
 DECODERS = ("auto", "dali", "torchvision-gpu", "cpu")
 PURPOSES = ("train", "eval")
+ON_BAD_IMAGE = ("skip", "error")  # torch_loader.ON_BAD_IMAGE, without importing torch
 RESIZE = "bilinear, antialiased, uint8 (torchvision TF.resize)"
 _SECTIONS = ("labels", "source", "bad", "stats")
 
@@ -287,12 +288,14 @@ def _free_bytes(directory: Path) -> int:
 
 def resolve_decoder(decoder: str, device) -> str:
     """``auto``: DALI on a GPU when installed, else torchvision (nvJPEG) on a GPU, else CPU threads."""
+    if decoder not in DECODERS:
+        raise ConfigError(f"cache decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if decoder in ("cpu", "dali"):
+        return decoder
     import torch
 
     from fastmlgan.loaders.dali import dali_available
 
-    if decoder not in DECODERS:
-        raise ConfigError(f"cache decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     on_gpu = device is not None and torch.device(device).type == "cuda"
     if decoder == "auto":
         return ("dali" if dali_available() else "torchvision-gpu") if on_gpu else "cpu"
@@ -424,8 +427,6 @@ def build_cache(
     file there only once the new one is complete). Bad images follow ``on_bad_image`` like the
     torch loader: ``skip`` stores the next decodable image in the row and flags it, ``error``
     raises ``DataError`` naming the file."""
-    from fastmlgan.loaders.torch_loader import ON_BAD_IMAGE
-
     if on_bad_image not in ON_BAD_IMAGE:
         raise ConfigError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
     if len(images) == 0:
