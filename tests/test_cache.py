@@ -23,6 +23,7 @@ from fastmlgan.config import DataConfig, build_config
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.loaders import cache as cache_mod
+from fastmlgan.loaders import cache_decode
 from fastmlgan.loaders.base import LabeledImages
 from fastmlgan.loaders.cache import CacheError, Geometry, ImageCache, build_cache, cache_path, ensure_cache
 from fastmlgan.loaders.cache_loader import CacheLoader, check_gpu_fit
@@ -125,10 +126,10 @@ def test_other_decoders_within_the_dali_tolerance(splits):
     installed) DALI's CPU pipeline; their rows against the torch loader's decode and resize."""
     images = splits.train.subset(range(16))
     side = Geometry("train", SIZE).side
-    reference = [torch.from_numpy(r) for _, rows in cache_mod._rows_cpu(images, side, 16, 1) for r in rows]
-    sources = [cache_mod._rows_torchvision]
+    reference = [torch.from_numpy(r) for _, rows in cache_decode.rows_cpu(images, side, 16, 1) for r in rows]
+    sources = [cache_decode.rows_torchvision]
     if dali_available():
-        sources.append(cache_mod._rows_dali)
+        sources.append(cache_decode.rows_dali)
     for rows_of in sources:
         rows = [torch.from_numpy(np.asarray(r)) for _, chunk in rows_of(images, side, 5, 2, "cpu") for r in chunk]
         assert len(rows) == 16
