@@ -26,7 +26,8 @@ or ``coco`` (your own files).
 Each backend runs its training loader (random five-crop, shuffled) and evaluation loader
 (whole-image resize) for whole epochs: one warm-up epoch, then ``--repeats`` timed epochs; the
 table gives the median (and min/max) images per second, and the CPU cores used (CPU seconds of
-this process and its worker processes per wall second, median over the timed epochs). On a GPU
+this process and its worker processes per wall second, median over the timed epochs) and the CPU
+milliseconds per image (a measure other processes on a shared machine disturb less). On a GPU
 each timed epoch ends with a ``torch.cuda.synchronize()``. On CPU intra-op threads are set to 1 so
 that every backend uses exactly ``--threads`` threads (or worker processes). Results go to
 ``--out`` as JSON with the device, versions, git revision, the exact command and the machine's
@@ -256,6 +257,8 @@ def measure(backend: str, split: str, images, args, device, cache=None) -> dict:
         "runs": [round(x, 2) for x in rates],
         "images_per_run": counts[0],
         "cores_used": round(statistics.median(cores), 2),
+        # CPU time per image: less sensitive than img/s to other processes on a shared machine.
+        "cpu_ms_per_image": round(1000 * statistics.median(c / r for c, r in zip(cores, rates)), 3),
     }
 
 
@@ -330,7 +333,7 @@ def main(argv=None) -> int:
             row = {**measure(backend, split, images, args, device, caches.get(split, {}).get("cache")), **extra}
             rows.append(row)
             print(f"  {backend:<16} {split:<5} {row['images_per_s']:9.1f} img/s  (min {row['min']:.1f}, max {row['max']:.1f}, "
-                  f"{row['cores_used']:.2f} cores)", flush=True)
+                  f"{row['cores_used']:.2f} cores, {row['cpu_ms_per_image']:.2f} CPU ms/img)", flush=True)
     header = f"{'backend':<16} {'split':<6} {'img/s (median)':>15} {'min':>9} {'max':>9} {'cores':>6}"
     print("\n" + header + "\n" + "-" * len(header))
     for row in rows:
@@ -339,8 +342,10 @@ def main(argv=None) -> int:
     speedups = {}
     for split in ("train", "eval"):
         rate = {r["backend"]: r["images_per_s"] for r in rows if r["split"] == split}
+        cpu = {r["backend"]: r["cpu_ms_per_image"] for r in rows if r["split"] == split}
         if "torch" in rate and "cache" in rate:
-            speedups[f"cache/torch {split}"] = round(rate["cache"] / rate["torch"], 2)
+            speedups[f"cache/torch {split} img/s"] = round(rate["cache"] / rate["torch"], 2)
+            speedups[f"torch/cache {split} CPU time per image"] = round(cpu["torch"] / cpu["cache"], 2)
     if speedups:
         print("\n" + ", ".join(f"{k}: {v}x" for k, v in speedups.items()))
     result = {
