@@ -48,9 +48,13 @@ class DataConfig:
     on_bad_image: str = "skip"
     """An image that cannot be decoded: skip (substitute the next one, count and log it) | error (stop, naming it)."""
     backend: str = "auto"
-    """Loader backend: auto (dali on a GPU when installed, else torchvision-gpu on a GPU, else torch) | dali | torchvision-gpu | torch (CPU decode and five-crop)."""
+    """Loader backend: auto (cache when current caches of both splits exist, else dali on a GPU when installed, else torchvision-gpu on a GPU, else torch) | dali | torchvision-gpu | torch (CPU decode and five-crop) | cache (decoded-image cache, built on first use)."""
     num_threads: int = 4
-    """dali / torchvision-gpu: CPU threads per rank (file reading, CPU decoding)."""
+    """dali / torchvision-gpu / cache: CPU threads per rank (file reading, CPU decoding, cache staging)."""
+    cache_dir: str = ""
+    """cache: folder of the decoded-image caches ('' = $FASTMLGAN_CACHE, else ~/.cache/fastmlgan: large, derived files reused by every run, kept out of the project and run folders)."""
+    cache_device: str = "cpu"
+    """cache: serve from cpu (memory-mapped file, rows staged in pinned host memory) | cuda (the cache copied into GPU memory; it must fit)."""
     dali_decode: str = "full"
     """dali: full (decode, resize to base, crop, resize: the paper's geometry) | roi (decode only the crop window, one resize)."""
     dali_hw_decoder_load: float = 0.65
@@ -89,7 +93,13 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, ("embedded", "coco", "nuswide", "list", "features"))
         _choice("data.on_bad_image", self.on_bad_image, ("skip", "error"))
-        _choice("data.backend", self.backend, ("auto", "dali", "torchvision-gpu", "torch"))
+        _choice("data.backend", self.backend, ("auto", "dali", "torchvision-gpu", "torch", "cache"))
+        _choice("data.cache_device", self.cache_device, ("cpu", "cuda"))
+        if self.dataset == "features" and self.backend == "cache":
+            raise ConfigError(
+                "--data.backend cache stores decoded images, but data.dataset=features holds feature vectors "
+                "(already in memory): use --data.backend auto"
+            )
         _choice("data.dali_decode", self.dali_decode, ("full", "roi"))
         _choice("data.nuswide_split", self.nuswide_split, ("paper", "official"))
         _positive("data.num_threads", self.num_threads)

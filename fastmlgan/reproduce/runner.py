@@ -115,11 +115,9 @@ def _with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
 def _predict_on(trainer, split) -> tuple[np.ndarray, np.ndarray]:
     """σ(G(x)) and targets on ``split``, preprocessed as the trainer's data (features are
     standardised with the statistics of its training split)."""
-    from fastmlgan.loaders.registry import Splits, build_loaders
+    from fastmlgan.loaders.registry import Splits, build_eval_loader
 
-    _, loader = build_loaders(
-        trainer.cfg.data, Splits(trainer.splits.train, split), trainer.info, trainer.cfg.train.seed
-    )
+    loader = build_eval_loader(trainer.cfg.data, Splits(trainer.splits.train, split), trainer.info, trainer.cfg.train.seed)
     saved = trainer.eval_loader
     trainer.eval_loader = loader
     try:
