@@ -42,7 +42,9 @@ def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None
         merged[section][name] = getattr(getattr(cfg, section), name)
     merged["resume"] = str(run_dir)
     merged["out"] = str(run_dir)
-    return config_from_dict(merged), run_dir, state
+    resumed = config_from_dict(merged)
+    ckpt.check_resume_compatible(saved, resumed)  # before anything is written to run_dir
+    return resumed, run_dir, state
 
 
 def trim_metrics_log(path: Path, last_step: int) -> int:
