@@ -341,3 +341,21 @@ def test_finite_check_and_save_on_the_gpu(tmp_path):
 def test_errors_are_fastmlgan_errors():
     # train.main prints FastMLGANError messages as one line (exit 2) instead of a traceback.
     assert issubclass(CheckpointError, FastMLGANError) and issubclass(NonFiniteStateError, CheckpointError)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_finite_check_finds_one_bad_element_anywhere(dtype):
+    # One reduction (min and max) per tensor: it must see an element in every position, including
+    # the vectorised loop's tail and non-contiguous views.
+    for n in (1, 7, 33, 1000, 4099):
+        for pos in sorted({0, n // 2, n - 1}):
+            for value in (float("nan"), float("inf"), -float("inf")):
+                t = torch.randn(n, dtype=torch.float64).to(dtype)
+                t[pos] = value
+                with pytest.raises(NonFiniteStateError):
+                    ckpt.assert_finite_state({"t": t})
+        t = torch.randn(n, 3).to(dtype).t()
+        t[1, n - 1] = float("nan")
+        with pytest.raises(NonFiniteStateError):
+            ckpt.assert_finite_state({"t": t})
+    ckpt.assert_finite_state({"t": torch.full((5,), 1e300, dtype=torch.float64), "e": torch.empty(0)})
