@@ -212,6 +212,9 @@ class TrainConfig:
     """Log losses every N optimizer steps (the only host syncs in the loop)."""
     eval_every: int = 1
     """Evaluate every N epochs (and always at the end of each phase)."""
+    # Measured on the smoke preset (6 BCE + 30 GAN epochs, every step logged): within a phase a
+    # loss's magnitude reached at most 1.4x its running median (the signed Wasserstein estimate,
+    # near 0, 5x); --optim.bce_lr 1e9 gives 2e9, 4e8x. 1e3 keeps a 100x margin on both sides.
     loss_explosion_ratio: float = 1e3
     """Stop when a logged loss's magnitude exceeds this many times the running median of its magnitudes (0 = off)."""
 
