@@ -145,7 +145,7 @@ def read_coco(annotation_file, image_root, drop_unlabeled: bool = True, name: st
     num_dropped = int(len(images) - keep.sum())
 
     # One directory listing instead of a stat per image (123k images for COCO 2014).
-    listed = {entry.name for entry in os.scandir(image_root)}
+    listed = {entry.name for entry in os.scandir(image_root) if entry.is_file()}
     paths, rows, missing = [], [], []
     for row in np.flatnonzero(keep):
         file_name = images[row]["file_name"]
