@@ -12,7 +12,9 @@ Layout of a run directory's ``checkpoints/`` folder::
 Every file is written to ``.<name>.<random>.tmp`` beside it, fsync'd, and renamed over the final
 name (a crash leaves the old file or the new one, never a torn file); leftover temporary files of
 an earlier process are removed at the next save or resume. Nothing with a non-finite floating
-tensor is ever written (``assert_finite_state``).
+tensor is ever written (``assert_finite_state``). Replacing ``last.pt`` commits a save: a resume
+reads ``last.pt`` first and the step files (newest step first) only when it fails its check, so a
+step file written just before a crash, with ``last.pt`` not yet pointing at it, is discarded.
 
 Integrity record: a torch checkpoint is a zip file. Its CRCs cover the tensor data but not the
 zip's own headers and padding: of the 2,025 single-bit flips of a small checkpoint, 764 loaded
