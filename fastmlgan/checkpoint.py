@@ -62,10 +62,12 @@ _TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 # Leftover temporary files are those older than this process (its own are never touched).
 _PROCESS_START = time.time()
 
-# What a resume (and fastmlgan.evaluate) reads from a trainer state; a file lacking one is not used.
-REQUIRED_KEYS: tuple[str, ...] = (
-    "config", "class_names", "phase", "epoch", "global_step", "data_epoch", "generator", "discriminator",
-    "feature_extractor", "feature_extractor_source", "opt_g", "opt_d", "rng", "baseline_metrics", "gan_metrics",
+# Keys every reader of a training checkpoint uses (evaluate, predict, export); a file lacking one is
+# not used. A resume reads all of RESUME_KEYS (Trainer.load_state_dict).
+REQUIRED_KEYS: tuple[str, ...] = ("config", "class_names", "generator")
+RESUME_KEYS: tuple[str, ...] = REQUIRED_KEYS + (
+    "phase", "epoch", "global_step", "data_epoch", "discriminator", "feature_extractor", "feature_extractor_source",
+    "opt_g", "opt_d", "rng", "baseline_metrics", "gan_metrics",
 )
 
 # The integrity record: zip comment "fastmlgan-crc32 <8 hex digits>" (fixed length) at the very end.

@@ -24,7 +24,7 @@ def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None
     """The config actually run, its directory, and the checkpoint to resume from (if any)."""
     if not cfg.resume:
         return cfg, Path(cfg.out or f"runs/{cfg.preset}"), None
-    state = ckpt.load(cfg.resume)
+    state = ckpt.load(cfg.resume, ckpt.RESUME_KEYS)
     run_dir = ckpt.run_dir_of(cfg.resume)
     if not run_dir.is_dir():
         raise FastMLGANError(

@@ -22,7 +22,7 @@ from fastmlgan.errors import ConfigError, FastMLGANError
 def make_state(step: int, size: int = 64) -> dict:
     """A stand-in trainer state with every required key; values depend on ``step``."""
     g = torch.Generator().manual_seed(step)
-    state = {key: None for key in ckpt.REQUIRED_KEYS}
+    state = {key: None for key in ckpt.RESUME_KEYS}
     weight = torch.randn(size, generator=g)
     state.update(
         config=build_config(preset="smoke").to_dict(),
@@ -133,15 +133,20 @@ def test_explicit_file_is_not_replaced_and_no_good_file_is_one_line(tmp_path):
         ckpt.load("nowhere")
 
 
-@pytest.mark.parametrize("drop", ["config", "generator", "rng"])
+@pytest.mark.parametrize("drop", ["config", "generator", "class_names", "rng", "opt_d"])
 def test_missing_key_is_a_one_line_error_naming_file_and_key(tmp_path, drop):
     state = make_state(3)
     del state[drop]
     folder = tmp_path / "checkpoints"
     ckpt.save_atomic(state, folder / "last.pt")
     with pytest.raises(CheckpointError) as info:
-        ckpt.load(tmp_path)
+        ckpt.load(tmp_path, ckpt.RESUME_KEYS)  # what a resume reads
     assert f"no {drop!r} key" in str(info.value) and "last.pt" in str(info.value)
+    if drop in ckpt.REQUIRED_KEYS:  # what evaluate/predict read
+        with pytest.raises(CheckpointError, match=f"no {drop!r} key"):
+            ckpt.load(tmp_path)
+    else:
+        assert ckpt.load(tmp_path)["global_step"] == 3
     # A plain torch file (no record) and a file that is no dict either.
     torch.save([1, 2], folder / "last.pt")
     with pytest.raises(CheckpointError, match="holds a list"):
