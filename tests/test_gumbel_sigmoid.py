@@ -1,34 +1,21 @@
 """Gumbel sigmoid (§3.2): kernels and torch path against the reference, sampler statistics, the op.
 
-The Triton cases run on CPU through Triton's interpreter. It must be switched on before anything
-imports triton (see fastmlgan/kernels/_dispatch.py), so this module sets TRITON_INTERPRET=1 before
-its imports; when an earlier test module already imported triton (torchvision does), the Triton
-cases are skipped here and ``test_triton_cases_in_fresh_process`` reruns them in a subprocess.
+The Triton cases run on CPU through Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1
+before anything imports triton (see fastmlgan/kernels/_dispatch.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import zlib
 
+import pytest
 import torch
+from kernel_helpers import seeded_logistic_noise
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from fastmlgan.errors import ConfigError  # noqa: E402
-from fastmlgan.kernels import _dispatch  # noqa: E402
-from fastmlgan.kernels.gumbel_sigmoid import (  # noqa: E402
-    EPS,
-    gumbel_sigmoid,
-    gumbel_sigmoid_reference,
-    seeded_logistic_noise,
-)
+from fastmlgan.errors import ConfigError
+from fastmlgan.kernels import _dispatch
+from fastmlgan.kernels.gumbel_sigmoid import EPS, gumbel_sigmoid, gumbel_sigmoid_reference
 
 # Each statistical test below fails by chance with probability at most this (Hoeffding / DKW).
 FALSE_FAILURE_RATE = 1e-6
@@ -40,7 +27,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch):
     if request.param == "triton" and not TRITON_HERE:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1; test_triton_cases_in_fresh_process runs these")
+        pytest.skip("no Triton here: triton is missing, or was imported before TRITON_INTERPRET=1 was set")
     monkeypatch.setenv(_dispatch.ENV_VAR, request.param)
     return request.param
 
@@ -217,12 +204,3 @@ def test_bad_backend_value(monkeypatch):
     monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
     with pytest.raises(ConfigError, match="FASTMLGAN_KERNELS"):
         gumbel_sigmoid(torch.zeros(2, 3))
-
-
-def test_triton_cases_in_fresh_process():
-    if TRITON_HERE:
-        pytest.skip("the Triton cases ran in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton", __file__]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -16,8 +16,8 @@ its input) — and the gradient of this penalty equals the textbook one for ever
 penalty is then first order: ``loss.backward()`` and ``torch.compile(fullgraph=True)`` handle it.
 
 Two registered ops carry the fused parts: ``fastmlgan::gp_interpolate`` (y* with ε drawn in-kernel
-per row from a seed; ``fastmlgan::gp_epsilon`` returns that ε) and ``fastmlgan::gp_norm_penalty``
-(mean((‖g_i‖ − 1)²), backward ``fastmlgan::gp_norm_penalty_backward``). The matrix chain stays in
+per row from a seed) and ``fastmlgan::gp_norm_penalty`` (mean((‖g_i‖ − 1)²), backward
+``fastmlgan::gp_norm_penalty_backward``). The matrix chain stays in
 torch: those are matmuls, and inductor already fuses the slope selects into their neighbours.
 """
 
@@ -172,11 +172,6 @@ if HAS_TRITON:
             tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gp_epsilon_kernel(seed_ptr, out_ptr, num_rows, BLOCK: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out_ptr + rows, tl.rand(tl.load(seed_ptr), rows), mask=rows < num_rows)
-
-    @triton.jit
     def _row_norms(grad_ptr, rows, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
         sum_sq = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
         for col_start in range(0, num_cols, BLOCK_COLS):
@@ -237,25 +232,6 @@ def _check_rows(name: str, tensor: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmlgan::gp_epsilon", mutates_args=())
-def _gp_epsilon_op(seed: torch.Tensor, batch_size: int) -> torch.Tensor:
-    out = torch.empty(batch_size, dtype=torch.float32, device=seed.device)
-    if use_triton(seed):
-        if batch_size:
-            _gp_epsilon_kernel[(triton.cdiv(batch_size, 256),)](seed, out, batch_size, BLOCK=256)
-        return out
-    return _epsilon_torch(seed, batch_size)
-
-
-def _epsilon_torch(seed: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.rand(batch_size, dtype=torch.float32, device=seed.device, generator=torch_generator(seed))
-
-
-@_gp_epsilon_op.register_fake
-def _(seed, batch_size):
-    return seed.new_empty((batch_size,), dtype=torch.float32)
-
-
 @torch.library.custom_op("fastmlgan::gp_interpolate", mutates_args=())
 def _gp_interpolate_op(real: torch.Tensor, fake: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     _check_rows("real", real)
@@ -269,7 +245,8 @@ def _gp_interpolate_op(real: torch.Tensor, fake: torch.Tensor, seed: torch.Tenso
                 real, fake, out, seed, num_rows, num_cols, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=_block_cols(num_cols)
             )
         return out
-    return interpolate_reference(real, fake, _epsilon_torch(seed, real.shape[0])).contiguous()
+    epsilon = torch.rand(real.shape[0], dtype=torch.float32, device=real.device, generator=torch_generator(seed))
+    return interpolate_reference(real, fake, epsilon).contiguous()
 
 
 @_gp_interpolate_op.register_fake
@@ -277,25 +254,10 @@ def _(real, fake, seed):
     return real.new_empty(real.shape, dtype=torch.promote_types(real.dtype, fake.dtype))
 
 
-def _interpolate_setup_context(ctx, inputs, output):
-    real, fake, seed = inputs
-    ctx.save_for_backward(seed)
-    ctx.batch_size = real.shape[0]
-    ctx.dtypes = (real.dtype, fake.dtype)
-
-
-def _interpolate_backward(ctx, grad_out):
-    # Never reached from gradient_penalty (y* only sets the slope masks there); kept so the op
-    # is a correct function of real and fake for any other caller.
-    (seed,) = ctx.saved_tensors
-    eps = torch.ops.fastmlgan.gp_epsilon(seed, ctx.batch_size)[:, None]
-    grad = grad_out.float()
-    grad_real = (grad * eps).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-    grad_fake = (grad * (1.0 - eps)).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-    return grad_real, grad_fake, None
-
-
-_gp_interpolate_op.register_autograd(_interpolate_backward, setup_context=_interpolate_setup_context)
+# No autograd formula on purpose: y* only sets the slope masks of the penalty (its gradient in y
+# and ŷ is zero almost everywhere, see the module docstring), so ``gradient_penalty`` detaches it.
+# A caller that backpropagates through the op gets torch's "no autograd formula was registered"
+# error, never a silent wrong gradient.
 
 
 @torch.library.custom_op("fastmlgan::gp_norm_penalty", mutates_args=())
@@ -359,12 +321,19 @@ _gp_norm_penalty_op.register_autograd(_norm_penalty_backward, setup_context=_nor
 
 
 def interpolation_epsilon(seed: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The per-sample ε (B,) that ``fastmlgan::gp_interpolate`` uses at ``seed`` (for tests)."""
-    return torch.ops.fastmlgan.gp_epsilon(seed, batch_size)
+    """The per-sample ε (B,) that ``interpolate`` draws at ``seed``, to feed the textbook penalty.
+
+    Read off y* itself: with y = 1 and ŷ = 0, y* = ε · 1 + (1 − ε) · 0 = ε exactly in fp32.
+    """
+    ones = torch.ones(batch_size, 1, dtype=torch.float32, device=seed.device)
+    return interpolate(ones, torch.zeros_like(ones), seed)[:, 0]
 
 
 def interpolate(real: torch.Tensor, fake: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """y* = ε y + (1 − ε) ŷ, ε ~ U(0, 1) per row drawn from ``seed`` (fused on the Triton path)."""
+    """y* = ε y + (1 − ε) ŷ, ε ~ U(0, 1) per row drawn from ``seed`` (fused on the Triton path).
+
+    Not differentiable (see ``fastmlgan::gp_interpolate``): the penalty uses y* only for its masks.
+    """
     return torch.ops.fastmlgan.gp_interpolate(real, fake, seed)
 
 

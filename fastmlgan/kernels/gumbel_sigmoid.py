@@ -117,13 +117,6 @@ if HAS_TRITON:
         grad_logits = grad_out * inv_temperature * soft * (1.0 - soft)
         tl.store(grad_logits_ptr + offsets, grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _logistic_noise_kernel(out_ptr, seed_ptr, num_elements, EPS: tl.constexpr, BLOCK: tl.constexpr):
-        # The noise the two kernels above use at the same seed and offsets (for tests).
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        seed = tl.load(seed_ptr)
-        tl.store(out_ptr + offsets, _logistic_noise(seed, offsets, EPS), mask=offsets < num_elements)
-
 
 def _grid(num_elements: int) -> tuple[int]:
     return (triton.cdiv(num_elements, BLOCK),)
@@ -132,20 +125,6 @@ def _grid(num_elements: int) -> tuple[int]:
 def _check_seed(seed: torch.Tensor, device: torch.device) -> None:
     torch._check(seed.dtype == torch.int64 and seed.numel() == 1, lambda: "seed must be a one-element int64 tensor")
     torch._check(seed.device == device, lambda: f"seed on {seed.device}, logits on {device}")
-
-
-def seeded_logistic_noise(seed: torch.Tensor, shape, device) -> torch.Tensor:
-    """The logistic noise that ``fastmlgan::gumbel_sigmoid`` adds at ``seed`` (fp32, contiguous).
-
-    Follows the same backend choice as the op, so ``gumbel_sigmoid_reference(logits, noise, …)``
-    must equal the op's output elementwise. A test hook, eager only: it is not a registered op.
-    """
-    out = torch.empty(shape, dtype=torch.float32, device=device)
-    if use_triton(out):
-        if out.numel():
-            _logistic_noise_kernel[_grid(out.numel())](out, seed, out.numel(), EPS=EPS, BLOCK=BLOCK)
-        return out
-    return logistic_noise(shape, device, torch_generator(seed))
 
 
 # ---------------------------------------------------------------------------------------------

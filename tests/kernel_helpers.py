@@ -1,0 +1,35 @@
+"""Test-only views into the kernels: the noise the Gumbel op adds at a seed.
+
+Kept out of the package (issue 12): nothing but the tests needs them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmlgan.kernels._dispatch import HAS_TRITON, tl, torch_generator, triton, use_triton
+from fastmlgan.kernels.gumbel_sigmoid import BLOCK, EPS, logistic_noise
+
+if HAS_TRITON:
+    from fastmlgan.kernels.gumbel_sigmoid import _logistic_noise
+
+    @triton.jit
+    def _logistic_noise_kernel(out_ptr, seed_ptr, num_elements, EPS: tl.constexpr, BLOCK: tl.constexpr):
+        # The noise the op's kernels add at the same seed and offsets.
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        seed = tl.load(seed_ptr)
+        tl.store(out_ptr + offsets, _logistic_noise(seed, offsets, EPS), mask=offsets < num_elements)
+
+
+def seeded_logistic_noise(seed: torch.Tensor, shape, device) -> torch.Tensor:
+    """The logistic noise that ``fastmlgan::gumbel_sigmoid`` adds at ``seed`` (fp32, contiguous).
+
+    Follows the same backend choice as the op (``FASTMLGAN_KERNELS``), so
+    ``gumbel_sigmoid_reference(logits, noise, …)`` must equal the op's output elementwise.
+    """
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    if use_triton(out):
+        if out.numel():
+            _logistic_noise_kernel[(triton.cdiv(out.numel(), BLOCK),)](out, seed, out.numel(), EPS=EPS, BLOCK=BLOCK)
+        return out
+    return logistic_noise(shape, device, torch_generator(seed))
