@@ -179,7 +179,8 @@ if HAS_TRITON:
             mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
             g = tl.load(grad_ptr + rows[:, None] * num_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             sum_sq += tl.sum(g * g, axis=1)
-        return tl.sqrt(sum_sq)
+        # sqrt_rn: correctly rounded like torch (issue 12); tl.sqrt is sqrt.approx.ftz.f32 on NVIDIA GPUs.
+        return tl.sqrt_rn(sum_sq)
 
     @triton.jit
     def _gp_norm_penalty_fwd_kernel(
