@@ -56,3 +56,17 @@ def triton_row_norms(grad: torch.Tensor) -> torch.Tensor:
         grad, out, num_rows, num_cols, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=_block_cols(num_cols)
     )
     return out
+
+
+def penalty_epsilon(batch_size: int, generator_seed: int, device) -> torch.Tensor:
+    """The ε (B,) that ``gradient_penalty(..., generator=torch.Generator(device).manual_seed(s))``
+    draws: the seed-then-Philox ε of ``fastmlgan::gp_interpolate`` on the Triton path, the
+    generator's own uniforms on the torch path."""
+    from fastmlgan.kernels._dispatch import choose_path, draw_seed
+    from fastmlgan.kernels.gradient_penalty import interpolation_epsilon
+
+    generator = torch.Generator(device).manual_seed(generator_seed)
+    probe = torch.empty(batch_size, 1, device=device)
+    if choose_path("gradient_penalty", probe) == "triton":
+        return interpolation_epsilon(draw_seed(torch.device(device), generator), batch_size)
+    return torch.rand(batch_size, dtype=torch.float32, device=device, generator=generator)

@@ -17,8 +17,10 @@ penalty is then first order: ``loss.backward()`` and ``torch.compile(fullgraph=T
 
 Two registered ops carry the fused parts: ``fastmlgan::gp_interpolate`` (y* with ε drawn in-kernel
 per row from a seed) and ``fastmlgan::gp_norm_penalty`` (mean((‖g_i‖ − 1)²), backward
-``fastmlgan::gp_norm_penalty_backward``). The matrix chain stays in
-torch: those are matmuls, and inductor already fuses the slope selects into their neighbours.
+``fastmlgan::gp_norm_penalty_backward``). The matrix chain stays in torch: those are matmuls, and
+inductor already fuses the slope selects into their neighbours. ``gradient_penalty`` uses the ops
+only where the Triton path was measured faster (``_dispatch``); elsewhere it runs their torch
+references as plain ops, which ``torch.compile`` traces into the D step's graph.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastmlgan.kernels._dispatch import HAS_TRITON, draw_seed, tl, torch_generator, triton, use_triton
+from fastmlgan.kernels._dispatch import HAS_TRITON, choose_path, draw_seed, tl, torch_generator, triton, use_triton
 
 # Rows per program of the row-wise kernels; columns are |S| (80 for COCO, 81 for NUS-WIDE).
 BLOCK_ROWS = 16
@@ -365,8 +367,22 @@ def gradient_penalty(
     them is exactly zero; they are left out of the graph (``.grad`` stays None where double
     backward would write zeros).
     """
+    if choose_path("gradient_penalty", real) == "triton":
+        if epsilon is None:
+            labels = interpolate(real, fake, draw_seed(real.device, generator))
+        else:
+            labels = interpolate_reference(real, fake, epsilon)
+        return norm_penalty(discriminator_input_gradient(discriminator, labels.detach(), features))
     if epsilon is None:
-        labels = interpolate(real, fake, draw_seed(real.device, generator))
-    else:
-        labels = interpolate_reference(real, fake, epsilon)
-    return norm_penalty(discriminator_input_gradient(discriminator, labels.detach(), features))
+        epsilon = _uniform_per_row(real, generator)
+    labels = interpolate_reference(real, fake, epsilon)
+    return norm_penalty_reference(discriminator_input_gradient(discriminator, labels.detach(), features))
+
+
+def _uniform_per_row(rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """ε ~ U(0, 1), one per row of ``rows``, fp32, from ``generator`` or torch's (inductor's) RNG."""
+    if generator is None:
+        # rand_like: a compiled step with a smaller last batch traces with a symbolic batch size.
+        return torch.rand_like(rows[:, 0], dtype=torch.float32)
+    eps = torch.rand(rows.shape[0], device=generator.device, dtype=torch.float32, generator=generator)
+    return eps.to(rows.device)

@@ -11,13 +11,18 @@ This file holds the pure-torch reference, the Triton kernels, and the registered
 kernels draw u in-kernel with Philox from a seed and never store it. The backward needs only
 dŷ/dℓ = β ŷ (1 − ŷ) of the soft sample: it reuses the soft output when that is what the forward
 returned, and regenerates the noise from the same seed and offsets behind a hard sample.
+
+``gumbel_sigmoid`` calls the op only where the Triton path was measured faster (``_dispatch``).
+Elsewhere it is the reference as plain torch ops, which ``torch.compile`` traces into the caller's
+graph: inductor then fuses the noise, the sigmoid and the straight-through into G's head and into
+D's first layer, which the custom op would hide from it (issue 9, measured in bench/kernels.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastmlgan.kernels._dispatch import HAS_TRITON, draw_seed, tl, torch_generator, triton, use_triton
+from fastmlgan.kernels._dispatch import HAS_TRITON, choose_path, draw_seed, tl, torch_generator, triton, use_triton
 
 # u is kept in [EPS, 1 - EPS] so both logs stay finite in fp32 (1 - 1e-6 is representable; the
 # noise is then bounded by |log(1e-6)| ≈ 13.8, a truncation of probability 2e-6 per element).
@@ -32,7 +37,14 @@ BLOCK = 1024
 
 
 def logistic_noise(shape, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    u = torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+    """log u − log(1 − u), u ~ U(0, 1) clamped to [EPS, 1 − EPS], fp32, from ``generator`` or
+    torch's RNG (inductor's under ``torch.compile``)."""
+    if generator is None:
+        # No ``generator=None`` keyword: with it, dynamo rejects symbolic sizes (torch 2.14), and
+        # a compiled step whose last batch is smaller traces with dynamic shapes.
+        u = torch.rand(shape, device=device, dtype=torch.float32)
+    else:
+        u = torch.rand(shape, device=generator.device, dtype=torch.float32, generator=generator).to(device)
     u = u.clamp(EPS, 1.0 - EPS)
     return torch.log(u) - torch.log1p(-u)
 
@@ -221,9 +233,14 @@ def gumbel_sigmoid(
 ) -> torch.Tensor:
     """Sample a relaxed multi-hot label set from per-label logits (any shape, any float dtype).
 
-    Returns fp32. The noise follows ``torch.manual_seed`` or ``generator``: one seed is drawn from
-    it per call and the kernel expands it with Philox (the torch path with a seeded generator).
-    With ``hard=True`` the value is 1[ŷ > 0.5] and the gradient that of the soft sample.
+    Returns fp32. The noise follows ``torch.manual_seed`` or ``generator``: on the Triton path one
+    seed is drawn from it per call and the kernel expands it with Philox; on the torch path the
+    uniforms are drawn from it directly. With ``hard=True`` the value is 1[ŷ > 0.5] and the
+    gradient that of the soft sample. Under ``torch.compile`` pass no ``generator`` (dynamo cannot
+    trace one); the noise then comes from inductor's RNG, still set by ``torch.manual_seed``.
     """
-    seed = draw_seed(logits.device, generator)
-    return torch.ops.fastmlgan.gumbel_sigmoid(logits, seed, float(inv_temperature), bool(hard))
+    if choose_path("gumbel_sigmoid", logits) == "triton":
+        seed = draw_seed(logits.device, generator)
+        return torch.ops.fastmlgan.gumbel_sigmoid(logits, seed, float(inv_temperature), bool(hard))
+    noise = logistic_noise(logits.shape, logits.device, generator)
+    return gumbel_sigmoid_reference(logits, noise, float(inv_temperature), bool(hard))
