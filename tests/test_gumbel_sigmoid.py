@@ -48,10 +48,72 @@ GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 SIGMOID_ULP = 1.2e-7
 
 
+def _ks_two_sample(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sup_x |F_a(x) − F_b(x)| of the two empirical CDFs (ties handled: CDFs are right-continuous)."""
+    a, b = a.double().sort().values, b.double().sort().values
+    grid = torch.cat([a, b])
+    f_a = torch.searchsorted(a, grid, right=True) / len(a)
+    f_b = torch.searchsorted(b, grid, right=True) / len(b)
+    return (f_a - f_b).abs().max().item()
+
+
+# Each way to draw a Gumbel-sigmoid sample: the public call on the torch path (eager, and compiled,
+# where inductor's RNG draws the noise), the registered op with its torch implementation inside,
+# and the public call on the Triton path (Philox in the kernel).
+SAMPLERS = ["torch eager", "torch compiled", "custom op, torch inside", "triton"]
+KS_LEVELS = [-2.0, -0.5, 0.0, 1.5]
+
+
+def _draw(sampler: str, logits: torch.Tensor, inv_temperature: float, monkeypatch) -> torch.Tensor:
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton" if sampler == "triton" else "torch")
+    if sampler == "custom op, torch inside":
+        return _gumbel_op(logits, _seed(4321), inv_temperature)
+    torch.manual_seed(1234)
+    if sampler == "torch compiled":
+        return torch.compile(lambda x: gumbel_sigmoid(x, inv_temperature), fullgraph=True)(logits)
+    return gumbel_sigmoid(logits, inv_temperature)
+
+
+@pytest.mark.parametrize("inv_temperature", [0.5, 0.9])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sample_distribution_is_relaxed_bernoulli(sampler, inv_temperature, monkeypatch):
+    # The op against torch.distributions.RelaxedBernoulli(temperature = 1/β, logits = ℓ), an
+    # independently written sampler of σ((ℓ + L)/T), L logistic: a two-sample Kolmogorov–Smirnov
+    # test per logit level. If both samples come from one CDF F, the distance of each empirical
+    # CDF to F exceeds t = sqrt(ln(4K/α) / 2n) with probability ≤ α/(2K) (DKW with Massart's
+    # constant), so over the K levels and both samples the two-sample distance exceeds 2t with
+    # probability ≤ α = FALSE_FAILURE_RATE. The samplers' clamps (u to [1e-6, 1 − 1e-6] here,
+    # [1.2e-7, 1 − 1.2e-7] and ŷ to the same in torch.distributions, whose clamp of ŷ is applied to
+    # ours too) move the CDFs by < 1e-5, added to the bound. Seeds are fixed, so the outcome is
+    # deterministic. It fails on a wrong temperature (β applied as 1/β moves the CDF by ≥ 0.046 at
+    # β = 0.9 and 0.27 at β = 0.5, against a bound of 0.032), on β applied to ℓ or to the noise only,
+    # and on a sign error in one of the noise's two logs. Flipping the sign of the whole noise, or
+    # swapping u and 1 − u, leaves the distribution unchanged (L is symmetric): no test of the
+    # samples can or should see it.
+    if sampler == "triton" and not TRITON_HERE:
+        pytest.skip("no Triton here: triton is missing, or was imported before TRITON_INTERPRET=1 was set")
+    n = 2**15
+    levels = torch.tensor(KS_LEVELS)
+    ours = _draw(sampler, levels.repeat(n, 1).to(DEVICE), inv_temperature, monkeypatch).cpu()
+    torch.manual_seed(99)
+    reference = torch.distributions.RelaxedBernoulli(torch.tensor(1.0 / inv_temperature), logits=levels).sample((n,))
+    tiny = torch.finfo(torch.float32).eps  # torch.distributions' clamp_probs
+    ours = ours.clamp(tiny, 1.0 - tiny)
+    t = math.sqrt(math.log(4 * len(KS_LEVELS) / FALSE_FAILURE_RATE) / (2 * n))
+    for k, level in enumerate(KS_LEVELS):
+        distance = _ks_two_sample(ours[:, k], reference[:, k])
+        assert distance < 2 * t + 1e-5, f"logit {level}, β {inv_temperature}: KS distance {distance:.4f} ≥ {2 * t:.4f}"
+
+
 @pytest.mark.parametrize("shape", [(3, 5), (17, 81), (64, 80), (2, 3, 7)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
-def test_op_matches_reference(backend, shape, dtype, hard):
+def test_triton_kernels_match_reference(shape, dtype, hard, monkeypatch):
+    # The kernels' formula against the torch reference's, given the same noise (the torch path's
+    # own implementation is that reference: test_sample_distribution_is_relaxed_bernoulli checks it).
+    if not TRITON_HERE:
+        pytest.skip("no Triton here: triton is missing, or was imported before TRITON_INTERPRET=1 was set")
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, hard)).encode()))
     logits = (3 * torch.randn(shape, generator=gen)).to(device=DEVICE, dtype=dtype)
     grad_out = torch.randn(shape, generator=gen).to(DEVICE)

@@ -56,7 +56,7 @@ def gumbel_sigmoid_reference(
     hard: bool = False,
 ) -> torch.Tensor:
     """Pure-torch Gumbel sigmoid given the logistic noise; fp32 out."""
-    soft = torch.sigmoid(inv_temperature * (logits.float() + noise))
+    soft = torch.sigmoid((logits.float() + noise) / inv_temperature)
     if not hard:
         return soft
     # Straight-through: the forward value is the hard sample, the gradient that of the soft one.
@@ -155,8 +155,9 @@ def _gumbel_sigmoid_op(logits: torch.Tensor, seed: torch.Tensor, inv_temperature
                 logits, out, seed, logits.numel(), inv_temperature, HARD=hard, EPS=EPS, BLOCK=BLOCK
             )
         return out
-    noise = logistic_noise(logits.shape, logits.device, torch_generator(seed))
-    soft = torch.sigmoid(inv_temperature * (logits.float() + noise))
+    soft = gumbel_sigmoid_reference(
+        logits, logistic_noise(logits.shape, logits.device, torch_generator(seed)), inv_temperature
+    )
     return (soft > 0.5).float() if hard else soft
 
 
@@ -197,8 +198,9 @@ def _gumbel_sigmoid_backward_op(
             )
         return grad_logits
     if soft is None:
-        noise = logistic_noise(logits.shape, logits.device, torch_generator(seed))
-        soft = torch.sigmoid(inv_temperature * (logits.float() + noise))
+        soft = gumbel_sigmoid_reference(
+            logits, logistic_noise(logits.shape, logits.device, torch_generator(seed)), inv_temperature
+        )
     return (grad_out.float() * inv_temperature * soft * (1.0 - soft)).to(logits.dtype)
 
 
