@@ -56,7 +56,7 @@ def gumbel_sigmoid_reference(
     hard: bool = False,
 ) -> torch.Tensor:
     """Pure-torch Gumbel sigmoid given the logistic noise; fp32 out."""
-    soft = torch.sigmoid((logits.float() + noise) / inv_temperature)
+    soft = torch.sigmoid(inv_temperature * (logits.float() + noise))
     if not hard:
         return soft
     # Straight-through: the forward value is the hard sample, the gradient that of the soft one.
