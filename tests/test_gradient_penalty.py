@@ -222,6 +222,101 @@ def test_opcheck(backend):
 
 
 # ------------------------------------------------------------------------------------------
+# The explicit penalty by hand
+# ------------------------------------------------------------------------------------------
+
+# A 2-layer conditional D (2 labels, 1 feature, proj 2, hidden 2, LeakyReLU slope 0.2) with dyadic
+# weights, and three interpolated points, all exact in fp32: the first and third put layer 1's first
+# pre-activation exactly on the LeakyReLU kink (h = 0), where autograd's leaky_relu_backward takes
+# the negative slope.
+HAND_WEIGHTS = {
+    "label_proj.weight": [[1.0, -1.0], [0.5, 2.0]],
+    "label_proj.bias": [0.0, 0.5],
+    "feature_proj.weight": [[1.0], [-1.0]],
+    "feature_proj.bias": [0.0, 0.0],
+    "body.0.weight": [[1.0, 0.0, 0.5, -1.0], [-0.5, 1.0, 1.0, 0.0]],
+    "body.0.bias": [0.0, -0.25],
+    "body.2.weight": [[1.0, -2.0], [0.5, 1.0]],
+    "body.2.bias": [0.25, 0.0],
+    "out.weight": [[2.0, -1.0]],
+    "out.bias": [0.3],
+}
+HAND_REAL = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+HAND_FAKE = [[0.25, 0.5], [0.75, 0.25], [0.5, 0.5]]
+HAND_EPSILON = [0.5, 0.25, 0.75]
+HAND_FEATURES = [[-0.25], [0.5], [0.0]]
+
+
+def _penalty_by_hand(slope: float = 0.2):
+    """Eq. (5) and its weight gradients for the D above, in float64 from the chain rule written out.
+
+    Forward: x0 = [P_y y* + b_y ; P_z z + b_z], h1 = W1 x0 + b1, h2 = W2 lrelu(h1) + b2,
+    D = w·lrelu(h2) + b. With s_k = 1 where h_k > 0, else the slope:
+        v2 = s2 ⊙ w,  v1 = s1 ⊙ W2ᵀ v2,  g = P_yᵀ (W1_y)ᵀ v1   (W1_y: W1's label columns)
+    L = mean_i (‖g_i‖ − 1)², r_i = ∂L/∂g_i = 2 (‖g_i‖ − 1) g_i / (B ‖g_i‖), and with the masks
+    held fixed (their derivative is zero), q_i = P_y r_i, a_i = s1 ⊙ W1_y q_i:
+        ∂L/∂P_y = Σ u_i r_iᵀ (u_i = W1_yᵀ v1_i),  ∂L/∂W1_y = Σ v1_i q_iᵀ,  ∂L/∂W2 = Σ v2_i a_iᵀ,
+        ∂L/∂w = Σ s2 ⊙ W2 a_i,  and zero for the biases, P_z and W1's feature columns.
+    """
+    import numpy as np
+
+    w = {k: np.array(v, dtype=np.float64) for k, v in HAND_WEIGHTS.items()}
+    p_y, w1, w2, w_out = w["label_proj.weight"], w["body.0.weight"], w["body.2.weight"], w["out.weight"][0]
+    w1_y = w1[:, : p_y.shape[0]]
+    grads = {k: np.zeros_like(v) for k, v in w.items()}
+    norms, kinks, penalty = [], 0, 0.0
+    batch = len(HAND_REAL)
+    for y, f, e, z in zip(HAND_REAL, HAND_FAKE, HAND_EPSILON, HAND_FEATURES):
+        y_star = e * np.array(y) + (1 - e) * np.array(f)
+        x0 = np.concatenate(
+            [p_y @ y_star + w["label_proj.bias"], w["feature_proj.weight"] @ z + w["feature_proj.bias"]]
+        )
+        h1 = w1 @ x0 + w["body.0.bias"]
+        s1 = np.where(h1 > 0, 1.0, slope)
+        h2 = w2 @ (s1 * h1) + w["body.2.bias"]
+        s2 = np.where(h2 > 0, 1.0, slope)
+        kinks += int((h1 == 0).sum() + (h2 == 0).sum())
+        v2 = s2 * w_out
+        v1 = s1 * (w2.T @ v2)
+        u = w1_y.T @ v1
+        g = p_y.T @ u
+        norm = np.linalg.norm(g)
+        norms.append(norm)
+        penalty += (norm - 1.0) ** 2 / batch
+        r = 2.0 * (norm - 1.0) * g / (batch * norm)
+        q = p_y @ r
+        a = s1 * (w1_y @ q)
+        grads["label_proj.weight"] += np.outer(u, r)
+        grads["body.0.weight"][:, : p_y.shape[0]] += np.outer(v1, q)
+        grads["body.2.weight"] += np.outer(v2, a)
+        grads["out.weight"][0] += s2 * (w2 @ a)
+    return penalty, grads, norms, kinks
+
+
+def test_explicit_penalty_and_its_gradients_by_hand(backend):
+    expected, expected_grads, norms, kinks = _penalty_by_hand()
+    assert kinks == 2  # the points really sit on the kink
+    assert min(abs(n - 1.0) for n in norms) > 0.1  # and no ‖g‖ is near 1, where L's gradient vanishes
+
+    d = Discriminator(num_labels=2, feature_dim=1, proj_dim=2, hidden_dim=2, num_layers=2)
+    with torch.no_grad():
+        for name, param in d.named_parameters():
+            param.copy_(torch.tensor(HAND_WEIGHTS[name]))
+    d = d.to(DEVICE)
+    real, fake, features, epsilon = (
+        torch.tensor(t, device=DEVICE) for t in (HAND_REAL, HAND_FAKE, HAND_FEATURES, HAND_EPSILON)
+    )
+    penalty = gradient_penalty(d, real, fake, features, epsilon=epsilon)
+    assert penalty.item() == pytest.approx(expected, rel=1e-6)
+    names = [n for n, _ in d.named_parameters()]
+    for name, got in zip(names, _grads(penalty, list(d.parameters()))):
+        want = torch.tensor(expected_grads[name], dtype=torch.float32, device=DEVICE)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+    # The textbook double backward takes the same slope on the kink.
+    assert gradient_penalty_autograd(d, real, fake, features, epsilon).item() == pytest.approx(expected, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
 # The explicit input gradient and the penalty against autograd
 # ------------------------------------------------------------------------------------------
 
