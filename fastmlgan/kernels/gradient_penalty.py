@@ -123,7 +123,7 @@ def discriminator_input_gradient(
                 raise ValueError("a conditional Discriminator needs image features")
             h = torch.cat([h, d.feature_proj(features)], dim=-1)
         for layer in layers:
-            positive.append(h >= 0 if not isinstance(layer, nn.Linear) else None)
+            positive.append(h > 0 if not isinstance(layer, nn.Linear) else None)
             h = layer(h)
     # The chain, from the output back to the label input. A select rather than a multiply by a
     # 1/slope mask: it is the op autograd's leaky_relu_backward runs, so the values match it.
