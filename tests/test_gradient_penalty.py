@@ -453,3 +453,23 @@ def test_compiled_public_call_follows_manual_seed(backend):
         torch.manual_seed(seed)
         values.append(compiled(d, real, fake, features))
     assert torch.equal(values[0], values[1]) and not torch.equal(values[0], values[2])
+
+
+def test_compiled_torch_path_is_plain_ops_with_a_symbolic_batch_size(monkeypatch):
+    # On the torch path the penalty is ordinary ops in the D step's graph (no custom op for inductor
+    # to stop at), and ε is drawn with a batch size that may be symbolic (a smaller last batch).
+    monkeypatch.setenv(_dispatch.ENV_VAR, "torch")
+    d = _random_discriminator(True, 2, 16, 8, "dynamic")
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(gradient_penalty, backend=capture, fullgraph=True, dynamic=True)
+    for batch_size in (7, 12):
+        real, fake, features, _ = _batch(batch_size, "dynamic")
+        value = compiled(d, real, fake, features)
+        assert value.shape == () and torch.isfinite(value)
+    assert graphs and not {str(n.target) for g in graphs for n in g.graph.nodes if "fastmlgan" in str(n.target)}

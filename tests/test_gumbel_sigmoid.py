@@ -266,3 +266,51 @@ def test_bad_backend_value(monkeypatch):
     monkeypatch.setenv(_dispatch.ENV_VAR, "cuda")
     with pytest.raises(ConfigError, match="FASTMLGAN_KERNELS"):
         gumbel_sigmoid(torch.zeros(2, 3))
+
+
+def _captured_graph(fn, *args, dynamic=False):
+    """The FX graphs dynamo hands its backend when it compiles ``fn`` (fullgraph)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=capture, fullgraph=True, dynamic=dynamic)(*args)
+    return out, graphs
+
+
+def _fastmlgan_ops(graphs) -> set[str]:
+    return {str(n.target) for g in graphs for n in g.graph.nodes if "fastmlgan" in str(n.target)}
+
+
+def test_compiled_torch_path_is_plain_ops_in_the_callers_graph(monkeypatch):
+    # The torch path under torch.compile is traced into the caller's graph as ordinary ops, which
+    # inductor can fuse with G's head and D's first layer; the Triton path is the opaque custom op.
+    logits = torch.randn(6, 80, device=DEVICE)
+    monkeypatch.setenv(_dispatch.ENV_VAR, "torch")
+    for hard in (False, True):
+        _, graphs = _captured_graph(lambda x, hard=hard: gumbel_sigmoid(x, 0.9, hard=hard), logits)
+        assert len(graphs) == 1 and not _fastmlgan_ops(graphs)
+        targets = {str(n.target) for n in graphs[0].graph.nodes}
+        assert any("rand" in t for t in targets) and any("sigmoid" in t for t in targets), targets
+    if TRITON_HERE:
+        monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
+        _, graphs = _captured_graph(lambda x: gumbel_sigmoid(x, 0.9), logits)
+        assert {t.removesuffix(".default") for t in _fastmlgan_ops(graphs)} == {"fastmlgan.gumbel_sigmoid"}
+
+
+def test_compiled_torch_path_takes_a_symbolic_batch_size(monkeypatch):
+    # A compiled step whose last batch is smaller re-traces with a dynamic batch size;
+    # torch.rand(..., generator=None) rejected that (torch 2.14), the torch path must not.
+    monkeypatch.setenv(_dispatch.ENV_VAR, "torch")
+
+    def sample(x):
+        return gumbel_sigmoid(x, 0.9, hard=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(sample, backend="eager", fullgraph=True, dynamic=True)
+    for batch in (5, 9):
+        out = compiled(torch.randn(batch, 80, device=DEVICE))
+        assert out.shape == (batch, 80) and set(out.unique().tolist()) <= {0.0, 1.0}

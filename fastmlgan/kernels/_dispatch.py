@@ -12,8 +12,9 @@ and mode (eager or compiled), the path measured fastest: ``dispatch.json`` besid
 written by ``bench/kernels.py --write-dispatch`` from a results file in ``bench/results/`` (the
 file, device, versions and date are inside it). It is read once, at import. A device type or mode
 it has no measurement for runs the torch reference: a kernel is used only where it was measured to
-win. The choice is made when the op is called, or when ``torch.compile`` traces it (dynamo guards
-on the environment variable, so changing it recompiles).
+win. The choice is made when the op is called, or when ``torch.compile`` traces it. Dynamo guards
+on the variable's value when it is set, so changing it recompiles; but a variable that was unset
+at the first trace and set later goes unnoticed (torch 2.14): set it when launching the process.
 
 Triton on CPU tensors runs through Triton's interpreter. Triton picks the interpreter when
 ``@triton.jit`` *decorates* a function, and ``triton.language``'s own jit functions (``tl.rand``,
