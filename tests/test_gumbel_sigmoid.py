@@ -234,6 +234,20 @@ def test_hard_backward_regenerates_the_forward_noise(backend):
     torch.testing.assert_close(from_soft, regenerated, rtol=1e-6, atol=1e-7)
 
 
+def test_public_hard_sample_is_straight_through(backend):
+    # Same RNG state, same noise: the hard sample thresholds the soft one, and its gradient is the
+    # soft sample's, β ŷ (1 − ŷ) g, on the path the public call takes (plain torch ops or the op).
+    logits = torch.randn(33, 80, device=DEVICE, requires_grad=True)
+    grad_out = torch.randn(33, 80, device=DEVICE)
+    torch.manual_seed(6)
+    soft = gumbel_sigmoid(logits.detach(), 0.7)
+    torch.manual_seed(6)
+    hard = gumbel_sigmoid(logits, 0.7, hard=True)
+    hard.backward(grad_out)
+    assert torch.equal(hard.detach(), (soft > 0.5).float())
+    torch.testing.assert_close(logits.grad, grad_out * 0.7 * soft * (1 - soft), rtol=1e-5, atol=1e-7)
+
+
 def test_compiled_public_call(backend):
     # fullgraph: the seed draw is traced, the kernel sits inside the custom op. Inductor draws the
     # seed from its own RNG stream, so check the sample's own properties, not eager equality.
