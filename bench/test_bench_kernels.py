@@ -48,7 +48,7 @@ def backend(monkeypatch):
 @pytest.mark.benchmark(group="gumbel_sigmoid fwd+bwd 256x80")
 @pytest.mark.parametrize("variant", list(bench.gumbel_variants(DEVICE, TRITON)))
 def test_gumbel_sigmoid(benchmark, backend, variant):
-    env, sample = bench.gumbel_variants(DEVICE, TRITON)[variant]
+    env, sample, _, _ = bench.gumbel_variants(DEVICE, TRITON)[variant]
     backend(env)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(GUMBEL_SHAPE, generator=gen).to(DEVICE).requires_grad_(True)
@@ -61,10 +61,23 @@ def test_gumbel_sigmoid(benchmark, backend, variant):
     benchmark.pedantic(bench.gumbel_step(sample, logits, grad_out), rounds=20, warmup_rounds=3)
 
 
+@pytest.mark.benchmark(group=f"head+BCE+gumbel+D input {bench.FUSED_BATCH}x{bench.NUM_LABELS}")
+@pytest.mark.parametrize("variant", list(bench.fused_variants(TRITON)))
+def test_fused_gumbel(benchmark, backend, variant):
+    env, fn, _, _ = bench.fused_variants(TRITON)[variant]
+    backend(env)
+    step = bench.fused_step(fn, DEVICE)
+    # The variants draw different noise (eager RNG, inductor RNG, Philox), so only a finite loss is
+    # checked here; tests/test_gumbel_sigmoid.py tests each sampler's distribution.
+    loss = step()
+    assert torch.isfinite(loss)
+    benchmark.pedantic(step, rounds=10, warmup_rounds=2)
+
+
 @pytest.mark.benchmark(group=f"D loss fwd+bwd B={D_BATCH}")
 @pytest.mark.parametrize("variant", list(bench.d_step_variants(TRITON)))
 def test_d_step(benchmark, backend, variant):
-    env, loss_fn, random_input = bench.d_step_variants(TRITON)[variant]
+    (env, loss_fn, _, _), random_input = bench.d_step_variants(TRITON)[variant]
     backend(env)
     d = bench.build_discriminator(DEVICE)
     batch = bench.d_batch(D_BATCH, DEVICE)

@@ -1,34 +1,21 @@
 """Gumbel sigmoid (§3.2): kernels and torch path against the reference, sampler statistics, the op.
 
-The Triton cases run on CPU through Triton's interpreter. It must be switched on before anything
-imports triton (see fastmlgan/kernels/_dispatch.py), so this module sets TRITON_INTERPRET=1 before
-its imports; when an earlier test module already imported triton (torchvision does), the Triton
-cases are skipped here and ``test_triton_cases_in_fresh_process`` reruns them in a subprocess.
+The Triton cases run on CPU through Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1
+before anything imports triton (see fastmlgan/kernels/_dispatch.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import zlib
 
+import pytest
 import torch
+from kernel_helpers import seeded_logistic_noise
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from fastmlgan.errors import ConfigError  # noqa: E402
-from fastmlgan.kernels import _dispatch  # noqa: E402
-from fastmlgan.kernels.gumbel_sigmoid import (  # noqa: E402
-    EPS,
-    gumbel_sigmoid,
-    gumbel_sigmoid_reference,
-    seeded_logistic_noise,
-)
+from fastmlgan.errors import ConfigError
+from fastmlgan.kernels import _dispatch
+from fastmlgan.kernels.gumbel_sigmoid import EPS, gumbel_sigmoid, gumbel_sigmoid_reference
 
 # Each statistical test below fails by chance with probability at most this (Hoeffding / DKW).
 FALSE_FAILURE_RATE = 1e-6
@@ -40,7 +27,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch):
     if request.param == "triton" and not TRITON_HERE:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1; test_triton_cases_in_fresh_process runs these")
+        pytest.skip("no Triton here: triton is missing, or was imported before TRITON_INTERPRET=1 was set")
     monkeypatch.setenv(_dispatch.ENV_VAR, request.param)
     return request.param
 
@@ -61,10 +48,72 @@ GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 SIGMOID_ULP = 1.2e-7
 
 
+def _ks_two_sample(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sup_x |F_a(x) − F_b(x)| of the two empirical CDFs (ties handled: CDFs are right-continuous)."""
+    a, b = a.double().sort().values, b.double().sort().values
+    grid = torch.cat([a, b])
+    f_a = torch.searchsorted(a, grid, right=True) / len(a)
+    f_b = torch.searchsorted(b, grid, right=True) / len(b)
+    return (f_a - f_b).abs().max().item()
+
+
+# Each way to draw a Gumbel-sigmoid sample: the public call on the torch path (eager, and compiled,
+# where inductor's RNG draws the noise), the registered op with its torch implementation inside,
+# and the public call on the Triton path (Philox in the kernel).
+SAMPLERS = ["torch eager", "torch compiled", "custom op, torch inside", "triton"]
+KS_LEVELS = [-2.0, -0.5, 0.0, 1.5]
+
+
+def _draw(sampler: str, logits: torch.Tensor, inv_temperature: float, monkeypatch) -> torch.Tensor:
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton" if sampler == "triton" else "torch")
+    if sampler == "custom op, torch inside":
+        return _gumbel_op(logits, _seed(4321), inv_temperature)
+    torch.manual_seed(1234)
+    if sampler == "torch compiled":
+        return torch.compile(lambda x: gumbel_sigmoid(x, inv_temperature), fullgraph=True)(logits)
+    return gumbel_sigmoid(logits, inv_temperature)
+
+
+@pytest.mark.parametrize("inv_temperature", [0.5, 0.9])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sample_distribution_is_relaxed_bernoulli(sampler, inv_temperature, monkeypatch):
+    # The op against torch.distributions.RelaxedBernoulli(temperature = 1/β, logits = ℓ), an
+    # independently written sampler of σ((ℓ + L)/T), L logistic: a two-sample Kolmogorov–Smirnov
+    # test per logit level. If both samples come from one CDF F, the distance of each empirical
+    # CDF to F exceeds t = sqrt(ln(4K/α) / 2n) with probability ≤ α/(2K) (DKW with Massart's
+    # constant), so over the K levels and both samples the two-sample distance exceeds 2t with
+    # probability ≤ α = FALSE_FAILURE_RATE. The samplers' clamps (u to [1e-6, 1 − 1e-6] here,
+    # [1.2e-7, 1 − 1.2e-7] and ŷ to the same in torch.distributions, whose clamp of ŷ is applied to
+    # ours too) move the CDFs by < 1e-5, added to the bound. Seeds are fixed, so the outcome is
+    # deterministic. It fails on a wrong temperature (β applied as 1/β moves the CDF by ≥ 0.046 at
+    # β = 0.9 and 0.27 at β = 0.5, against a bound of 0.032), on β applied to ℓ or to the noise only,
+    # and on a sign error in one of the noise's two logs. Flipping the sign of the whole noise, or
+    # swapping u and 1 − u, leaves the distribution unchanged (L is symmetric): no test of the
+    # samples can or should see it.
+    if sampler == "triton" and not TRITON_HERE:
+        pytest.skip("no Triton here: triton is missing, or was imported before TRITON_INTERPRET=1 was set")
+    n = 2**15
+    levels = torch.tensor(KS_LEVELS)
+    ours = _draw(sampler, levels.repeat(n, 1).to(DEVICE), inv_temperature, monkeypatch).cpu()
+    torch.manual_seed(99)
+    reference = torch.distributions.RelaxedBernoulli(torch.tensor(1.0 / inv_temperature), logits=levels).sample((n,))
+    tiny = torch.finfo(torch.float32).eps  # torch.distributions' clamp_probs
+    ours = ours.clamp(tiny, 1.0 - tiny)
+    t = math.sqrt(math.log(4 * len(KS_LEVELS) / FALSE_FAILURE_RATE) / (2 * n))
+    for k, level in enumerate(KS_LEVELS):
+        distance = _ks_two_sample(ours[:, k], reference[:, k])
+        assert distance < 2 * t + 1e-5, f"logit {level}, β {inv_temperature}: KS distance {distance:.4f} ≥ {2 * t:.4f}"
+
+
 @pytest.mark.parametrize("shape", [(3, 5), (17, 81), (64, 80), (2, 3, 7)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
-def test_op_matches_reference(backend, shape, dtype, hard):
+def test_triton_kernels_match_reference(shape, dtype, hard, monkeypatch):
+    # The kernels' formula against the torch reference's, given the same noise (the torch path's
+    # own implementation is that reference: test_sample_distribution_is_relaxed_bernoulli checks it).
+    if not TRITON_HERE:
+        pytest.skip("no Triton here: triton is missing, or was imported before TRITON_INTERPRET=1 was set")
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, hard)).encode()))
     logits = (3 * torch.randn(shape, generator=gen)).to(device=DEVICE, dtype=dtype)
     grad_out = torch.randn(shape, generator=gen).to(DEVICE)
@@ -185,6 +234,20 @@ def test_hard_backward_regenerates_the_forward_noise(backend):
     torch.testing.assert_close(from_soft, regenerated, rtol=1e-6, atol=1e-7)
 
 
+def test_public_hard_sample_is_straight_through(backend):
+    # Same RNG state, same noise: the hard sample thresholds the soft one, and its gradient is the
+    # soft sample's, β ŷ (1 − ŷ) g, on the path the public call takes (plain torch ops or the op).
+    logits = torch.randn(33, 80, device=DEVICE, requires_grad=True)
+    grad_out = torch.randn(33, 80, device=DEVICE)
+    torch.manual_seed(6)
+    soft = gumbel_sigmoid(logits.detach(), 0.7)
+    torch.manual_seed(6)
+    hard = gumbel_sigmoid(logits, 0.7, hard=True)
+    hard.backward(grad_out)
+    assert torch.equal(hard.detach(), (soft > 0.5).float())
+    torch.testing.assert_close(logits.grad, grad_out * 0.7 * soft * (1 - soft), rtol=1e-5, atol=1e-7)
+
+
 def test_compiled_public_call(backend):
     # fullgraph: the seed draw is traced, the kernel sits inside the custom op. Inductor draws the
     # seed from its own RNG stream, so check the sample's own properties, not eager equality.
@@ -219,10 +282,49 @@ def test_bad_backend_value(monkeypatch):
         gumbel_sigmoid(torch.zeros(2, 3))
 
 
-def test_triton_cases_in_fresh_process():
+def _captured_graph(fn, *args, dynamic=False):
+    """The FX graphs dynamo hands its backend when it compiles ``fn`` (fullgraph)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=capture, fullgraph=True, dynamic=dynamic)(*args)
+    return out, graphs
+
+
+def _fastmlgan_ops(graphs) -> set[str]:
+    return {str(n.target) for g in graphs for n in g.graph.nodes if "fastmlgan" in str(n.target)}
+
+
+def test_compiled_torch_path_is_plain_ops_in_the_callers_graph(monkeypatch):
+    # The torch path under torch.compile is traced into the caller's graph as ordinary ops, which
+    # inductor can fuse with G's head and D's first layer; the Triton path is the opaque custom op.
+    logits = torch.randn(6, 80, device=DEVICE)
+    monkeypatch.setenv(_dispatch.ENV_VAR, "torch")
+    for hard in (False, True):
+        _, graphs = _captured_graph(lambda x, hard=hard: gumbel_sigmoid(x, 0.9, hard=hard), logits)
+        assert len(graphs) == 1 and not _fastmlgan_ops(graphs)
+        targets = {str(n.target) for n in graphs[0].graph.nodes}
+        assert any("rand" in t for t in targets) and any("sigmoid" in t for t in targets), targets
     if TRITON_HERE:
-        pytest.skip("the Triton cases ran in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton", __file__]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
+        _, graphs = _captured_graph(lambda x: gumbel_sigmoid(x, 0.9), logits)
+        assert {t.removesuffix(".default") for t in _fastmlgan_ops(graphs)} == {"fastmlgan.gumbel_sigmoid"}
+
+
+def test_compiled_torch_path_takes_a_symbolic_batch_size(monkeypatch):
+    # A compiled step whose last batch is smaller re-traces with a dynamic batch size;
+    # torch.rand(..., generator=None) rejected that (torch 2.14), the torch path must not.
+    monkeypatch.setenv(_dispatch.ENV_VAR, "torch")
+
+    def sample(x):
+        return gumbel_sigmoid(x, 0.9, hard=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(sample, backend="eager", fullgraph=True, dynamic=True)
+    for batch in (5, 9):
+        out = compiled(torch.randn(batch, 80, device=DEVICE))
+        assert out.shape == (batch, 80) and set(out.unique().tolist()) <= {0.0, 1.0}

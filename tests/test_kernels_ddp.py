@@ -15,10 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from kernel_helpers import penalty_epsilon
 from torch.nn.parallel import DistributedDataParallel
 
 from fastmlgan.kernels import _dispatch
-from fastmlgan.kernels.gradient_penalty import gradient_penalty, gradient_penalty_autograd, interpolation_epsilon
+from fastmlgan.kernels.gradient_penalty import gradient_penalty, gradient_penalty_autograd
 from fastmlgan.models.discriminator import Discriminator
 
 WORLD_SIZE = 2
@@ -63,10 +64,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         ddp = DistributedDataParallel(_discriminator())
         shard = slice(rank * SHARD, (rank + 1) * SHARD)
         real, fake, mismatched, features = (t[shard] for t in _full_batch())
-        seed = _dispatch.draw_seed(torch.device("cpu"), torch.Generator().manual_seed(100 + rank))
-        epsilon = interpolation_epsilon(seed, SHARD)
+        epsilon = penalty_epsilon(SHARD, 100 + rank, "cpu")
 
-        # (1) The penalty alone, ε drawn in-kernel from this rank's seed. DDP all-reduces only
+        # (1) The penalty alone, ε drawn from this rank's generator (in-kernel on the Triton path). DDP all-reduces only
         # once its forward has armed the reducer and every parameter has received a gradient; a
         # zero-weighted D term does both (the full D loss below does it for real).
         gp = gradient_penalty(ddp, real, fake, features, generator=torch.Generator().manual_seed(100 + rank))

@@ -16,9 +16,11 @@ its input) — and the gradient of this penalty equals the textbook one for ever
 penalty is then first order: ``loss.backward()`` and ``torch.compile(fullgraph=True)`` handle it.
 
 Two registered ops carry the fused parts: ``fastmlgan::gp_interpolate`` (y* with ε drawn in-kernel
-per row from a seed; ``fastmlgan::gp_epsilon`` returns that ε) and ``fastmlgan::gp_norm_penalty``
-(mean((‖g_i‖ − 1)²), backward ``fastmlgan::gp_norm_penalty_backward``). The matrix chain stays in
-torch: those are matmuls, and inductor already fuses the slope selects into their neighbours.
+per row from a seed) and ``fastmlgan::gp_norm_penalty`` (mean((‖g_i‖ − 1)²), backward
+``fastmlgan::gp_norm_penalty_backward``). The matrix chain stays in torch: those are matmuls, and
+inductor already fuses the slope selects into their neighbours. ``gradient_penalty`` uses the ops
+only where the Triton path was measured faster (``_dispatch``); elsewhere it runs their torch
+references as plain ops, which ``torch.compile`` traces into the D step's graph.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastmlgan.kernels._dispatch import HAS_TRITON, draw_seed, tl, torch_generator, triton, use_triton
+from fastmlgan.kernels._dispatch import HAS_TRITON, choose_path, draw_seed, tl, torch_generator, triton, use_triton
 
 # Rows per program of the row-wise kernels; columns are |S| (80 for COCO, 81 for NUS-WIDE).
 BLOCK_ROWS = 16
@@ -172,11 +174,6 @@ if HAS_TRITON:
             tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gp_epsilon_kernel(seed_ptr, out_ptr, num_rows, BLOCK: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out_ptr + rows, tl.rand(tl.load(seed_ptr), rows), mask=rows < num_rows)
-
-    @triton.jit
     def _row_norms(grad_ptr, rows, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
         sum_sq = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
         for col_start in range(0, num_cols, BLOCK_COLS):
@@ -184,7 +181,8 @@ if HAS_TRITON:
             mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
             g = tl.load(grad_ptr + rows[:, None] * num_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             sum_sq += tl.sum(g * g, axis=1)
-        return tl.sqrt(sum_sq)
+        # sqrt_rn: correctly rounded like torch (issue 12); tl.sqrt is sqrt.approx.ftz.f32 on NVIDIA GPUs.
+        return tl.sqrt_rn(sum_sq)
 
     @triton.jit
     def _gp_norm_penalty_fwd_kernel(
@@ -237,25 +235,6 @@ def _check_rows(name: str, tensor: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastmlgan::gp_epsilon", mutates_args=())
-def _gp_epsilon_op(seed: torch.Tensor, batch_size: int) -> torch.Tensor:
-    out = torch.empty(batch_size, dtype=torch.float32, device=seed.device)
-    if use_triton(seed):
-        if batch_size:
-            _gp_epsilon_kernel[(triton.cdiv(batch_size, 256),)](seed, out, batch_size, BLOCK=256)
-        return out
-    return _epsilon_torch(seed, batch_size)
-
-
-def _epsilon_torch(seed: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.rand(batch_size, dtype=torch.float32, device=seed.device, generator=torch_generator(seed))
-
-
-@_gp_epsilon_op.register_fake
-def _(seed, batch_size):
-    return seed.new_empty((batch_size,), dtype=torch.float32)
-
-
 @torch.library.custom_op("fastmlgan::gp_interpolate", mutates_args=())
 def _gp_interpolate_op(real: torch.Tensor, fake: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     _check_rows("real", real)
@@ -269,7 +248,8 @@ def _gp_interpolate_op(real: torch.Tensor, fake: torch.Tensor, seed: torch.Tenso
                 real, fake, out, seed, num_rows, num_cols, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=_block_cols(num_cols)
             )
         return out
-    return interpolate_reference(real, fake, _epsilon_torch(seed, real.shape[0])).contiguous()
+    epsilon = torch.rand(real.shape[0], dtype=torch.float32, device=real.device, generator=torch_generator(seed))
+    return interpolate_reference(real, fake, epsilon).contiguous()
 
 
 @_gp_interpolate_op.register_fake
@@ -277,25 +257,10 @@ def _(real, fake, seed):
     return real.new_empty(real.shape, dtype=torch.promote_types(real.dtype, fake.dtype))
 
 
-def _interpolate_setup_context(ctx, inputs, output):
-    real, fake, seed = inputs
-    ctx.save_for_backward(seed)
-    ctx.batch_size = real.shape[0]
-    ctx.dtypes = (real.dtype, fake.dtype)
-
-
-def _interpolate_backward(ctx, grad_out):
-    # Never reached from gradient_penalty (y* only sets the slope masks there); kept so the op
-    # is a correct function of real and fake for any other caller.
-    (seed,) = ctx.saved_tensors
-    eps = torch.ops.fastmlgan.gp_epsilon(seed, ctx.batch_size)[:, None]
-    grad = grad_out.float()
-    grad_real = (grad * eps).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-    grad_fake = (grad * (1.0 - eps)).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-    return grad_real, grad_fake, None
-
-
-_gp_interpolate_op.register_autograd(_interpolate_backward, setup_context=_interpolate_setup_context)
+# No autograd formula on purpose: y* only sets the slope masks of the penalty (its gradient in y
+# and ŷ is zero almost everywhere, see the module docstring), so ``gradient_penalty`` detaches it.
+# A caller that backpropagates through the op gets torch's "no autograd formula was registered"
+# error, never a silent wrong gradient.
 
 
 @torch.library.custom_op("fastmlgan::gp_norm_penalty", mutates_args=())
@@ -359,12 +324,19 @@ _gp_norm_penalty_op.register_autograd(_norm_penalty_backward, setup_context=_nor
 
 
 def interpolation_epsilon(seed: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The per-sample ε (B,) that ``fastmlgan::gp_interpolate`` uses at ``seed`` (for tests)."""
-    return torch.ops.fastmlgan.gp_epsilon(seed, batch_size)
+    """The per-sample ε (B,) that ``interpolate`` draws at ``seed``, to feed the textbook penalty.
+
+    Read off y* itself: with y = 1 and ŷ = 0, y* = ε · 1 + (1 − ε) · 0 = ε exactly in fp32.
+    """
+    ones = torch.ones(batch_size, 1, dtype=torch.float32, device=seed.device)
+    return interpolate(ones, torch.zeros_like(ones), seed)[:, 0]
 
 
 def interpolate(real: torch.Tensor, fake: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """y* = ε y + (1 − ε) ŷ, ε ~ U(0, 1) per row drawn from ``seed`` (fused on the Triton path)."""
+    """y* = ε y + (1 − ε) ŷ, ε ~ U(0, 1) per row drawn from ``seed`` (fused on the Triton path).
+
+    Not differentiable (see ``fastmlgan::gp_interpolate``): the penalty uses y* only for its masks.
+    """
     return torch.ops.fastmlgan.gp_interpolate(real, fake, seed)
 
 
@@ -395,8 +367,22 @@ def gradient_penalty(
     them is exactly zero; they are left out of the graph (``.grad`` stays None where double
     backward would write zeros).
     """
+    if choose_path("gradient_penalty", real) == "triton":
+        if epsilon is None:
+            labels = interpolate(real, fake, draw_seed(real.device, generator))
+        else:
+            labels = interpolate_reference(real, fake, epsilon)
+        return norm_penalty(discriminator_input_gradient(discriminator, labels.detach(), features))
     if epsilon is None:
-        labels = interpolate(real, fake, draw_seed(real.device, generator))
-    else:
-        labels = interpolate_reference(real, fake, epsilon)
-    return norm_penalty(discriminator_input_gradient(discriminator, labels.detach(), features))
+        epsilon = _uniform_per_row(real, generator)
+    labels = interpolate_reference(real, fake, epsilon)
+    return norm_penalty_reference(discriminator_input_gradient(discriminator, labels.detach(), features))
+
+
+def _uniform_per_row(rows: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """ε ~ U(0, 1), one per row of ``rows``, fp32, from ``generator`` or torch's (inductor's) RNG."""
+    if generator is None:
+        # rand_like: a compiled step with a smaller last batch traces with a symbolic batch size.
+        return torch.rand_like(rows[:, 0], dtype=torch.float32)
+    eps = torch.rand(rows.shape[0], device=generator.device, dtype=torch.float32, generator=generator)
+    return eps.to(rows.device)

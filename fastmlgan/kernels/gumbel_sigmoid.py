@@ -11,13 +11,18 @@ This file holds the pure-torch reference, the Triton kernels, and the registered
 kernels draw u in-kernel with Philox from a seed and never store it. The backward needs only
 dŷ/dℓ = β ŷ (1 − ŷ) of the soft sample: it reuses the soft output when that is what the forward
 returned, and regenerates the noise from the same seed and offsets behind a hard sample.
+
+``gumbel_sigmoid`` calls the op only where the Triton path was measured faster (``_dispatch``).
+Elsewhere it is the reference as plain torch ops, which ``torch.compile`` traces into the caller's
+graph: inductor then fuses the noise, the sigmoid and the straight-through into G's head and into
+D's first layer, which the custom op would hide from it (issue 9, measured in bench/kernels.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastmlgan.kernels._dispatch import HAS_TRITON, draw_seed, tl, torch_generator, triton, use_triton
+from fastmlgan.kernels._dispatch import HAS_TRITON, choose_path, draw_seed, tl, torch_generator, triton, use_triton
 
 # u is kept in [EPS, 1 - EPS] so both logs stay finite in fp32 (1 - 1e-6 is representable; the
 # noise is then bounded by |log(1e-6)| ≈ 13.8, a truncation of probability 2e-6 per element).
@@ -32,7 +37,14 @@ BLOCK = 1024
 
 
 def logistic_noise(shape, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    u = torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+    """log u − log(1 − u), u ~ U(0, 1) clamped to [EPS, 1 − EPS], fp32, from ``generator`` or
+    torch's RNG (inductor's under ``torch.compile``)."""
+    if generator is None:
+        # No ``generator=None`` keyword: with it, dynamo rejects symbolic sizes (torch 2.14), and
+        # a compiled step whose last batch is smaller traces with dynamic shapes.
+        u = torch.rand(shape, device=device, dtype=torch.float32)
+    else:
+        u = torch.rand(shape, device=generator.device, dtype=torch.float32, generator=generator).to(device)
     u = u.clamp(EPS, 1.0 - EPS)
     return torch.log(u) - torch.log1p(-u)
 
@@ -117,13 +129,6 @@ if HAS_TRITON:
         grad_logits = grad_out * inv_temperature * soft * (1.0 - soft)
         tl.store(grad_logits_ptr + offsets, grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _logistic_noise_kernel(out_ptr, seed_ptr, num_elements, EPS: tl.constexpr, BLOCK: tl.constexpr):
-        # The noise the two kernels above use at the same seed and offsets (for tests).
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        seed = tl.load(seed_ptr)
-        tl.store(out_ptr + offsets, _logistic_noise(seed, offsets, EPS), mask=offsets < num_elements)
-
 
 def _grid(num_elements: int) -> tuple[int]:
     return (triton.cdiv(num_elements, BLOCK),)
@@ -132,20 +137,6 @@ def _grid(num_elements: int) -> tuple[int]:
 def _check_seed(seed: torch.Tensor, device: torch.device) -> None:
     torch._check(seed.dtype == torch.int64 and seed.numel() == 1, lambda: "seed must be a one-element int64 tensor")
     torch._check(seed.device == device, lambda: f"seed on {seed.device}, logits on {device}")
-
-
-def seeded_logistic_noise(seed: torch.Tensor, shape, device) -> torch.Tensor:
-    """The logistic noise that ``fastmlgan::gumbel_sigmoid`` adds at ``seed`` (fp32, contiguous).
-
-    Follows the same backend choice as the op, so ``gumbel_sigmoid_reference(logits, noise, …)``
-    must equal the op's output elementwise. A test hook, eager only: it is not a registered op.
-    """
-    out = torch.empty(shape, dtype=torch.float32, device=device)
-    if use_triton(out):
-        if out.numel():
-            _logistic_noise_kernel[_grid(out.numel())](out, seed, out.numel(), EPS=EPS, BLOCK=BLOCK)
-        return out
-    return logistic_noise(shape, device, torch_generator(seed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,8 +155,9 @@ def _gumbel_sigmoid_op(logits: torch.Tensor, seed: torch.Tensor, inv_temperature
                 logits, out, seed, logits.numel(), inv_temperature, HARD=hard, EPS=EPS, BLOCK=BLOCK
             )
         return out
-    noise = logistic_noise(logits.shape, logits.device, torch_generator(seed))
-    soft = torch.sigmoid(inv_temperature * (logits.float() + noise))
+    soft = gumbel_sigmoid_reference(
+        logits, logistic_noise(logits.shape, logits.device, torch_generator(seed)), inv_temperature
+    )
     return (soft > 0.5).float() if hard else soft
 
 
@@ -206,8 +198,9 @@ def _gumbel_sigmoid_backward_op(
             )
         return grad_logits
     if soft is None:
-        noise = logistic_noise(logits.shape, logits.device, torch_generator(seed))
-        soft = torch.sigmoid(inv_temperature * (logits.float() + noise))
+        soft = gumbel_sigmoid_reference(
+            logits, logistic_noise(logits.shape, logits.device, torch_generator(seed)), inv_temperature
+        )
     return (grad_out.float() * inv_temperature * soft * (1.0 - soft)).to(logits.dtype)
 
 
@@ -242,9 +235,14 @@ def gumbel_sigmoid(
 ) -> torch.Tensor:
     """Sample a relaxed multi-hot label set from per-label logits (any shape, any float dtype).
 
-    Returns fp32. The noise follows ``torch.manual_seed`` or ``generator``: one seed is drawn from
-    it per call and the kernel expands it with Philox (the torch path with a seeded generator).
-    With ``hard=True`` the value is 1[ŷ > 0.5] and the gradient that of the soft sample.
+    Returns fp32. The noise follows ``torch.manual_seed`` or ``generator``: on the Triton path one
+    seed is drawn from it per call and the kernel expands it with Philox; on the torch path the
+    uniforms are drawn from it directly. With ``hard=True`` the value is 1[ŷ > 0.5] and the
+    gradient that of the soft sample. Under ``torch.compile`` pass no ``generator`` (dynamo cannot
+    trace one); the noise then comes from inductor's RNG, still set by ``torch.manual_seed``.
     """
-    seed = draw_seed(logits.device, generator)
-    return torch.ops.fastmlgan.gumbel_sigmoid(logits, seed, float(inv_temperature), bool(hard))
+    if choose_path("gumbel_sigmoid", logits) == "triton":
+        seed = draw_seed(logits.device, generator)
+        return torch.ops.fastmlgan.gumbel_sigmoid(logits, seed, float(inv_temperature), bool(hard))
+    noise = logistic_noise(logits.shape, logits.device, generator)
+    return gumbel_sigmoid_reference(logits, noise, float(inv_temperature), bool(hard))
