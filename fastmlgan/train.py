@@ -15,6 +15,7 @@ nothing behind; a run that fails after that but before its first step removes wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from fastmlgan import checkpoint as ckpt
 from fastmlgan.config import Config, config_from_dict, parse_args
 from fastmlgan.distributed import barrier, broadcast_object, destroy_distributed, init_distributed
 from fastmlgan.errors import FastMLGANError
+from fastmlgan.preemption import StopRequested
 from fastmlgan.progress import setup_logging
 from fastmlgan.runlog import METRICS_LOG, TRAIN_LOG, LogFile, RunLog, require_tensorboard, run_record
 
@@ -34,6 +36,23 @@ logger = logging.getLogger("fastmlgan.train")
 CONFIG = "config.json"
 # What marks a directory as a fastmlgan run (the only kind --overwrite may move aside).
 RUN_MARKERS = (CONFIG, METRICS_LOG, ckpt.CHECKPOINT_DIR)
+
+
+def elastic_restart(cfg: Config) -> Config:
+    """Under ``torchrun --max-restarts N`` a failed worker restarts the whole job with the same
+    arguments: continue the run from its last checkpoint rather than refusing its directory (or,
+    when it died before its first checkpoint, start it over)."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not restarts or cfg.resume:
+        return cfg
+    out = Path(cfg.out or f"runs/{cfg.preset}")
+    if (out / ckpt.CHECKPOINT_DIR / ckpt.LAST).is_file():
+        logger.warning("torchrun restart %d: resuming %s from its last checkpoint", restarts, out)
+        return dataclasses.replace(cfg, resume=str(out), out=str(out))
+    if out.is_dir() and any(out.iterdir()):
+        logger.warning("torchrun restart %d: %s has no checkpoint yet; starting it over", restarts, out)
+        return dataclasses.replace(cfg, overwrite=True)
+    return cfg
 
 
 def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None]:
@@ -189,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if info.is_main:
             log_file = LogFile()
             logging.getLogger().addHandler(log_file)
-        cfg, out_dir, state = resolve_run(cfg, argv)
+        cfg, out_dir, state = resolve_run(elastic_restart(cfg), argv)
         # Rank 0 decides for everyone: the ranks of other nodes may not see its file system.
         refusal = broadcast_object(check_run_dir(cfg, out_dir) if info.is_main else None, info)
         if refusal:
@@ -243,12 +262,19 @@ def main(argv: list[str] | None = None) -> int:
             log_file.write_line(f"error: {e}")
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StopRequested as e:
+        # SIGTERM / the first Ctrl-C: the trainer finished its step and checkpointed it.
+        message = f"{e}" + (f"; continue with --resume {trainer.out_dir}" if e.checkpoint else "")
+        if log_file is not None:
+            log_file.write_line(message)
+        print(message, file=sys.stderr)
+        finished = True
+        return e.exit_code
     except KeyboardInterrupt:
-        started = trainer is not None and trainer.global_step > start_step
+        # A second Ctrl-C (or one before training started): no checkpoint of this step.
+        last = trainer.last_checkpoint if trainer is not None else None
         print(
-            "interrupted; the last completed epoch is in the run directory's checkpoints/last.pt"
-            if started
-            else "interrupted before the first step; nothing was written",
+            f"aborted; the last checkpoint is {last}" if last else "aborted before any checkpoint was written",
             file=sys.stderr,
         )
         return 130
