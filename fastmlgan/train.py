@@ -55,11 +55,12 @@ def elastic_restart(cfg: Config) -> Config:
     return cfg
 
 
-def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None]:
-    """The config actually run, its directory, and the checkpoint to resume from (if any)."""
+def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None, Path | None]:
+    """The config actually run, its directory, and the checkpoint to resume from with its path
+    (the newest good one: a damaged last.pt falls back to the step file before it)."""
     if not cfg.resume:
-        return cfg, Path(cfg.out or f"runs/{cfg.preset}"), None
-    state = ckpt.load(cfg.resume, ckpt.RESUME_KEYS)
+        return cfg, Path(cfg.out or f"runs/{cfg.preset}"), None, None
+    state, checkpoint, _ = ckpt.load_latest_good(cfg.resume, ckpt.RESUME_KEYS)
     run_dir = ckpt.run_dir_of(cfg.resume)
     if not run_dir.is_dir():
         raise FastMLGANError(
@@ -79,7 +80,7 @@ def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None
     merged["out"] = str(run_dir)
     resumed = config_from_dict(merged)
     ckpt.check_resume_compatible(saved, resumed)  # before anything is written to run_dir
-    return resumed, run_dir, state
+    return resumed, run_dir, state, checkpoint
 
 
 def trim_metrics_log(path: Path, last_step: int) -> int:
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         if info.is_main:
             log_file = LogFile()
             logging.getLogger().addHandler(log_file)
-        cfg, out_dir, state = resolve_run(elastic_restart(cfg), argv)
+        cfg, out_dir, state, resumed_from = resolve_run(elastic_restart(cfg), argv)
         # Rank 0 decides for everyone: the ranks of other nodes may not see its file system.
         refusal = broadcast_object(check_run_dir(cfg, out_dir) if info.is_main else None, info)
         if refusal:
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, info, out_dir)
         if state is not None:
             trainer.load_state_dict(state)
+            trainer.last_checkpoint = resumed_from
         start_step = trainer.global_step
         if info.is_main:
             run_dir = RunDir(out_dir)

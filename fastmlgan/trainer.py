@@ -556,13 +556,13 @@ class Trainer:
             try:
                 state = {**self.state_dict(), "rank_streams": rank_streams}
                 if baseline:
-                    ckpt.save_atomic(state, folder / "baseline.pt")
+                    ckpt.save_atomic(state, folder / ckpt.BASELINE)
                 else:
                     self.last_checkpoint = ckpt.save_checkpoint(state, self.out_dir, self.global_step, self.cfg.checkpoint.keep)
             except ckpt.NonFiniteStateError as e:
                 error = (
-                    f"{e} after step {self.global_step} (phase {self.phase}): not saved. {self._lr_hint()} "
-                    f"{self._good_checkpoint()}"
+                    f"non-finite values in {e.tensor} after step {self.global_step} (phase {self.phase}): "
+                    f"not saved. {self._lr_hint()} {self._good_checkpoint()}"
                 )
             except FastMLGANError as e:
                 error = str(e)

@@ -21,12 +21,13 @@ import torch
 from fastmlgan import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
-# The smoke preset with 2 BCE epochs of 16 steps and 3 GAN epochs of 1 step (35 steps), a
-# checkpoint after every step, no figure.
-RUN = ["--preset", "smoke", "--train.max_steps_per_epoch", "20", "--train.gan_epochs", "3",
+# The smoke preset at batch 8: 2 BCE epochs of 20 steps, then 3 GAN epochs of 2 iterations, each
+# one loader batch of 80 images, so phase 2's data epochs (3 batches of the 256 images) straddle
+# its epochs and a resume must continue mid-way through one. A checkpoint after every step.
+RUN = ["--preset", "smoke", "--data.batch_size", "8", "--train.max_steps_per_epoch", "20", "--train.gan_epochs", "3",
        "--checkpoint.every_steps", "1", "--checkpoint.every_minutes", "0", "--log.plots", "false"]
-TOTAL_STEPS = 35
-BCE_STEPS = 32
+TOTAL_STEPS = 46
+BCE_STEPS = 40
 
 
 def _env() -> dict[str, str]:
@@ -94,7 +95,8 @@ def _check_kill_and_resume(reference, tmp_path, step: int, sig: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("step", "sig"),
-    [(7, signal.SIGTERM), (BCE_STEPS - 9, signal.SIGKILL), (BCE_STEPS + 2, signal.SIGTERM)],
+    # The phase-2 signal lands one step after BCE_STEPS + 1, mid-way through a data epoch (3 batches).
+    [(7, signal.SIGTERM), (BCE_STEPS - 9, signal.SIGKILL), (BCE_STEPS + 1, signal.SIGTERM)],
     ids=["bce-sigterm", "bce-sigkill", "gan-sigterm"],
 )
 def test_killed_and_resumed_run_equals_uninterrupted(reference, tmp_path, step, sig):
