@@ -16,7 +16,7 @@ EXTRAS ?= dev,plots,tb
 endif
 ARGS ?=
 
-.PHONY: install train test bench lint docker-lint clean
+.PHONY: install train test test-faults bench lint docker-lint clean
 
 install: $(VENV)/.installed
 
@@ -31,7 +31,11 @@ train: install
 	$(PY) -m fastmlgan train $(ARGS)
 
 test: install
-	$(PY) -m pytest -q -m "not benchmark" $(ARGS)
+	$(PY) -m pytest -q -m "not benchmark and not faults" $(ARGS)
+
+# The long fault-injection runs (CI runs them after `make test`).
+test-faults: install
+	$(PY) -m pytest -q -m faults $(ARGS)
 
 bench: install
 	$(PY) bench/kernels.py

@@ -76,11 +76,16 @@ def all_gather_arrays(array, info: DistInfo):
     """Concatenate a numpy array from every rank (rank order) on every rank."""
     import numpy as np
 
+    return np.concatenate(all_gather_objects(array, info), axis=0) if info.enabled else array
+
+
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj`` (rank order) on every rank."""
     if not info.enabled:
-        return array
+        return [obj]
     parts: list = [None] * info.world_size
-    dist.all_gather_object(parts, array)
-    return np.concatenate(parts, axis=0)
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
 def broadcast_object(obj, info: DistInfo):

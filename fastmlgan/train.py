@@ -15,6 +15,7 @@ nothing behind; a run that fails after that but before its first step removes wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from fastmlgan import checkpoint as ckpt
 from fastmlgan.config import Config, config_from_dict, parse_args
 from fastmlgan.distributed import barrier, broadcast_object, destroy_distributed, init_distributed
 from fastmlgan.errors import FastMLGANError
+from fastmlgan.preemption import StopRequested
 from fastmlgan.progress import setup_logging
 from fastmlgan.runlog import METRICS_LOG, TRAIN_LOG, LogFile, RunLog, require_tensorboard, run_record
 
@@ -36,11 +38,29 @@ CONFIG = "config.json"
 RUN_MARKERS = (CONFIG, METRICS_LOG, ckpt.CHECKPOINT_DIR)
 
 
-def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None]:
-    """The config actually run, its directory, and the checkpoint to resume from (if any)."""
+def elastic_restart(cfg: Config) -> Config:
+    """Under ``torchrun --max-restarts N`` a failed worker restarts the whole job with the same
+    arguments: continue the run from its last checkpoint rather than refusing its directory (or,
+    when it died before its first checkpoint, start it over)."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not restarts or cfg.resume:
+        return cfg
+    out = Path(cfg.out or f"runs/{cfg.preset}")
+    if (out / ckpt.CHECKPOINT_DIR / ckpt.LAST).is_file():
+        logger.warning("torchrun restart %d: resuming %s from its last checkpoint", restarts, out)
+        return dataclasses.replace(cfg, resume=str(out), out=str(out))
+    if out.is_dir() and any(out.iterdir()):
+        logger.warning("torchrun restart %d: %s has no checkpoint yet; starting it over", restarts, out)
+        return dataclasses.replace(cfg, overwrite=True)
+    return cfg
+
+
+def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None, Path | None]:
+    """The config actually run, its directory, and the checkpoint to resume from with its path
+    (the newest good one: a damaged last.pt falls back to the step file before it)."""
     if not cfg.resume:
-        return cfg, Path(cfg.out or f"runs/{cfg.preset}"), None
-    state = ckpt.load(cfg.resume, ckpt.RESUME_KEYS)
+        return cfg, Path(cfg.out or f"runs/{cfg.preset}"), None, None
+    state, checkpoint, _ = ckpt.load_latest_good(cfg.resume, ckpt.RESUME_KEYS)
     run_dir = ckpt.run_dir_of(cfg.resume)
     if not run_dir.is_dir():
         raise FastMLGANError(
@@ -60,7 +80,7 @@ def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None
     merged["out"] = str(run_dir)
     resumed = config_from_dict(merged)
     ckpt.check_resume_compatible(saved, resumed)  # before anything is written to run_dir
-    return resumed, run_dir, state
+    return resumed, run_dir, state, checkpoint
 
 
 def trim_metrics_log(path: Path, last_step: int) -> int:
@@ -191,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         if info.is_main:
             log_file = LogFile()
             logging.getLogger().addHandler(log_file)
-        cfg, out_dir, state = resolve_run(cfg, argv)
+        cfg, out_dir, state, resumed_from = resolve_run(elastic_restart(cfg), argv)
         # Rank 0 decides for everyone: the ranks of other nodes may not see its file system.
         refusal = broadcast_object(check_run_dir(cfg, out_dir) if info.is_main else None, info)
         if refusal:
@@ -203,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, info, out_dir)
         if state is not None:
             trainer.load_state_dict(state)
+            trainer.last_checkpoint = resumed_from
         start_step = trainer.global_step
         if info.is_main:
             run_dir = RunDir(out_dir)
@@ -245,12 +266,19 @@ def main(argv: list[str] | None = None) -> int:
             log_file.write_line(f"error: {e}")
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StopRequested as e:
+        # SIGTERM / the first Ctrl-C: the trainer finished its step and checkpointed it.
+        message = f"{e}" + (f"; continue with --resume {trainer.out_dir}" if e.checkpoint else "")
+        if log_file is not None:
+            log_file.write_line(message)
+        print(message, file=sys.stderr)
+        finished = True
+        return e.exit_code
     except KeyboardInterrupt:
-        started = trainer is not None and trainer.global_step > start_step
+        # A second Ctrl-C (or one before training started): no checkpoint of this step.
+        last = trainer.last_checkpoint if trainer is not None else None
         print(
-            "interrupted; the last completed epoch is in the run directory's checkpoints/last.pt"
-            if started
-            else "interrupted before the first step; nothing was written",
+            f"aborted; the last checkpoint is {last}" if last else "aborted before any checkpoint was written",
             file=sys.stderr,
         )
         return 130

@@ -22,8 +22,8 @@ from fastmlgan.config import Config
 from fastmlgan.distributed import (
     DistInfo,
     all_gather_arrays,
+    all_gather_objects,
     allreduce_gradients,
-    barrier,
     broadcast_module,
     broadcast_object,
 )
@@ -33,6 +33,7 @@ from fastmlgan.losses import GanSpec, bce_loss, discriminator_loss, generator_lo
 from fastmlgan.metrics import compute_metrics, format_table
 from fastmlgan.models import Discriminator, build_feature_extractor, build_generator
 from fastmlgan.models.chunked_norm import batch_norm_chunks, make_chunkable
+from fastmlgan.preemption import StopControl, StopRequested
 from fastmlgan.progress import Progress
 from fastmlgan.stream import BatchStream, IterationLayout
 
@@ -236,8 +237,18 @@ class Trainer:
         torch.manual_seed(cfg.train.seed * 1000003 + info.rank)  # per-rank noise streams
         self.phase = "bce"
         self.epoch = 0  # completed epochs of the current phase
+        self.epoch_step = 0  # steps done in the current epoch: a mid-epoch checkpoint resumes there
         self.global_step = 0  # G updates, both phases
         self.data_epoch = 0
+        self.stream: BatchStream | None = None  # the current phase's data stream
+        self.stream_state: dict[str, int] | None = None  # where it continues (from a checkpoint)
+        self.num_bad = 0  # undecodable images substituted in the phases before the current one
+        self.last_checkpoint: Path | None = None  # the newest checkpoint this run wrote (or resumed from)
+        self._loss_history: dict[str, list[float]] = {}
+        self._steps_since_checkpoint = 0
+        # SIGTERM/SIGINT and time-based checkpoints, agreed by every rank (a collective: every rank
+        # builds its Trainer). Installed while fit() runs.
+        self.stop_control = StopControl(info.world_size, cfg.checkpoint.every_minutes, info.is_main)
         self.baseline_metrics: dict | None = None
         self.gan_metrics: dict | None = None
         self.run_log = None  # metrics.jsonl, TensorBoard, train.log (fastmlgan.runlog); rank 0 writes
@@ -449,6 +460,11 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "data_epoch": self.data_epoch,
+            "epoch_step": self.epoch_step,
+            # Where the current phase's data stream continues: a resume draws the batches an
+            # uninterrupted run would have drawn next.
+            "stream": self.stream.state_dict() if self.stream is not None else self.stream_state,
+            "num_bad": self.num_bad + (self.stream.num_bad if self.stream is not None else 0),
             "generator": self.generator.state_dict(),
             "discriminator": self.discriminator.state_dict(),
             "feature_extractor": None if self.feature_extractor is None else self.feature_extractor.state_dict(),
@@ -477,17 +493,28 @@ class Trainer:
         self.phase = state["phase"]
         self.epoch = state["epoch"]
         self.global_step = state["global_step"]
-        # The data stream restarts at a fresh shuffled epoch after the last completed one.
-        self.data_epoch = state["data_epoch"] + 1
+        self.epoch_step = state.get("epoch_step", 0)
+        self.num_bad = state.get("num_bad", 0)
+        self.stream_state = state.get("stream")
+        # Checkpoints without a stream position (format 1 before it): a fresh epoch after the last.
+        self.data_epoch = state["data_epoch"] if self.stream_state else state["data_epoch"] + 1
         self.baseline_metrics = state["baseline_metrics"]
         self.gan_metrics = state["gan_metrics"]
         if self.phase == "done" and self.cfg.gan.enable and self.epoch < self.cfg.train.gan_epochs:
             # A finished run resumed with more GAN epochs (or with the GAN newly enabled): reopen
-            # phase 2. ``epoch`` counts completed GAN epochs (0 after a BCE-only run).
-            self.phase, self.gan_metrics = "gan", None
+            # phase 2, on a fresh data epoch. ``epoch`` counts completed GAN epochs (0 after a
+            # BCE-only run).
+            self.phase, self.gan_metrics, self.epoch_step, self.stream_state = "gan", None, 0, None
+            self.data_epoch += 1
         ckpt.set_rng_state(state["rng"])
-        if self.info.rank:
-            # The checkpoint holds rank 0's streams: give the other ranks their own again.
+        streams = state.get("rank_streams")
+        if streams is not None and len(streams) == self.info.world_size:
+            # This rank's own streams, as it left them.
+            ckpt.set_rng_state(streams[self.info.rank]["rng"])
+            if self.mismatch_sampler is not None and streams[self.info.rank]["mismatch_sampler"]:
+                self.mismatch_sampler.load_state_dict(streams[self.info.rank]["mismatch_sampler"])
+        elif self.info.rank:
+            # Another world size (or an older checkpoint): the other ranks get fresh streams of their own.
             torch.manual_seed(self.cfg.train.seed * 1000003 + self.info.rank + 7 * self.global_step)
             if self.mismatch_sampler is not None:
                 self.mismatch_sampler.generator.manual_seed(
@@ -511,16 +538,63 @@ class Trainer:
             self.feature_extractor.load_state_dict(state["feature_extractor"])
         self.baseline_metrics = state["baseline_metrics"]
         self.global_step = state["global_step"]
-        self.data_epoch = state["data_epoch"] + 1
+        self.data_epoch = state["data_epoch"] + (0 if state.get("stream") else 1)
         self.phase, self.epoch, self.gan_metrics = ("gan" if self.cfg.gan.enable else "done"), 0, None
+        self.epoch_step, self.stream_state = 0, None
 
-    def save_checkpoint(self, name: str = ckpt.LAST) -> None:
+    def save_checkpoint(self, baseline: bool = False) -> None:
+        """Write the state at this step (checkpoints/step-N.pt, last.pt; ``baseline.pt`` for the
+        end of phase 1), after checking that every weight is finite: a bad state is never saved."""
         if not self.cfg.checkpoint.enable:
             return
         self._sync_batchnorm_statistics()  # the saved G is the one every rank evaluates
+        # Every rank's random streams, so that a resumed multi-process run draws what it would have.
+        rank_streams = all_gather_objects(self._rank_streams(), self.info)
+        error = None
         if self.info.is_main:
-            ckpt.save_atomic(self.state_dict(), self.out_dir / ckpt.CHECKPOINT_DIR / name)
-        barrier()
+            folder = self.out_dir / ckpt.CHECKPOINT_DIR
+            try:
+                state = {**self.state_dict(), "rank_streams": rank_streams}
+                if baseline:
+                    ckpt.save_atomic(state, folder / ckpt.BASELINE)
+                else:
+                    self.last_checkpoint = ckpt.save_checkpoint(state, self.out_dir, self.global_step, self.cfg.checkpoint.keep)
+            except ckpt.NonFiniteStateError as e:
+                error = (
+                    f"non-finite values in {e.tensor} after step {self.global_step} (phase {self.phase}): "
+                    f"not saved. {self._lr_hint()} {self._good_checkpoint()}"
+                )
+            except FastMLGANError as e:
+                error = str(e)
+        # Rank 0's outcome for everyone: the others would otherwise wait in the next collective.
+        error = broadcast_object(error, self.info)
+        if error:
+            raise FastMLGANError(error)
+        self._steps_since_checkpoint = 0
+        if not baseline:
+            self.stop_control.checkpointed()
+
+    def _rank_streams(self) -> dict[str, Any]:
+        return {
+            "rng": ckpt.rng_state(),
+            "mismatch_sampler": None if self.mismatch_sampler is None else self.mismatch_sampler.state_dict(),
+        }
+
+    def _lr_hint(self, key: str = "") -> str:
+        """The learning-rate option of the phase (and loss) that went wrong."""
+        if self.phase == "bce":
+            option = "--optim.bce_lr"
+        else:
+            option = "--optim.d_lr" if key.startswith(("loss_d", "d_", "gp", "wasserstein")) else "--optim.g_lr"
+        return f"Lower {option} (now {self._lr_value(option)}) or try --precision.amp none."
+
+    def _lr_value(self, option: str) -> float:
+        return getattr(self.cfg.optim, option.rsplit(".", 1)[1])
+
+    def _good_checkpoint(self) -> str:
+        if self.last_checkpoint is not None:
+            return f"The last good checkpoint is {self.last_checkpoint} (resume with --resume {self.out_dir})."
+        return "No checkpoint was written before it."
 
     # ------------------------------------------------------------------------------------------
     # the schedule
@@ -534,19 +608,40 @@ class Trainer:
             self.run_log.write(record, epoch_start, images_per_step)
 
     def _check_finite(self, values: dict[str, float]) -> None:
+        """Stop on a non-finite or exploding logged loss (``train.loss_explosion_ratio`` times its
+        running median), naming the phase's learning-rate option and the last good checkpoint."""
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        key, reason = (next(iter(bad)), f"non-finite loss ({bad})") if bad else self._explosion(values)
         if self.info.enabled:
             # Every rank must stop together, or the others would wait in the next collective.
-            flag = torch.tensor([0.0 if bad else 1.0], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            if flag.item() == 0.0 and not bad:
-                bad = {"on another rank": float("nan")}
-        if bad:
+            flag = torch.tensor([1.0 if reason else 0.0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not reason:
+                reason = "a non-finite or exploding loss on another rank"
+        if reason:
             raise FastMLGANError(
-                f"non-finite loss at step {self.global_step} ({bad}); lower --optim.g_lr/--optim.d_lr "
-                "or try --precision.amp none. The last good checkpoint is in "
-                f"{self.out_dir / ckpt.CHECKPOINT_DIR}"
+                f"{reason} at step {self.global_step} (phase {self.phase}). {self._lr_hint(key)} {self._good_checkpoint()}"
             )
+
+    def _explosion(self, values: dict[str, float]) -> tuple[str, str]:
+        """(the loss, why) when a logged loss exploded, else ("", "")."""
+        ratio = self.cfg.train.loss_explosion_ratio
+        if not ratio:
+            return "", ""
+        for key in ("bce", "loss_g", "loss_d"):
+            if key not in values:
+                continue
+            history = self._loss_history.setdefault(f"{self.phase}:{key}", [])
+            magnitude = abs(values[key])
+            if len(history) >= 3:
+                median = float(np.median(history[-50:]))
+                if median > 0 and magnitude > ratio * median:
+                    return key, (
+                        f"exploding loss: {key} = {values[key]:.4g}, over {ratio:g} times its running median "
+                        f"{median:.4g} (--train.loss_explosion_ratio)"
+                    )
+            history.append(magnitude)
+        return "", ""
 
     def _log_step(self, phase: str, out: dict[str, torch.Tensor], stream: BatchStream, t_start: float) -> str:
         keys = [k for k in out if out[k].numel() == 1]
@@ -580,19 +675,34 @@ class Trainer:
         total = self._epoch_steps(phase, stream)
         epochs = self.cfg.train.bce_epochs if phase == "bce" else self.cfg.train.gan_epochs
         progress = Progress(total, f"{phase} {self.epoch + 1}/{epochs}", enabled=self.info.is_main)
+        progress.update(self.epoch_step)  # a resumed epoch continues its count
         stream.wait_s = 0.0
         t_start = time.perf_counter()
-        for i in range(total):
+        every_steps = self.cfg.checkpoint.every_steps
+        for i in range(self.epoch_step, total):
             batch = stream.next()
             out = self.bce_step(batch) if phase == "bce" else self.train_step(batch)
             self.global_step += 1
+            self.epoch_step = i + 1
+            self._steps_since_checkpoint += 1
             postfix = None
             if (i + 1) % self.cfg.train.log_every == 0 or i + 1 == total:
                 postfix = self._log_step(phase, out, stream, t_start)
             progress.update(1, postfix)
+            signum, time_due = self.stop_control.poll()
+            steps_due = every_steps and self._steps_since_checkpoint >= every_steps
+            # A checkpoint within the epoch (its end writes one anyway), or at the step a signal
+            # asked to stop at: the resumed run continues with the next batch of this epoch.
+            if signum is not None or ((steps_due or time_due) and i + 1 < total):
+                self.save_checkpoint()
+            if signum is not None:
+                progress.close()
+                saved = str(self.last_checkpoint) if self.cfg.checkpoint.enable else None
+                raise StopRequested(signum, self.global_step, saved)
         progress.close()
         self.data_epoch = stream.data_epoch
         self.epoch += 1
+        self.epoch_step = 0
         last = self.epoch == epochs
         if last or self.epoch % self.cfg.train.eval_every == 0:
             metrics = self.evaluate()
@@ -609,33 +719,41 @@ class Trainer:
                     self.gan_metrics = metrics
 
     def fit(self) -> dict[str, Any]:
-        """Phase 1 (BCE) then phase 2 (WGAN-GP); resumable at any epoch boundary."""
+        """Phase 1 (BCE) then phase 2 (WGAN-GP), resumable at any step that was checkpointed.
+        SIGTERM/SIGINT: finish the step, checkpoint, raise ``preemption.StopRequested``."""
         self.generator.train()
         self.discriminator.train()
-        num_bad = 0
-        if self.phase == "bce":
-            stream = BatchStream(self.train_loader, self.data_epoch)
-            while self.epoch < self.cfg.train.bce_epochs:
-                self._run_epoch(stream)
+        self.stop_control.install()
+        try:
+            if self.phase == "bce":
+                self.stream = BatchStream(self.train_loader, **(self.stream_state or {"data_epoch": self.data_epoch}))
+                while self.epoch < self.cfg.train.bce_epochs:
+                    self._run_epoch(self.stream)
+                    self.save_checkpoint()
+                if self.baseline_metrics is None:  # bce_epochs = 0: the (pretrained) starting point
+                    self.baseline_metrics = self.evaluate()
+                # Phase 2 starts a fresh data epoch.
+                self.num_bad += self.stream.num_bad
+                self.data_epoch = self.stream.data_epoch + 1
+                self.stream, self.stream_state = None, {"data_epoch": self.data_epoch, "position": 0}
+                self.phase, self.epoch, self.epoch_step = ("gan" if self.cfg.gan.enable else "done"), 0, 0
                 self.save_checkpoint()
-            num_bad += stream.num_bad
-            if self.baseline_metrics is None:  # bce_epochs = 0: the (pretrained) starting point
-                self.baseline_metrics = self.evaluate()
-            self.phase, self.epoch = ("gan" if self.cfg.gan.enable else "done"), 0
-            self.data_epoch += 1  # phase 2 starts a fresh data epoch
-            self.save_checkpoint()
-            self.save_checkpoint("baseline.pt")
-        if self.phase == "gan":
-            self.start_gan_phase()
-            stream = BatchStream(self.build_gan_loader(), self.data_epoch)
-            while self.epoch < self.cfg.train.gan_epochs:
-                self._run_epoch(stream)
+                self.save_checkpoint(baseline=True)
+            if self.phase == "gan":
+                self.start_gan_phase()
+                self.stream = BatchStream(self.build_gan_loader(), **(self.stream_state or {"data_epoch": self.data_epoch}))
+                while self.epoch < self.cfg.train.gan_epochs:
+                    self._run_epoch(self.stream)
+                    self.save_checkpoint()
+                if self.gan_metrics is None:
+                    self.gan_metrics = self.evaluate()
+                self.num_bad += self.stream.num_bad
+                self.stream, self.stream_state = None, None
+                self.phase = "done"
                 self.save_checkpoint()
-            num_bad += stream.num_bad
-            if self.gan_metrics is None:
-                self.gan_metrics = self.evaluate()
-            self.phase = "done"
-            self.save_checkpoint()
+        finally:
+            self.stop_control.close()
+        num_bad = self.num_bad
         results = {
             "baseline": self.baseline_metrics,
             "gan": self.gan_metrics,
