@@ -22,8 +22,8 @@ from fastmlgan.classifier import generator_from_checkpoint
 from fastmlgan.config import build_config, config_from_dict
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import FastMLGANError
+from fastmlgan.inference import amp_dtype, predict
 from fastmlgan.metrics import compute_metrics, format_table
-from fastmlgan.trainer import amp_dtype, predict
 
 
 def checkpoint_scores(path: str, data_overrides: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastmlgan.classifier import IMAGE_EXTENSIONS, load_model, preprocess_image
 from fastmlgan.errors import ConfigError, DataError, FastMLGANError
+from fastmlgan.inference import generator_scores
 from fastmlgan.progress import Progress
 
 logger = logging.getLogger("fastmlgan.predict")
@@ -163,7 +164,7 @@ def predict_rows(
     progress = Progress(len(loader), "predict")
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        scores = torch.sigmoid(generator(x).float()).cpu().numpy()
+        scores = generator_scores(generator, x, None).cpu().numpy()
         for j, i in enumerate(batch["index"].tolist()):
             error = batch["error"][j]
             yield paths[i], (None if error else scores[j]), error

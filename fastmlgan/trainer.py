@@ -28,6 +28,7 @@ from fastmlgan.distributed import (
     broadcast_object,
 )
 from fastmlgan.errors import ConfigError, FastMLGANError
+from fastmlgan.inference import amp_dtype, inputs_to_device, predict, to_device
 from fastmlgan.kernels import gradient_penalty
 from fastmlgan.losses import GanSpec, bce_loss, discriminator_loss, generator_loss, gradient_penalty_autograd
 from fastmlgan.metrics import compute_metrics, format_table
@@ -40,61 +41,6 @@ from fastmlgan.stream import BatchStream, IterationLayout
 logger = logging.getLogger(__name__)
 
 PHASES = ("bce", "gan", "done")
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``--precision.amp`` on ``device`` (None: no autocast)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.to(device, non_blocking=True)
-
-
-def _inputs_to_device(batch: dict[str, torch.Tensor], device: torch.device, memory_format) -> torch.Tensor:
-    """G's input on the device: images in the model's memory format, feature vectors as they are."""
-    x = _to_device(batch["image"], device)
-    return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
-
-
-def generator_scores(generator: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """σ(G(x)) in fp32: the trunk under autocast (when given), the head and the sigmoid in fp32.
-
-    A bf16 head rounds the logits to 8 bits of mantissa, so many images of one class would get
-    exactly the same score, and the ranking metrics (AP) would depend on how ties are broken."""
-    if amp_dtype is None:
-        return torch.sigmoid(generator(x).float())
-    with torch.autocast(x.device.type, dtype=amp_dtype):
-        features = generator.trunk(x)
-    with torch.autocast(x.device.type, enabled=False):
-        return torch.sigmoid(generator.head(features.float()))
-
-
-@torch.no_grad()
-def predict(
-    generator: nn.Module,
-    loader,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> tuple[np.ndarray, np.ndarray]:
-    """σ(G(x)) and the targets of every image ``loader`` yields, G in eval mode (this process only)."""
-    generator.eval()
-    scores, targets = [], []
-    for batch in loader:
-        x = _inputs_to_device(batch, device, memory_format)
-        s = generator_scores(generator, x, amp_dtype)
-        # An undecodable image has a stand-in in its slot (the loaders' skip policy); leave it out
-        # so that no image is counted twice.
-        keep = ~batch["bad"].cpu().numpy() if "bad" in batch else slice(None)
-        scores.append(s.cpu().numpy()[keep])
-        targets.append(batch["labels"].cpu().numpy()[keep])
-    num_labels = generator.num_labels
-    s = np.concatenate(scores) if scores else np.zeros((0, num_labels), np.float32)
-    t = np.concatenate(targets) if targets else np.zeros((0, num_labels), np.float32)
-    return s, t
 
 
 def _features(feature_extractor: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -289,7 +235,7 @@ class Trainer:
             logger.info("f_ext frozen from %s", source)
 
     def _images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return _inputs_to_device(batch, self.device, self.memory_format)
+        return inputs_to_device(batch, self.device, self.memory_format)
 
     def build_gan_loader(self):
         """Phase 2's loader: each batch is one whole iteration (``IterationLayout``). With a
@@ -323,7 +269,7 @@ class Trainer:
         self._mark_step()
         self.opt_g.zero_grad(set_to_none=True)
         with self.autocast():
-            out = self._bce_loss(self.g_model, {"x": self._images(batch), "y": _to_device(batch["labels"], self.device)})
+            out = self._bce_loss(self.g_model, {"x": self._images(batch), "y": to_device(batch["labels"], self.device)})
         self.scaler.scale(out["loss_g"]).backward()
         self._step_generator()
         return out
@@ -382,7 +328,7 @@ class Trainer:
         host_labels = batch["labels"]
         if self.feature_cache is not None:
             host_labels = self.feature_cache.stand_in_labels(batch["index"], host_labels, self.splits.train.labels)
-        labels = _to_device(host_labels, self.device)
+        labels = to_device(host_labels, self.device)
         z = self.iteration_features(batch, images)
         logits = self.generated_logits(images[lay.generated_rows()])
 
@@ -404,7 +350,7 @@ class Trainer:
                 mismatched = self.mismatch_sampler.sample(host_labels[mm])
                 if self.device.type == "cuda":
                     mismatched = mismatched.pin_memory()  # a pageable copy would block the host
-                d_batch["mismatched_y"] = _to_device(mismatched, self.device)
+                d_batch["mismatched_y"] = to_device(mismatched, self.device)
                 d_batch["mismatched_z"] = rows(z, mm)
             d_log = _log_vector(self.discriminator_step(d_batch))
         g = lay.generator_rows()

@@ -12,11 +12,12 @@ from torch import nn
 
 from fastmlgan.config import build_config
 from fastmlgan.distributed import DistInfo
+from fastmlgan.inference import generator_scores
 from fastmlgan.losses import discriminator_loss_from_images, generator_loss_from_images
 from fastmlgan.models import build_generator
 from fastmlgan.models.chunked_norm import batch_norm_chunks, make_chunkable
 from fastmlgan.stream import BatchStream, IterationLayout
-from fastmlgan.trainer import Trainer, generator_scores
+from fastmlgan.trainer import Trainer
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 

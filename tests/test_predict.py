@@ -84,9 +84,9 @@ def test_scores_equal_evaluate_on_the_embedded_split(run, class_names, tmp_path,
 def test_scores_equal_the_evaluation_loader_on_coco128(run, class_names, shared_data, capsys):
     """Real JPEGs (up to 640 px, either orientation, one greyscale) through evaluation's own
     dataset and loader (FiveCropDataset in eval mode + trainer.predict) and through predict."""
+    from fastmlgan.inference import predict as trainer_predict
     from fastmlgan.loaders.base import LabeledImages
     from fastmlgan.loaders.torch_loader import FiveCropDataset, build_eval_loader
-    from fastmlgan.trainer import predict as trainer_predict
 
     paths = coco128_images(shared_data, 20)
     image_size = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"]["data"]["image_size"]
