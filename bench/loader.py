@@ -160,6 +160,9 @@ def load_data(args) -> tuple[LabeledImages, LabeledImages, str]:
         train = read_coco(paths.train_ann, paths.train_images)
         val = read_coco(paths.val_ann, paths.val_images)
         return train, val, f"embedded ({n_train} train + {n_val} val synthetic JPEGs, {size}x{size})"
+    if args.dataset == "auto":
+        args.dataset = "coco128x8" if (SHARED_DATA / "coco128").is_dir() else "embedded"
+        return load_data(args)
     if args.dataset == "coco128x8":
         made = coco128_repeated(8, Path(args.workdir))
         if made is None:
@@ -277,7 +280,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="all", help="comma-separated subset of " + ",".join(ALL_BACKENDS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dataset", default="embedded", choices=("embedded", "coco128x8", "coco"))
+    parser.add_argument("--dataset", default="embedded", choices=("embedded", "coco128x8", "coco", "auto"),
+                        help="auto: coco128x8 when ../shared/data/coco128 is there, else embedded")
     parser.add_argument("--data.root", dest="data_root", default="", help="embedded: where the bench dataset is generated")
     parser.add_argument("--data.train_annotations", dest="train_annotations", default="")
     parser.add_argument("--data.train_images", dest="train_images", default="")

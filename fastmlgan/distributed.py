@@ -47,12 +47,34 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
+            **_restart_safe_store(rank, world_size, timeout),
         )
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
+    """Under torchrun, the rendezvous store with this restart attempt's own key prefix.
+
+    After ``torchrun --max-restarts`` restarts a failed job, the new workers' process group reads
+    the previous attempt's addresses from the store torchrun keeps, and connecting to the dead
+    workers fails ("Gloo connectFullMesh failed ... Connection refused"; seen here with torch 2.14
+    and gloo on every restart; pytorch/pytorch#135712, #167288). Prefixing every key with
+    ``TORCHELASTIC_RESTART_COUNT`` keeps the attempts apart. Outside torchrun: env:// as usual."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return {}
+    # The elastic agent hosts the store when it says so; otherwise rank 0 does (env://'s rule).
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+        is_master=rank == 0 and not agent, timeout=timeout,
+    )
+    return {"store": dist.PrefixStore(f"/fastmlgan/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
 
 
 def destroy_distributed() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 import numpy as np
@@ -24,6 +23,7 @@ from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import FastMLGANError
 from fastmlgan.inference import amp_dtype, predict
 from fastmlgan.metrics import compute_metrics, format_table
+from fastmlgan.progress import setup_logging
 
 
 def checkpoint_scores(path: str, data_overrides: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key[2:]] = value
         i += 1
     # Log lines on stderr: stdout holds the result only.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    setup_logging(stream="stderr")
     try:
         metrics = evaluate_checkpoint(args.checkpoint, overrides, args.threshold)
     except FastMLGANError as e:

@@ -45,6 +45,7 @@ from fastmlgan.classifier import (
 from fastmlgan.config import Config, config_from_dict
 from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.models import Generator
+from fastmlgan.progress import setup_logging
 
 logger = logging.getLogger("fastmlgan.export")
 
@@ -253,7 +254,7 @@ def build_parser(prog: str = "fastmlgan export") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    setup_logging(stream="stderr", level=logging.WARNING, fmt="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fastmlgan").setLevel(logging.INFO)  # not the exporters' own INFO chatter
     try:
         args = build_parser().parse_args(argv)

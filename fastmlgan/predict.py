@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from fastmlgan.classifier import IMAGE_EXTENSIONS, load_model, preprocess_image
 from fastmlgan.errors import ConfigError, DataError, FastMLGANError
 from fastmlgan.inference import generator_scores
-from fastmlgan.progress import Progress
+from fastmlgan.progress import Progress, setup_logging
 
 logger = logging.getLogger("fastmlgan.predict")
 
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     # Messages go to standard error: standard output carries only the rows.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    setup_logging(stream="stderr", level=logging.WARNING, fmt="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fastmlgan").setLevel(logging.INFO)  # not the exporters' own INFO chatter
     try:
         args = build_parser().parse_args(argv)

@@ -7,14 +7,35 @@ import sys
 import time
 
 
-def setup_logging(is_main: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-        force=True,
-    )
+class ConsoleHandler(logging.StreamHandler):
+    """A handler for ``sys.stdout`` or ``sys.stderr`` as they are when a record is written, not as
+    they were when logging was set up: a caller that swaps the stream later (pytest's capture, a
+    notebook) never leaves logging writing to a closed file."""
+
+    def __init__(self, name: str = "stderr") -> None:
+        super().__init__()
+        self._name = name
+
+    @property
+    def stream(self):
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
+def setup_logging(
+    is_main: bool = True,
+    stream: str = "stdout",
+    level: int = logging.INFO,
+    fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s",
+) -> None:
+    """The root logger of a command: ``level`` on rank 0 (WARNING on the others), one console
+    handler on ``stream`` ("stdout" for training's progress, "stderr" where stdout carries results)."""
+    handler = ConsoleHandler(stream)
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    logging.basicConfig(level=level if is_main else logging.WARNING, handlers=[handler], force=True)
 
 
 class Progress:

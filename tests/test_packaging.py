@@ -101,9 +101,9 @@ def test_makefile_names_no_package_index_and_trains_with_the_command():
     assert "$(PY) -m fastmlgan train $(ARGS)" in makefile
 
 
-def test_ci_runs_the_tests_then_the_dockerfile_lint():
+def test_ci_runs_the_tests_the_fault_runs_then_the_dockerfile_lint():
     lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
-    assert lines[-2:] == ["make test", "make docker-lint"]
+    assert lines[-3:] == ["make test", "make test-faults", "make docker-lint"]
 
 
 # ---------------------------------------------------------------- Docker

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from fastmlgan.errors import ConfigError, FastMLGANError
+from fastmlgan.progress import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(rest, prog="fastmlgan check")
         if cfg is None:
             return 0
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        setup_logging(stream="stderr", level=logging.WARNING, fmt="%(levelname)s %(name)s: %(message)s")
         report = check(cfg.data, threads=threads, decode=decode)
     except FastMLGANError as e:
         print(f"error: {e}", file=sys.stderr)

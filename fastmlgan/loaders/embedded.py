@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from fastmlgan.errors import ConfigError, DataError
+from fastmlgan.progress import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="regenerate even when the folder matches")
     parser.add_argument("--describe", action="store_true", help="print the dataset's structure")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(stream="stderr", fmt="%(message)s")
     params = dict(num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed)
     try:
         paths = generate(args.out, **params) if args.force else ensure(args.out, **params)
