@@ -8,12 +8,14 @@ one transfer each.
         # there: join the parts, check the sha256, unpack into .dali/site; prints the folder to put
         # on PYTHONPATH (bench/gpu_check.sh does this by itself when .dali/ holds the parts)
 
-DALI for CUDA 13 is three wheels (nvidia-dali-cuda130, nvidia-nvimgcodec-cu13,
-nvidia-libnvcomp-cu13), about 250 MB compressed and 570 MB unpacked. They carry extension modules
-for every CPython from 3.9 to 3.15; only the target's are kept, and nvcomp's command-line tool and
-headers are dropped. xz rather than zstd: Python's own ``lzma`` unpacks it, so the GPU machine
-needs no zstd binary. The manifest (``.dali/manifest.json``, carried with the first part) lists the
-parts with their sizes and the archive's sha256.
+DALI for CUDA 13 is nvidia-dali-cuda130 with its dependencies as pip resolves them for the target
+Python (nvimgcodec and its nvjpeg/nvjpeg2k/nvtiff codecs, the nvcomp version DALI pins, and small
+Python packages: optree, libcst, gast, ...), about 270 MB of wheels. Packages the GPU machine's
+torch environment already has (``--exclude``: numpy, typing_extensions) are left out. The DALI and
+nvimgcodec wheels carry extension modules for every CPython from 3.9 to 3.15; only the target's are
+kept, and command-line tools and headers are dropped. xz rather than zstd: Python's own ``lzma``
+unpacks it, so the GPU machine needs no zstd binary. The manifest (``p0/manifest.json``, carried
+with the first part) lists the parts with their sizes and the archive's sha256.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-WHEELS = ("nvidia-dali-cuda130", "nvidia-nvimgcodec-cu13", "nvidia-libnvcomp-cu13")
-DROP = ("nvidia/libnvcomp/bin/", "nvidia/libnvcomp/include/", "nvidia/nvimgcodec/include/")
+PACKAGE = "nvidia-dali-cuda130"
+DROP = ("nvidia/libnvcomp/bin/", "nvidia/libnvcomp/include/", "nvidia/nvimgcodec/include/", "bin/")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64")
 
 
 def keep(name: str, python_tag: str) -> bool:
@@ -49,13 +53,17 @@ def pack(args) -> int:
     out = Path(args.out)
     tag = args.python.replace(".", "")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", args.python,
-               "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64", "-d", tmp, *WHEELS]
+        cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", args.python,
+               "--implementation", "cp", "--abi", f"cp{tag}", *[a for p in PLATFORMS for a in ("--platform", p)],
+               "-d", tmp, PACKAGE]
         subprocess.run(cmd, check=True)
+        excluded = {name.lower().replace("-", "_") for name in args.exclude.split(",") if name}
+        wheels = [w for w in sorted(Path(tmp).glob("*.whl")) if w.name.split("-")[0].lower() not in excluded]
+        print("packing", ", ".join(w.name.split("-")[0] for w in wheels))
         buffer = io.BytesIO()
         kept = dropped = 0
         with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for wheel in sorted(Path(tmp).glob("*.whl")):
+            for wheel in wheels:
                 with zipfile.ZipFile(wheel) as z:
                     for info in z.infolist():
                         if info.is_dir():
@@ -81,7 +89,8 @@ def pack(args) -> int:
         folder.mkdir(parents=True)
         (folder / "part").write_bytes(archive[i : i + part_bytes])
         parts.append({"folder": folder.name, "bytes": len(archive[i : i + part_bytes])})
-    manifest = {"python": args.python, "wheels": list(WHEELS), "sha256": digest, "bytes": len(archive), "parts": parts}
+    manifest = {"python": args.python, "wheels": [w.name for w in wheels], "sha256": digest, "bytes": len(archive),
+                "parts": parts}
     (out / "p0" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"{len(archive) / 2**20:.1f} MiB in {len(parts)} parts under {out}/p*/ (carry one folder per transfer)")
     return 0
@@ -119,6 +128,8 @@ def main(argv=None) -> int:
     a.add_argument("--python", default="3.12")
     a.add_argument("--part-mib", type=int, default=55)
     a.add_argument("--out", default=".dali")
+    a.add_argument("--exclude", default="numpy,typing_extensions",
+                   help="comma-separated packages the GPU machine already has (left out of the pack)")
     b = sub.add_parser("install")
     b.add_argument("--src", default=".dali")
     args = p.parse_args(argv)

@@ -224,12 +224,22 @@ def main(argv: list[str] | None = None) -> int:
         if state is not None:
             trainer.load_state_dict(state)
             trainer.last_checkpoint = resumed_from
+            trainer.checkpoints.append((trainer.global_step, resumed_from))
         start_step = trainer.global_step
+        error = None
         if info.is_main:
-            run_dir = RunDir(out_dir)
-            run_dir.create(cfg.overwrite and state is None)
-            write_config(run_dir.new_file(CONFIG), cfg, argv, info.world_size)
-            log_file.open(run_dir.new_file(TRAIN_LOG))
+            try:
+                run_dir = RunDir(out_dir)
+                run_dir.create(cfg.overwrite and state is None)
+                write_config(run_dir.new_file(CONFIG), cfg, argv, info.world_size)
+                log_file.open(run_dir.new_file(TRAIN_LOG))
+            except OSError as e:  # read-only, full disk, a file where the folder should be
+                error = f"--out {out_dir}: cannot write the run directory ({e.strerror or e}); pick another --out"
+        # Rank 0's outcome for every rank: the others would otherwise wait for it forever.
+        error = broadcast_object(error, info)
+        if error:
+            raise FastMLGANError(error)
+        if info.is_main:
             logger.info("run directory %s", out_dir.resolve())
             if run_dir.moved_to is not None:
                 logger.info("--overwrite: the previous run in it is now %s", run_dir.moved_to)
@@ -240,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
                     cfg.resume, trainer.phase, trainer.epoch, trainer.global_step, dropped,
                 )
             trainer.run_log = RunLog(out_dir, cfg.log.tensorboard, cfg.log.plots, log_file, start_step)
-        barrier()
         results = trainer.fit()
         # The per-class table of the final generator: fit() evaluated it last (a finished run
         # resumed with nothing left to train has to predict once more).

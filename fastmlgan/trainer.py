@@ -190,6 +190,11 @@ class Trainer:
         self.stream_state: dict[str, int] | None = None  # where it continues (from a checkpoint)
         self.num_bad = 0  # undecodable images substituted in the phases before the current one
         self.last_checkpoint: Path | None = None  # the newest checkpoint this run wrote (or resumed from)
+        # (step, path) of the checkpoints written (or resumed from) and the last step whose logged
+        # losses were sound: a checkpoint after step c is verified by a sound loss at a step > c
+        # (that loss was computed with its weights).
+        self.checkpoints: list[tuple[int, Path]] = []
+        self._sound_loss_step = 0
         self._loss_history: dict[str, list[float]] = {}
         self._steps_since_checkpoint = 0
         # SIGTERM/SIGINT and time-based checkpoints, agreed by every rank (a collective: every rank
@@ -505,6 +510,7 @@ class Trainer:
                     ckpt.save_atomic(state, folder / ckpt.BASELINE)
                 else:
                     self.last_checkpoint = ckpt.save_checkpoint(state, self.out_dir, self.global_step, self.cfg.checkpoint.keep)
+                    self.checkpoints.append((self.global_step, self.last_checkpoint))
             except ckpt.NonFiniteStateError as e:
                 error = (
                     f"non-finite values in {e.tensor} after step {self.global_step} (phase {self.phase}): "
@@ -535,11 +541,22 @@ class Trainer:
         return f"Lower {option} (now {self._lr_value(option)}) or try --precision.amp none."
 
     def _lr_value(self, option: str) -> float:
-        return getattr(self.cfg.optim, option.rsplit(".", 1)[1])
+        """The step size the optimizer behind ``option`` used (the config's, unless changed since)."""
+        optimizer = self.opt_d if option.endswith("d_lr") else self.opt_g
+        return optimizer.param_groups[0]["lr"]
 
     def _good_checkpoint(self) -> str:
-        if self.last_checkpoint is not None:
-            return f"The last good checkpoint is {self.last_checkpoint} (resume with --resume {self.out_dir})."
+        """The newest checkpoint whose weights a later sound loss verified (the ones after it may
+        hold the update that went wrong)."""
+        verified = [(step, path) for step, path in self.checkpoints if step < self._sound_loss_step and path.is_file()]
+        if verified:
+            step, path = verified[-1]
+            return f"The last good checkpoint is {path} (step {step}): continue from it with --resume {path}."
+        if self.checkpoints:
+            return (
+                f"No checkpoint still on disk was verified by a later sound loss (the newest, {self.checkpoints[-1][1]}, "
+                "may hold the bad update; raise --checkpoint.keep to keep more)."
+            )
         return "No checkpoint was written before it."
 
     # ------------------------------------------------------------------------------------------
@@ -568,6 +585,7 @@ class Trainer:
             raise FastMLGANError(
                 f"{reason} at step {self.global_step} (phase {self.phase}). {self._lr_hint(key)} {self._good_checkpoint()}"
             )
+        self._sound_loss_step = self.global_step
 
     def _explosion(self, values: dict[str, float]) -> tuple[str, str]:
         """(the loss, why) when a logged loss exploded, else ("", "")."""

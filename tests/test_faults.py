@@ -1,4 +1,4 @@
-"""Faults: a run killed at any step (SIGTERM: a scheduler's pre-emption; SIGKILL: no warning) and
+"""Faults: a run killed at any step (SIGTERM: a scheduler's pre-emption; SIGINT: Ctrl-C; SIGKILL: no warning) and
 resumed ends exactly as an uninterrupted run: the same metrics.json, byte for byte, and the same
 final weights. A torchrun job whose worker dies restarts from its last checkpoint and completes.
 
@@ -63,8 +63,9 @@ def _kill_at(cmd: list[str], run: Path, step: int, sig: int) -> int:
     if proc.poll() is None:
         proc.send_signal(sig)
     _, err = proc.communicate(timeout=600)
-    if sig == signal.SIGTERM and proc.returncode == 128 + signal.SIGTERM:
-        assert "SIGTERM: stopped after step" in err and "--resume" in err, err[-2000:]
+    if sig in (signal.SIGTERM, signal.SIGINT) and proc.returncode == 128 + sig:
+        name = signal.Signals(sig).name
+        assert f"{name}: stopped after step" in err and "--resume" in err, err[-2000:]
     return proc.returncode
 
 
@@ -81,7 +82,7 @@ def _check_kill_and_resume(reference, tmp_path, step: int, sig: int) -> None:
     data, (metrics, weights) = reference
     run = tmp_path / f"killed-{step}-{signal.Signals(sig).name}"
     code = _kill_at(_train(run, data), run, step, sig)
-    assert code in (0, 128 + signal.SIGTERM, -signal.SIGKILL), code
+    assert code in (0, 128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGKILL), code
     if code != 0:  # it had not finished when the signal came
         proc = _run(_train(run, data, "--resume", str(run)))
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -103,7 +104,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(reference, tmp_path, step, 
     _check_kill_and_resume(reference, tmp_path, step, sig)
 
 
-KILLS = [(random.Random(i).randint(1, TOTAL_STEPS - 1), (signal.SIGTERM, signal.SIGKILL)[i % 2]) for i in range(20)]
+KILLS = [(random.Random(i).randint(1, TOTAL_STEPS - 1), (signal.SIGTERM, signal.SIGKILL, signal.SIGINT)[i % 3]) for i in range(20)]
 
 
 @pytest.mark.faults
