@@ -9,14 +9,18 @@ mismatched pairs need no decoded pixels at all.
 
 File layout (one file): ``MAGIC``, the header length (8 bytes, little endian), a JSON header, zero
 padding to ``ALIGN`` bytes; ``N`` int64 (the image each row's features were computed from: itself,
-or the stand-in for an undecodable image under ``--data.on_bad_image skip``), padding; then
-``N × 25 × feature_dim`` bf16 values (row ``i * 25 + k`` is image ``i`` under window
-``k = position * 5 + size_index``). The header holds what the features depend on: a digest of
-f_ext's weights, the data set's fingerprint (paths, sizes, mtimes), the geometry (image size,
-base, crop sides, normalisation) and the compute dtype. A cache whose header disagrees with the
-run is refused by name, never silently used; a file whose size disagrees with its header is
-refused as truncated or edited. It is written to a temporary file and renamed when complete, so a
-crash mid-build leaves no cache that looks whole.
+or the stand-in for an undecodable image under ``--data.on_bad_image skip``); the N × C uint8 label
+matrix; then ``N × 25 × feature_dim`` bf16 values (row ``i * 25 + k`` is image ``i`` under window
+``k = position * 5 + size_index``), each section aligned to ``ALIGN``. The header holds what the
+features depend on: a digest of f_ext's weights, the geometry (image size, base, crop sides,
+normalisation), the compute dtype, and every image's path, size and modification time.
+
+A run may use any subset of the images a cache was built for (the reproduction harness builds one
+cache over the training split and each seed trains on its own part of it): ``attach`` maps the
+run's images to cache rows. A cache built for other weights or geometry, lacking one of the run's
+images, or holding one that changed since, is refused by name, never silently used; a file whose
+size disagrees with its header is refused as truncated or edited. It is written to a temporary
+file and renamed when complete, so a crash mid-build leaves no cache that looks whole.
 
 The crops are the torch loader's (decode with PIL, resize to base × base, crop, resize, all uint8
 antialiased bilinear): other backends' pixels differ from them by decoder rounding.
@@ -56,16 +60,13 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(paths: list[str]) -> str:
-    """sha256 of the image list: each path with its size and modification time."""
-    h = hashlib.sha256()
-    for path in paths:
-        try:
-            st = os.stat(path)
-            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{path}\0missing\n".encode())
-    return h.hexdigest()
+def file_stat(path: str) -> list[int]:
+    """[size, mtime in ns] of a file ([-1, -1] when it cannot be read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [-1, -1]
+    return [st.st_size, st.st_mtime_ns]
 
 
 def geometry(image_size: int) -> dict[str, Any]:
@@ -79,12 +80,11 @@ def geometry(image_size: int) -> dict[str, Any]:
     }
 
 
-def expected_header(feature_extractor, images, image_size: int, compute_dtype: str) -> dict[str, Any]:
+def expected_header(feature_extractor, image_size: int, compute_dtype: str) -> dict[str, Any]:
+    """What the features depend on besides the images (checked by ``FeatureCache.check``)."""
     return {
         "format": FORMAT,
         "weights": weights_digest(feature_extractor),
-        "data": data_fingerprint(list(images.paths)),
-        "num_images": len(images),
         "feature_dim": int(feature_extractor.feature_dim),
         "geometry": geometry(image_size),
         "compute_dtype": compute_dtype,
@@ -95,8 +95,6 @@ def expected_header(feature_extractor, images, image_size: int, compute_dtype: s
 _CHECKS = (
     ("format", "file format"),
     ("weights", "f_ext weights"),
-    ("data", "data set (image paths, sizes, modification times)"),
-    ("num_images", "number of images"),
     ("feature_dim", "feature dimension"),
     ("geometry", "crop geometry"),
     ("compute_dtype", "f_ext compute dtype"),
@@ -109,12 +107,14 @@ class FeatureCache:
     def __init__(self, path: Path, header: dict[str, Any], header_length: int) -> None:
         self.path = path
         self.header = header
-        n, d = header["num_images"], header["feature_dim"]
-        used_at, rows_at, _ = _offsets(header_length, n, d)
+        n, d, c = header["num_images"], header["feature_dim"], header["num_classes"]
+        used_at, labels_at, rows_at, _ = _offsets(header_length, n, d, c)
         # The image each row was computed from: itself, or its stand-in (the loaders' skip policy).
         self.used_index = np.array(np.memmap(path, dtype=np.int64, mode="r", offset=used_at, shape=(n,)))
+        self.labels = np.array(np.memmap(path, dtype=np.uint8, mode="r", offset=labels_at, shape=(n, c)))
         self._rows = np.memmap(path, dtype=np.uint16, mode="r", offset=rows_at, shape=(n * NUM_WINDOWS, d))
         self.substituted = np.flatnonzero(self.used_index != np.arange(n))
+        self.row_of = np.arange(n)  # the run's image i -> cache row (``attach``)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> FeatureCache:
@@ -128,7 +128,7 @@ class FeatureCache:
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise DataError(f"--gan.feature_cache {path}: unreadable header ({e})") from None
         try:
-            need = _offsets(length, int(header["num_images"]), int(header["feature_dim"]))[2]
+            need = _offsets(length, int(header["num_images"]), int(header["feature_dim"]), int(header["num_classes"]))[-1]
         except (KeyError, TypeError, ValueError):
             raise DataError(f"--gan.feature_cache {path}: its header lacks the image count or feature size") from None
         if path.stat().st_size != need:
@@ -139,7 +139,7 @@ class FeatureCache:
         return cls(path, header, length)
 
     def check(self, expected: dict[str, Any]) -> None:
-        """Refuse a cache built from other weights, data or geometry, naming what differs."""
+        """Refuse a cache built from other weights or geometry, naming what differs."""
         for key, what in _CHECKS:
             if self.header.get(key) != expected[key]:
                 raise ConfigError(
@@ -148,26 +148,47 @@ class FeatureCache:
                     "pass a new path or delete the file to rebuild it"
                 )
 
+    def attach(self, images) -> None:
+        """Map the run's images (a ``LabeledImages``, the cache's own or a subset of them) to cache
+        rows; refuse an image the cache lacks or one whose file changed since it was built."""
+        row = {path: i for i, path in enumerate(self.header["paths"])}
+        stats = self.header["stats"]
+        row_of = np.empty(len(images), dtype=np.int64)
+        for i, path in enumerate(images.paths):
+            j = row.get(str(path))
+            if j is None:
+                raise ConfigError(
+                    f"--gan.feature_cache {self.path} holds no features of {path} (built for another data set); "
+                    "pass a new path or delete the file to rebuild it"
+                )
+            if file_stat(str(path)) != stats[j]:
+                raise ConfigError(
+                    f"--gan.feature_cache {self.path}: {path} changed since the cache was built (size or "
+                    "modification time); delete the file to rebuild it"
+                )
+            row_of[i] = j
+        self.row_of = row_of
+
     def lookup(self, index: torch.Tensor, crop: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """fp32 features (R, feature_dim) of images ``index`` (R,) under windows ``crop`` (R, 2)."""
-        rows = index.cpu().numpy() * NUM_WINDOWS + crop[:, 0].cpu().numpy() * NUM_SIZES + crop[:, 1].cpu().numpy()
+        """fp32 features (R, feature_dim) of the run's images ``index`` (R,) under windows ``crop`` (R, 2)."""
+        rows = self.row_of[index.cpu().numpy()] * NUM_WINDOWS + crop[:, 0].cpu().numpy() * NUM_SIZES + crop[:, 1].cpu().numpy()
         host = torch.from_numpy(np.ascontiguousarray(self._rows[rows])).view(torch.bfloat16)
         if device.type == "cuda":
             host = host.pin_memory()
         return host.to(device, non_blocking=True).float()
 
 
-    def stand_in_labels(self, index: torch.Tensor, labels: torch.Tensor, train_labels: np.ndarray) -> torch.Tensor:
+    def stand_in_labels(self, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``labels`` with the rows of undecodable images replaced by their stand-in's labels: the
         features of those rows are the stand-in's (rows the loader decoded already carry them)."""
         if not len(self.substituted):
             return labels
-        idx = index.cpu().numpy()
-        hit = np.isin(idx, self.substituted)
+        rows = self.row_of[index.cpu().numpy()]
+        hit = np.isin(rows, self.substituted)
         if not hit.any():
             return labels
         labels = labels.clone()
-        labels[torch.from_numpy(hit)] = torch.from_numpy(train_labels[self.used_index[idx[hit]]].astype(np.float32))
+        labels[torch.from_numpy(hit)] = torch.from_numpy(self.labels[self.used_index[rows[hit]]].astype(np.float32))
         return labels
 
 
@@ -180,11 +201,12 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _offsets(header_length: int, num_images: int, feature_dim: int) -> tuple[int, int, int]:
-    """(where the used-index table starts, where the features start, the file size)."""
+def _offsets(header_length: int, num_images: int, feature_dim: int, num_classes: int) -> tuple[int, int, int, int]:
+    """(where the used-index table starts, the labels, the features; the file size)."""
     used_at = _align(len(MAGIC) + 8 + header_length)
-    rows_at = _align(used_at + 8 * num_images)
-    return used_at, rows_at, rows_at + num_images * NUM_WINDOWS * feature_dim * 2
+    labels_at = _align(used_at + 8 * num_images)
+    rows_at = _align(labels_at + num_images * num_classes)
+    return used_at, labels_at, rows_at, rows_at + num_images * NUM_WINDOWS * feature_dim * 2
 
 
 def _window_table() -> torch.Tensor:
@@ -231,12 +253,19 @@ def build(
 
     path = Path(path)
     compute_dtype = str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"
-    header = expected_header(feature_extractor, images, image_size, compute_dtype)
-    n, d = len(images), header["feature_dim"]
+    n, c = len(images), images.num_classes
+    header = {
+        **expected_header(feature_extractor, image_size, compute_dtype),
+        "num_images": n,
+        "num_classes": c,
+        "paths": [str(path) for path in images.paths],
+        "stats": [file_stat(str(path)) for path in images.paths],
+    }
+    d = header["feature_dim"]
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = n * NUM_WINDOWS * d * 2
     free = _free_bytes(path.parent)
-    if free is not None and free < payload + 8 * n + 3 * ALIGN:
+    if free is not None and free < payload + 9 * n + images.num_classes * n + 4 * ALIGN:
         raise DataError(
             f"--gan.feature_cache {path}: needs {payload / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free in {path.parent}"
         )
@@ -244,13 +273,17 @@ def build(
         _AllWindows(images, image_size, on_bad_image), batch_size=batch_images, num_workers=num_workers
     )
     blob = json.dumps(header).encode()
-    used_at, rows_at, size = _offsets(len(blob), n, d)
+    used_at, labels_at, rows_at, size = _offsets(len(blob), n, d, c)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + len(blob).to_bytes(8, "little") + blob)
             f.truncate(size)
             used = np.memmap(f, dtype=np.int64, mode="r+", offset=used_at, shape=(n,))
+            labels = np.memmap(f, dtype=np.uint8, mode="r+", offset=labels_at, shape=(n, c))
+            labels[:] = images.labels
+            labels.flush()
+            del labels
             rows = np.memmap(f, dtype=np.uint16, mode="r+", offset=rows_at, shape=(n * NUM_WINDOWS, d))
             bar = Progress(len(loader), f"feature cache {path.name}", enabled=progress)
             feature_extractor.eval()
@@ -289,8 +322,9 @@ def _free_bytes(folder: Path) -> int | None:
 
 
 def open_feature_cache(trainer) -> FeatureCache:
-    """The cache ``--gan.feature_cache`` names for this trainer's f_ext and training data: opened
-    and checked, or built (rank 0, the others wait) when the file does not exist."""
+    """The cache ``--gan.feature_cache`` names for this trainer's f_ext and training data: opened,
+    checked and attached to the run's images, or built (rank 0, the others wait) when the file does
+    not exist."""
     from fastmlgan.distributed import barrier
 
     cfg = trainer.cfg
@@ -305,7 +339,8 @@ def open_feature_cache(trainer) -> FeatureCache:
               on_bad_image=cfg.data.on_bad_image, num_workers=cfg.data.num_workers)
     barrier()
     cache = FeatureCache.open(path)
-    cache.check(expected_header(f_ext, images, cfg.data.image_size, compute_dtype))
+    cache.check(expected_header(f_ext, cfg.data.image_size, compute_dtype))
+    cache.attach(images)
     if trainer.info.is_main:
         logger.info("feature cache %s: f_ext is read from it, not computed", path)
     return cache

@@ -332,7 +332,7 @@ class Trainer:
         images = self._images(batch)
         host_labels = batch["labels"]
         if self.feature_cache is not None:
-            host_labels = self.feature_cache.stand_in_labels(batch["index"], host_labels, self.splits.train.labels)
+            host_labels = self.feature_cache.stand_in_labels(batch["index"], host_labels)
         labels = to_device(host_labels, self.device)
         z = self.iteration_features(batch, images)
         logits = self.generated_logits(images[lay.generated_rows()])

@@ -75,24 +75,41 @@ def test_a_cache_for_other_weights_data_or_geometry_is_refused_by_name(tiny, tmp
     _, paths, f_ext = tiny
     images = _images(paths)
     cache = _build(tmp_path, paths, f_ext)
-    cache.check(feature_cache.expected_header(f_ext, images, IMAGE_SIZE, "float32"))  # the right one passes
+    cache.check(feature_cache.expected_header(f_ext, IMAGE_SIZE, "float32"))  # the right one passes
+    cache.attach(images)
     other = copy.deepcopy(f_ext)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)
     with pytest.raises(ConfigError, match="another f_ext weights"):
-        cache.check(feature_cache.expected_header(other, images, IMAGE_SIZE, "float32"))
+        cache.check(feature_cache.expected_header(other, IMAGE_SIZE, "float32"))
     with pytest.raises(ConfigError, match="another crop geometry"):
-        cache.check(feature_cache.expected_header(f_ext, images, IMAGE_SIZE + 8, "float32"))
+        cache.check(feature_cache.expected_header(f_ext, IMAGE_SIZE + 8, "float32"))
     with pytest.raises(ConfigError, match="another f_ext compute dtype"):
-        cache.check(feature_cache.expected_header(f_ext, images, IMAGE_SIZE, "bfloat16"))
+        cache.check(feature_cache.expected_header(f_ext, IMAGE_SIZE, "bfloat16"))
     touched = images.paths[3]
     st = os.stat(touched)
     os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     try:
-        with pytest.raises(ConfigError, match="another data set"):
-            cache.check(feature_cache.expected_header(f_ext, images, IMAGE_SIZE, "float32"))
+        with pytest.raises(ConfigError, match=f"{touched} changed since the cache was built"):
+            cache.attach(images)
     finally:
         os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns))
+    val = read_coco(paths.val_ann, paths.val_images, True, name="val")
+    with pytest.raises(ConfigError, match="holds no features of .* \\(built for another data set\\)"):
+        cache.attach(val)
+
+
+def test_a_subset_of_the_cached_images_reads_its_own_rows(tiny, tmp_path):
+    """The reproduction harness builds one cache over the training split; each seed trains on a
+    subset: the subset's index i must read the features of its own image, not of row i."""
+    _, paths, f_ext = tiny
+    images = _images(paths)
+    cache = _build(tmp_path, paths, f_ext)
+    full = cache.lookup(torch.arange(len(images)), torch.zeros(len(images), 2, dtype=torch.int64), torch.device("cpu"))
+    picked = [17, 3, 9, 0]
+    cache.attach(images.subset(picked))
+    sub = cache.lookup(torch.arange(len(picked)), torch.zeros(len(picked), 2, dtype=torch.int64), torch.device("cpu"))
+    torch.testing.assert_close(sub, full[picked], rtol=0, atol=0)
 
 
 def test_truncated_or_foreign_files_are_refused(tiny, tmp_path):
@@ -142,7 +159,7 @@ def test_undecodable_images_use_their_stand_in(tiny, tmp_path):
     assert cache.substituted.tolist() == [bad] and cache.used_index[bad] == bad + 1
     index = torch.tensor([bad, 2])
     labels = torch.from_numpy(images.labels[[bad, 2]].astype(np.float32))
-    fixed = cache.stand_in_labels(index, labels, images.labels)
+    fixed = cache.stand_in_labels(index, labels)
     torch.testing.assert_close(fixed, torch.from_numpy(images.labels[[bad + 1, 2]].astype(np.float32)))
     with pytest.raises(DataError, match="cannot decode"):
         feature_cache.build(

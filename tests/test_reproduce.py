@@ -313,3 +313,44 @@ def test_paper_presets_name_their_dataset_and_backbone(name):
     assert cfg.model.pretrained.startswith("IMAGENET1K")
     assert cfg.train.bce_epochs > 0 and cfg.train.gan_epochs > 0  # stated, not defaults
     assert "paper's C-F1/O-F1" in PRESETS[name].__doc__
+
+
+def test_pretrained_f_ext_features_are_computed_once_for_every_row_and_seed(tmp_path):
+    """With pretrained weights f_ext is one network in every run: the harness builds the
+    frozen-feature cache once, over the whole training split, and every row of every seed reads it
+    (each seed's fit split is a subset of that split)."""
+    import torch
+    import torchvision
+
+    from fastmlgan import feature_cache
+    from fastmlgan.loaders import embedded
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)  # stands in for ImageNet weights
+    root = tmp_path / "embedded"
+    embedded.ensure(root, num_train=60, num_val=24, image_size=40, seed=0)
+    out = tmp_path / "out"
+    argv = [
+        "--preset", "reproduce-embedded", "--data.root", str(root), "--data.embedded_num_train", "60",
+        "--data.embedded_num_val", "24", "--data.batch_size", "4", "--data.eval_batch_size", "24",
+        "--model.backbone", "resnet18", "--model.pretrained", str(weights),
+        "--gan.proj_dim", "8", "--gan.hidden_dim", "16", "--gan.num_layers", "2",
+        "--train.bce_epochs", "1", "--train.gan_epochs", "1",
+        "--seeds", "0,1", "--variants", "baseline,wgan,bce_continued", "--out", str(out),
+    ]  # fmt: skip
+    built = []
+    real_build = feature_cache.build
+    mp = pytest.MonkeyPatch()
+    mp.setattr(feature_cache, "build", lambda *a, **k: built.append(a[0]) or real_build(*a, **k))
+    try:
+        assert main(argv) == 0
+    finally:
+        mp.undo()
+    cache_path = out / "features.cache"
+    assert built == [cache_path]
+    cache = feature_cache.FeatureCache.open(cache_path)
+    assert cache.header["num_images"] == 60  # the whole training split, not a seed's fit split
+    for seed in (0, 1):
+        run = out / "runs" / f"seed{seed}" / "wgan"
+        assert json.loads((run / "config.json").read_text())["gan"]["feature_cache"] == str(cache_path)
+        assert "f_ext is read from it" in (run / "train.log").read_text()

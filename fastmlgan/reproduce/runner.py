@@ -266,6 +266,7 @@ class Harness:
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         claim_out_dir(self.out, self.cfg, self.opts)
+        self.cfg = self.shared_feature_cache(self.cfg)
         records = self.record_file.load()
         todo = [(s, v) for s in self.opts.seeds for v in self.opts.variants if (s, v) not in records]
         skipped = len(self.opts.seeds) * len(self.opts.variants) - len(todo)
@@ -278,6 +279,28 @@ class Harness:
         for seed in self.opts.seeds:
             self.run_seed(seed, records)
         return self.write_results(records)
+
+    def shared_feature_cache(self, cfg: Config) -> Config:
+        """With pretrained f_ext weights, f_ext is the same network in every row and seed: compute
+        its features once, over the whole training split (each seed's fit split is a subset of
+        it), and let every run read them (``--gan.feature_cache``)."""
+        if not cfg.model.pretrained or cfg.data.dataset == "features" or not cfg.gan.conditional:
+            return cfg
+        from fastmlgan import feature_cache
+        from fastmlgan.inference import amp_dtype
+        from fastmlgan.loaders.registry import build_splits
+        from fastmlgan.models import build_feature_extractor, build_generator
+
+        path = Path(cfg.gan.feature_cache or self.out / "features.cache")
+        if not path.exists():
+            train = build_splits(cfg.data, self.info).train
+            generator = build_generator(cfg.model.backbone, train.num_classes, cfg.model.pretrained,
+                                        width=cfg.model.width, depth=cfg.model.depth)
+            f_ext = build_feature_extractor(generator, f"pretrained:{cfg.model.pretrained}").to(self.device)
+            print(f"reproduce: f_ext features of every training image under its 25 crop windows -> {path}", flush=True)
+            feature_cache.build(path, f_ext, train, cfg.data.image_size, self.device, amp_dtype(cfg.precision.amp, self.device),
+                                on_bad_image=cfg.data.on_bad_image, num_workers=cfg.data.num_workers)
+        return _with_overrides(cfg, {"gan.feature_cache": str(path)})
 
     def run_seed(self, seed: int, records: Records) -> None:
         """The rows of ``seed`` that ``records`` lacks; phase 1 reruns only if its state is gone."""
