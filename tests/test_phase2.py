@@ -183,6 +183,8 @@ def test_batched_iteration_equals_one_update_at_a_time(smoke_root, tmp_path, ove
     moves the losses by far more (the test checks the last one)."""
     trainer = _trainer(smoke_root, tmp_path, **overrides)
     trainer.start_gan_phase()
+    # f_ext exists only where D sees it (issue 12: no frozen copy of G for an unconditional D).
+    assert (trainer.feature_extractor is None) == (overrides.get("gan.conditional") == "false")
     stream = BatchStream(trainer.build_gan_loader(), data_epoch=1)
     batch = stream.next()
     assert batch["image"].shape[0] == trainer.layout.size
