@@ -33,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from torch.utils.data.distributed import DistributedSampler
 
 from fastmlgan.errors import ConfigError
 from fastmlgan.loaders.cache import CacheError, Geometry, ImageCache
@@ -41,9 +40,7 @@ from fastmlgan.loaders.five_crop import NUM_SIZES, crop_window
 from fastmlgan.loaders.torch_loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ShardSampler,
-    _check_batch,
-    _check_rank,
+    BatchPlan,
     _resize,
     crop_for,
 )
@@ -70,7 +67,7 @@ def check_gpu_fit(nbytes: int, free: int, total: int, what: str, device) -> None
         )
 
 
-class CacheLoader:
+class CacheLoader(BatchPlan):
     """Batches of an ``ImageCache``, five-cropped (training) or as stored (evaluation)."""
 
     def __init__(
@@ -90,8 +87,7 @@ class CacheLoader:
         cache_device: str = "cpu",
         pixels_per_batch: int | None = None,
     ):
-        _check_rank(rank, world_size)
-        _check_batch(batch_size)
+        super().__init__(len(cache), batch_size, rank, world_size, train, seed)
         expected = Geometry("train" if train else "eval", int(image_size))
         if cache.geometry != expected:
             raise CacheError(f"{cache.path}: a cache for {cache.geometry.describe()}, but this loader serves {expected.describe()}")
@@ -107,9 +103,7 @@ class CacheLoader:
         self.cache = cache
         self.image_size = int(image_size)
         self.side = cache.geometry.side
-        self.batch_size = int(batch_size)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.train = bool(train)
         self.seed = int(seed)
         self.num_threads = max(1, int(num_threads))
         self.dtype = dtype
@@ -117,38 +111,12 @@ class CacheLoader:
         self.prefetch = max(1, int(prefetch))
         self.cache_device = cache_device
         self.pixels_per_batch = pixels_per_batch
-        self.epoch = 0
-        self.start_batch = 0
-        n = len(cache)
-        if self.train:
-            # range(n) stands in for the dataset: the sampler only needs its length.
-            self.sampler = DistributedSampler(
-                range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-            )
-            if len(self.sampler) < batch_size:
-                raise ConfigError(
-                    f"batch_size={batch_size} is larger than the {len(self.sampler)} training images each of the "
-                    f"{world_size} rank(s) gets from {n}: no full batch per epoch; lower the batch size"
-                )
-        else:
-            self.sampler = ShardSampler(n, rank, world_size)
         self._labels = torch.from_numpy(cache.labels.astype(np.float32))
         self._pin = torch.cuda.is_available()
         self._gpu_pixels: torch.Tensor | None = None
         if cache_device == "cuda":
             self._load_to_gpu()
         self._pool: ThreadPoolExecutor | None = None
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Reshuffle and redraw the crops for ``epoch``; the next pass starts at its batch ``start_batch``."""
-        self.epoch = int(epoch)
-        self.start_batch = int(start_batch)
-        if self.train:
-            self.sampler.set_epoch(self.epoch)
 
     def _load_to_gpu(self) -> None:
         # Training needs every row (each epoch's shard is another draw); evaluation only this rank's.
@@ -244,14 +212,6 @@ class CacheLoader:
         return out if self.dtype == torch.float32 else out.to(self.dtype)
 
     # -- iteration ------------------------------------------------------------------------------
-
-    def _batches(self) -> list[list[int]]:
-        order = [int(i) for i in self.sampler]
-        step = self.batch_size
-        batches = [order[i : i + step] for i in range(0, len(order), step)]
-        if self.train and batches and len(batches[-1]) < step:
-            batches.pop()
-        return batches[self.start_batch :]
 
     def __iter__(self) -> Iterator[dict]:
         if self._pool is None:

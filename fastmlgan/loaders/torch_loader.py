@@ -210,6 +210,53 @@ class ShardSampler(Sampler):
         return len(range(self.rank, self.num_samples, self.world_size))
 
 
+class BatchPlan:
+    """The batches of one rank in the torch loader's order, for loaders that assemble batches
+    themselves (torchvision-gpu, cache): training shuffles with ``DistributedSampler`` (the last
+    partial batch dropped, so every rank takes the same steps); evaluation takes
+    ``range(rank, N, world_size)`` in order, last partial batch kept. ``set_epoch(epoch, start_batch)``
+    reshuffles, and a pass starts at batch ``start_batch`` (a resumed run continues mid-epoch)."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, train: bool, seed: int = 0):
+        _check_rank(rank, world_size)
+        _check_batch(batch_size)
+        self.batch_size = int(batch_size)
+        self.train = bool(train)
+        self.epoch = 0
+        self.start_batch = 0
+        if self.train:
+            # range(n) stands in for the dataset: the sampler only needs its length.
+            self.sampler = DistributedSampler(
+                range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+            )
+            if len(self.sampler) < batch_size:
+                raise ConfigError(
+                    f"batch_size={batch_size} is larger than the {len(self.sampler)} training images each of the "
+                    f"{world_size} rank(s) gets from {num_samples}: no full batch per epoch; lower the batch size"
+                )
+        else:
+            self.sampler = ShardSampler(num_samples, rank, world_size)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Reshuffle and redraw the crops for ``epoch``; the next pass starts at its batch ``start_batch``."""
+        self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+        if self.train:
+            self.sampler.set_epoch(self.epoch)
+
+    def _batches(self) -> list[list[int]]:
+        order = [int(i) for i in self.sampler]
+        step = self.batch_size
+        batches = [order[i : i + step] for i in range(0, len(order), step)]
+        if self.train and batches and len(batches[-1]) < step:
+            batches.pop()
+        return batches[self.start_batch :]
+
+
 def _check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank must be in [0, world_size={world_size}), got rank={rank}")

@@ -28,7 +28,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
-from torch.utils.data.distributed import DistributedSampler
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -40,8 +39,7 @@ from fastmlgan.loaders.torch_loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ON_BAD_IMAGE,
-    ShardSampler,
-    _check_batch,
+    BatchPlan,
     crop_for,
     decode_rgb,
 )
@@ -102,7 +100,7 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(BatchPlan):
     """Batches of a ``LabeledImages`` decoded with torchvision on ``device``: ``len``,
     ``set_epoch`` and iteration yielding ``{"image", "labels", "crop", "index", "bad"}``."""
 
@@ -125,7 +123,7 @@ class TorchvisionLoader:
     ):
         if on_bad_image not in ON_BAD_IMAGE:
             raise ConfigError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
-        _check_batch(batch_size)
+        super().__init__(len(images), batch_size, rank, world_size, train, seed)
         if image_size < 1:
             raise ConfigError(f"image_size must be positive, got {image_size}")
         self.device = torch.device(device)
@@ -136,8 +134,6 @@ class TorchvisionLoader:
             )
         self.images = images
         self.image_size = int(image_size)
-        self.batch_size = int(batch_size)
-        self.train = bool(train)
         self.seed = int(seed)
         self.num_threads = max(1, int(num_threads))
         self.on_bad_image = on_bad_image
@@ -146,35 +142,10 @@ class TorchvisionLoader:
         self.prefetch = max(1, int(prefetch))
         # Only the first K images of each training batch are decoded (the rest: labels, index, crop).
         self.pixels_per_batch = pixels_per_batch
-        self.epoch = 0
-        self.start_batch = 0
-        if self.train:
-            # range(n) stands in for the dataset: the sampler only needs its length.
-            self.sampler = DistributedSampler(
-                range(len(images)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-            )
-            if len(self.sampler) < batch_size:
-                raise ConfigError(
-                    f"batch_size={batch_size} is larger than the {len(self.sampler)} training images each of the "
-                    f"{world_size} rank(s) gets from {len(images)}: no full batch per epoch; lower the batch size"
-                )
-        else:
-            self.sampler = ShardSampler(len(images), rank, world_size)
         self._labels = torch.from_numpy(images.labels.astype(np.float32))
         self._pin = torch.cuda.is_available()
         self._known_bad: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Reshuffle and redraw the crops for ``epoch``; the next pass starts at its batch ``start_batch``."""
-        self.epoch = int(epoch)
-        self.start_batch = int(start_batch)
-        if self.train:
-            self.sampler.set_epoch(self.epoch)
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -284,14 +255,6 @@ class TorchvisionLoader:
         }
 
     # -- iteration ------------------------------------------------------------------------------
-
-    def _batches(self) -> list[list[int]]:
-        order = [int(i) for i in self.sampler]
-        step = self.batch_size
-        batches = [order[i : i + step] for i in range(0, len(order), step)]
-        if self.train and batches and len(batches[-1]) < step:
-            batches.pop()
-        return batches[self.start_batch :]
 
     def __iter__(self) -> Iterator[dict]:
         if self._pool is None:
