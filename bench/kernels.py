@@ -44,7 +44,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -56,6 +55,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from fastmlgan import runinfo  # noqa: E402
 from fastmlgan.kernels import _dispatch  # noqa: E402
 from fastmlgan.kernels.gradient_penalty import (  # noqa: E402
     discriminator_input_gradient,
@@ -353,25 +353,8 @@ def measure(step: Callable, device: str, repeats: int, warmup: int) -> dict[str,
 
 
 def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return (
-                    f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-                )
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def _git_revision() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-
-    revision = git("rev-parse", "HEAD") or "unknown (no commit)"
-    return revision + ("+dirty" if git("status", "--porcelain") else "")
+    name = runinfo.device_name(device)
+    return name if device.startswith("cuda") else f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -514,7 +497,7 @@ def run_benchmarks(args: argparse.Namespace, argv=None) -> dict:
         "torch": torch.__version__,
         "triton": getattr(_dispatch.triton, "__version__", None),
         "python": platform.python_version(),
-        "git_revision": _git_revision(),
+        "git_revision": runinfo.git_revision() or "unknown",
         "command": _command(argv),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch_threads": torch.get_num_threads(),

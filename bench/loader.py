@@ -39,11 +39,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,60 +49,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fastmlgan.loaders.base import LabeledImages  # noqa: E402
 from fastmlgan.loaders.coco import read_coco  # noqa: E402
 from fastmlgan.loaders.dali import dali_available  # noqa: E402
 from fastmlgan.loaders.torch_loader import set_epoch  # noqa: E402
+from fastmlgan.runinfo import cpu_model, device_slug, git_revision, versions  # noqa: E402
 
 ALL_BACKENDS = ("torch", "dali", "dali-roi", "torchvision-gpu", "cache", "cache-gpu")
 SHARED_DATA = REPO / ".." / "shared" / "data"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    return "cpu"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def versions() -> dict:
-    import PIL
-    import torchvision
-
-    out = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-        "cuda": torch.version.cuda,
-    }
-    if dali_available():
-        import nvidia.dali
-
-        out["dali"] = nvidia.dali.__version__
-    return out
 
 
 def cpu_seconds() -> float:
@@ -315,7 +268,7 @@ def main(argv=None) -> int:
         sys.exit("cache-gpu keeps the cache in GPU memory: it needs --device cuda")
     train, val, description = load_data(args)
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else "bench/loader.py " + " ".join(argv)
-    print(f"device {device} ({device_name(device)}), {description}, batch {args.batch_size}, "
+    print(f"device {device} ({device_slug(device)}), {description}, batch {args.batch_size}, "
           f"{args.threads} threads, image size {args.image_size}, {args.repeats} repeats", flush=True)
     rows, caches = [], {}
     for backend in backends:
@@ -355,7 +308,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "loader",
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "device_name": torch.cuda.get_device_slug(device) if device.type == "cuda" else cpu_model(),
         "cpu_count": os.cpu_count(),
         "dataset": description,
         "batch_size": args.batch_size,
@@ -363,14 +316,14 @@ def main(argv=None) -> int:
         "image_size": args.image_size,
         "repeats": args.repeats,
         "versions": versions(),
-        "git_revision": git_revision(),
+        "git_revision": git_revision() or "unknown",
         "command": command,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "speedups": speedups,
         "results": rows,
     }
-    out = Path(args.out or REPO / "bench" / "results" / f"loader-{device_name(device)}.json")
+    out = Path(args.out or REPO / "bench" / "results" / f"loader-{device_slug(device)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")

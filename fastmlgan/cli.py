@@ -46,7 +46,7 @@ def usage() -> str:
 
 def version_text() -> str:
     """fastmlgan, torch, torchvision, CUDA and the git revision (in a checkout)."""
-    from fastmlgan.runlog import git_revision, versions
+    from fastmlgan.runinfo import git_revision, versions
 
     v = versions()
     import torch

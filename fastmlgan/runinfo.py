@@ -1,8 +1,10 @@
 """What a result was measured on: versions, git revision, device. Every results file (benchmarks,
-run directories, the reproduction harness) records these beside its numbers."""
+run directories, the reproduction harness, ``fastmlgan --version``) records these beside its
+numbers, from this one module."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import re
@@ -16,19 +18,30 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def git_revision(repo: Path = REPO) -> str:
-    """``HEAD``'s hash with ``-dirty`` when the tree has changes; "unknown" outside a checkout."""
+def git_revision(root: Path = REPO) -> str | None:
+    """HEAD of the checkout holding this package, with ``-dirty`` when tracked files differ from
+    it or the package has files git does not track; None outside a checkout (an installed package,
+    the Docker image)."""
+    if not (root / ".git").exists():
+        return None
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-        if rev.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        revision = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no") or git(
+            "status", "--porcelain", "--untracked-files=all", "--", "fastmlgan"
+        )
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return (revision + ("-dirty" if dirty else "")) if revision else None
 
 
 def versions() -> dict[str, str | None]:
+    """fastmlgan, Python, torch, torchvision, numpy, CUDA (torch's build; None for a CPU build) and
+    the optional packages that change what a run does, when installed."""
     import numpy
     import torchvision
 
@@ -42,11 +55,14 @@ def versions() -> dict[str, str | None]:
         "numpy": numpy.__version__,
         "cuda": torch.version.cuda,
     }
-    for name, module in (("triton", "triton"), ("dali", "nvidia.dali")):
-        try:
-            out[name] = __import__(module, fromlist=["__version__"]).__version__
-        except ImportError:
-            out[name] = None
+    # Read from the installed metadata: importing DALI or Triton just to print a version costs seconds.
+    for name, dists in (("dali", ("nvidia-dali-cuda130", "nvidia-dali-cuda120")), ("triton", ("triton",))):
+        for dist in dists:
+            try:
+                out[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return out
 
 
@@ -57,7 +73,7 @@ def cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "cpu"
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def device_name(device: torch.device | str) -> str:
@@ -85,6 +101,6 @@ def environment(device: torch.device | str) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "versions": versions(),
-        "git_revision": git_revision(),
+        "git_revision": git_revision() or "unknown",
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
     }

@@ -13,14 +13,11 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import shlex
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -28,8 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fastmlgan import __version__
 from fastmlgan.errors import ConfigError
+from fastmlgan.runinfo import git_revision, versions
 
 logger = logging.getLogger(__name__)
 
@@ -48,48 +45,6 @@ _EVAL_SCALARS = ("C-P", "C-R", "C-F1", "O-P", "O-R", "O-F1", "mAP", "avg_labels"
 
 # ----------------------------------------------------------------------------------------------
 # The environment of a run
-
-
-def git_revision(root: Path = REPO_ROOT) -> str | None:
-    """HEAD of the checkout holding this package, ``-dirty`` when tracked files differ from it;
-    None outside a checkout (an installed package, the Docker image)."""
-    if not (root / ".git").exists():
-        return None
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    try:
-        revision = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (revision + ("-dirty" if dirty else "")) if revision else None
-
-
-def versions() -> dict[str, str | None]:
-    """fastmlgan, Python, torch, torchvision, CUDA (torch's build; None for a CPU build) and the
-    optional packages that change what a run does, when installed."""
-    import torch
-    import torchvision
-
-    out: dict[str, str | None] = {
-        "fastmlgan": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "cuda": torch.version.cuda,
-    }
-    # Read from the installed metadata: importing DALI or Triton just to print a version costs seconds.
-    for name, dists in (("dali", ("nvidia-dali-cuda130", "nvidia-dali-cuda120")), ("triton", ("triton",))):
-        for dist in dists:
-            try:
-                out[name] = importlib.metadata.version(dist)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return out
 
 
 def run_record(options: Sequence[str], world_size: int) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastmlgan import __version__
+from fastmlgan import __version__, runinfo
 from fastmlgan import checkpoint as ckpt
 from fastmlgan.config import Config, config_from_dict
 from fastmlgan.distributed import DistInfo
@@ -449,29 +448,14 @@ def write_plots(results: dict[str, Any], opts: HarnessOptions, cfg: Config, info
 
 
 def git_revision() -> str:
-    """HEAD, marked when tracked files or the package itself (new files included) differ from it."""
-    root = Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10).stdout
-
-    try:
-        rev = git("rev-parse", "HEAD").strip()
-        dirty = git("status", "--porcelain", "--untracked-files=no") + git(
-            "status", "--porcelain", "--untracked-files=all", "--", "fastmlgan"
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if not rev:
-        return "unknown"
-    return rev + (" (with uncommitted changes)" if dirty.strip() else "")
+    """HEAD, ``-dirty`` when tracked files or the package itself (new files included) differ from it."""
+    return runinfo.git_revision() or "unknown"
 
 
 def environment(device: torch.device) -> dict[str, Any]:
     git = git_revision()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return {
-        "device": f"{device.type} ({name})",
+        "device": f"{device.type} ({runinfo.device_name(device)})",
         "threads": torch.get_num_threads(),
         "fastmlgan": __version__,
         "torch": torch.__version__,
