@@ -138,6 +138,7 @@ def test_predict_reads_the_export_like_the_checkpoint(run, exported, tmp_path, c
 
 
 def _export_error(argv: list[str], capsys) -> str:
+    capsys.readouterr()  # only this call's output (a fixture's training run may have logged before it)
     with restored_logging():
         code = export.main(argv)
     out, err = capsys.readouterr()

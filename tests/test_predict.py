@@ -47,6 +47,7 @@ def class_names(run) -> list[str]:
 
 
 def _predict(argv: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()  # only this call's output (a fixture's training run may have logged before it)
     with restored_logging():
         code = predict.main([*argv, "--num-workers", "0"])
     out, err = capsys.readouterr()
