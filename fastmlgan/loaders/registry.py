@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastmlgan.config import DataConfig
+from fastmlgan.config import FEATURE_DATASETS, DataConfig
 from fastmlgan.distributed import DistInfo, barrier
 from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.loaders.base import LabeledImages
@@ -53,6 +53,13 @@ def build_splits(cfg: DataConfig, info: DistInfo) -> Splits:
             if not getattr(cfg, key):
                 raise ConfigError(f"data.dataset=features needs --data.{key}")
         train, val = load_feature_dataset(cfg.features_train, cfg.features_test, xml=cfg.features_xml or None)
+    elif cfg.dataset == "labelsets":
+        from fastmlgan.loaders.labelsets import load_labelsets, noise_model
+
+        for key in ("labelsets_train", "labelsets_test"):
+            if not getattr(cfg, key):
+                raise ConfigError(f"data.dataset=labelsets needs --data.{key}")
+        train, val = load_labelsets(cfg.labelsets_train, cfg.labelsets_test, cfg.labelsets_names or None, noise_model(cfg))
     elif cfg.dataset == "coco":
         for key in ("train_annotations", "train_images", "val_annotations", "val_images"):
             if not getattr(cfg, key):
@@ -129,7 +136,7 @@ def build_train_loader(
         raise ConfigError(
             f"--data.batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images)"
         )
-    if cfg.dataset == "features":
+    if cfg.dataset in FEATURE_DATASETS:
         from fastmlgan.loaders.features import FeatureDataset
         from fastmlgan.loaders.torch_loader import build_train_loader as torch_train_loader
 
@@ -164,7 +171,7 @@ def build_eval_loader(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int
     batch = per_rank_batch(cfg.eval_batch_size, info, "data.eval_batch_size")
     from fastmlgan.loaders.torch_loader import build_eval_loader as torch_eval_loader
 
-    if cfg.dataset == "features":
+    if cfg.dataset in FEATURE_DATASETS:
         from fastmlgan.loaders.features import FeatureDataset
 
         return torch_eval_loader(FeatureDataset(splits.val, _standardizer(splits)), batch, info.rank, info.world_size, 0)
