@@ -13,13 +13,25 @@ Backends (``--backend``, comma-separated, default all available on the device):
   dali-roi         the same with region-of-interest decoding of the crop window (one resize)
   torchvision-gpu  torchvision decode_jpeg + batched five-crop, ``--threads`` reader threads (on
                    ``--device cpu`` it runs the same code on CPU tensors)
+  cache            the decoded-image cache (built first, in ``--cache-dir`` or a temporary folder; its
+                   build time and size are reported), rows staged in host memory, ``--threads``
+                   threads; with ``--device cuda`` the crops are cut on the GPU
+  cache-gpu        (``--device cuda`` only) the same with the whole cache in GPU memory
+
+Datasets (``--dataset``): ``embedded`` (generated 320 px JPEGs), ``coco128x8`` (a COCO JSON that
+lists the 126 labelled coco128 images of ``../shared/data`` 8 times under new ids: 1,008 real
+JPEG entries, written to a temporary folder; skipped with a message when the data is absent),
+or ``coco`` (your own files).
 
 Each backend runs its training loader (random five-crop, shuffled) and evaluation loader
 (whole-image resize) for whole epochs: one warm-up epoch, then ``--repeats`` timed epochs; the
-table gives the median (and min/max) images per second. On a GPU each timed epoch ends with a
-``torch.cuda.synchronize()``. On CPU intra-op threads are set to 1 so that every backend uses
-exactly ``--threads`` threads (or worker processes). Results go to ``--out`` as JSON with the
-device, versions, git revision and the exact command.
+table gives the median (and min/max) images per second, and the CPU cores used (CPU seconds of
+this process and its worker processes per wall second, median over the timed epochs) and the CPU
+milliseconds per image (a measure other processes on a shared machine disturb less). On a GPU
+each timed epoch ends with a ``torch.cuda.synchronize()``. On CPU intra-op threads are set to 1 so
+that every backend uses exactly ``--threads`` threads (or worker processes). Results go to
+``--out`` as JSON with the device, versions, git revision, the exact command and the machine's
+load average before the run (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +60,8 @@ from fastmlgan.loaders.coco import read_coco  # noqa: E402
 from fastmlgan.loaders.dali import dali_available  # noqa: E402
 from fastmlgan.loaders.torch_loader import set_epoch  # noqa: E402
 
-ALL_BACKENDS = ("torch", "dali", "dali-roi", "torchvision-gpu")
+ALL_BACKENDS = ("torch", "dali", "dali-roi", "torchvision-gpu", "cache", "cache-gpu")
+SHARED_DATA = REPO / ".." / "shared" / "data"
 
 
 def device_name(device: torch.device) -> str:
@@ -94,6 +108,48 @@ def versions() -> dict:
     return out
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and every live descendant (DataLoader workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    ours, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in ours:
+                ours.add(child)
+                frontier.append(child)
+    return sum(times.get(pid, 0.0) for pid in ours)
+
+
+def coco128_repeated(copies: int, workdir: Path) -> tuple[Path, Path] | None:
+    """A COCO JSON listing coco128's images ``copies`` times under new ids (None when absent)."""
+    root = SHARED_DATA / "coco128"
+    ann = root / "instances_coco128.json"
+    if not ann.is_file():
+        return None
+    data = json.loads(ann.read_text())
+    stride = max(img["id"] for img in data["images"]) + 1
+    images, annotations = [], []
+    for c in range(copies):
+        images += [{**img, "id": img["id"] + c * stride} for img in data["images"]]
+        annotations += [{**a, "id": k + c * len(data["annotations"]), "image_id": a["image_id"] + c * stride}
+                        for k, a in enumerate(data["annotations"])]
+    out = workdir / f"coco128x{copies}.json"
+    out.write_text(json.dumps({**data, "images": images, "annotations": annotations}))
+    return out, (root / "images" / "train2017").resolve()
+
+
 def load_data(args) -> tuple[LabeledImages, LabeledImages, str]:
     if args.dataset == "embedded":
         from fastmlgan.loaders.embedded import ensure
@@ -104,6 +160,12 @@ def load_data(args) -> tuple[LabeledImages, LabeledImages, str]:
         train = read_coco(paths.train_ann, paths.train_images)
         val = read_coco(paths.val_ann, paths.val_images)
         return train, val, f"embedded ({n_train} train + {n_val} val synthetic JPEGs, {size}x{size})"
+    if args.dataset == "coco128x8":
+        made = coco128_repeated(8, Path(args.workdir))
+        if made is None:
+            sys.exit(f"skipping --dataset coco128x8: {SHARED_DATA.resolve() / 'coco128'} is absent (see ../shared/data/README.md)")
+        train = read_coco(*made, name="coco128x8")
+        return train, train, f"coco128x8 ({len(train)} entries: coco128's labelled JPEGs listed 8 times, train and eval)"
     if not (args.train_annotations and args.train_images):
         sys.exit("--dataset coco needs --data.train_annotations and --data.train_images")
     train = read_coco(args.train_annotations, args.train_images)
@@ -114,8 +176,28 @@ def load_data(args) -> tuple[LabeledImages, LabeledImages, str]:
     return train, val, f"coco ({args.train_annotations}: {len(train)} train, {len(val)} val images)"
 
 
-def build(backend: str, train: bool, images: LabeledImages, args, device: torch.device):
+def build_cache_for(split: str, images: LabeledImages, args, device: torch.device) -> dict:
+    """Build the split's cache from scratch (timed) and report its size."""
+    from fastmlgan.loaders.cache import Geometry, build_cache, cache_path, resolve_decoder
+
+    geometry = Geometry("train" if split == "train" else "eval", args.image_size)
+    path = cache_path(images, geometry, args.cache_dir)
+    decoder = resolve_decoder("auto", device)
+    cpu0, start = cpu_seconds(), time.perf_counter()
+    cache = build_cache(images, geometry, path, decoder=decoder, device=device, num_threads=args.threads, progress=False)
+    seconds = time.perf_counter() - start
+    return {"cache": cache, "build_s": round(seconds, 3), "build_images_per_s": round(len(images) / seconds, 1),
+            "build_cores_used": round((cpu_seconds() - cpu0) / seconds, 2), "cache_bytes": cache.nbytes,
+            "cache_decoder": decoder, "cache_file": path.name}
+
+
+def build(backend: str, train: bool, images: LabeledImages, args, device: torch.device, cache=None):
     batch, threads, size = args.batch_size, args.threads, args.image_size
+    if backend in ("cache", "cache-gpu"):
+        from fastmlgan.loaders.cache_loader import CacheLoader
+
+        return CacheLoader(cache, size, batch, 0, 1, train=train, seed=0, device=device, num_threads=threads,
+                           cache_device="cuda" if backend == "cache-gpu" else "cpu")
     if backend == "torch":
         from fastmlgan.loaders.torch_loader import FiveCropDataset, build_eval_loader, build_train_loader
 
@@ -138,9 +220,10 @@ def build(backend: str, train: bool, images: LabeledImages, args, device: torch.
     return build_torchvision_eval_loader(images, size, batch, 0, 1, device=device, num_threads=threads)
 
 
-def run_epoch(loader, epoch: int, device: torch.device) -> tuple[int, float]:
+def run_epoch(loader, epoch: int, device: torch.device) -> tuple[int, float, float]:
     set_epoch(loader, epoch)
     n = 0
+    cpu0 = cpu_seconds()
     start = time.perf_counter()
     for batch in loader:
         image = batch["image"]
@@ -149,17 +232,19 @@ def run_epoch(loader, epoch: int, device: torch.device) -> tuple[int, float]:
         n += image.shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return n, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return n, seconds, (cpu_seconds() - cpu0) / seconds
 
 
-def measure(backend: str, split: str, images, args, device) -> dict:
-    loader = build(backend, split == "train", images, args, device)
+def measure(backend: str, split: str, images, args, device, cache=None) -> dict:
+    loader = build(backend, split == "train", images, args, device, cache)
     run_epoch(loader, 0, device)  # warm-up: worker start, pipeline build, allocations
-    rates, counts = [], []
+    rates, counts, cores = [], [], []
     for r in range(args.repeats):
-        n, seconds = run_epoch(loader, r + 1, device)
+        n, seconds, used = run_epoch(loader, r + 1, device)
         rates.append(n / seconds)
         counts.append(n)
+        cores.append(used)
     if hasattr(loader, "close"):
         loader.close()
     del loader
@@ -171,6 +256,9 @@ def measure(backend: str, split: str, images, args, device) -> dict:
         "max": max(rates),
         "runs": [round(x, 2) for x in rates],
         "images_per_run": counts[0],
+        "cores_used": round(statistics.median(cores), 2),
+        # CPU time per image: less sensitive than img/s to other processes on a shared machine.
+        "cpu_ms_per_image": round(1000 * statistics.median(c / r for c, r in zip(cores, rates)), 3),
     }
 
 
@@ -179,6 +267,9 @@ def available_backends(device: torch.device) -> list[str]:
     if dali_available():
         out += ["dali", "dali-roi"]
     out.append("torchvision-gpu")  # on CPU it runs the same code on CPU tensors
+    out.append("cache")
+    if device.type == "cuda":
+        out.append("cache-gpu")
     return out
 
 
@@ -186,7 +277,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="all", help="comma-separated subset of " + ",".join(ALL_BACKENDS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dataset", default="embedded", choices=("embedded", "coco"))
+    parser.add_argument("--dataset", default="embedded", choices=("embedded", "coco128x8", "coco"))
     parser.add_argument("--data.root", dest="data_root", default="", help="embedded: where the bench dataset is generated")
     parser.add_argument("--data.train_annotations", dest="train_annotations", default="")
     parser.add_argument("--data.train_images", dest="train_images", default="")
@@ -199,7 +290,12 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="train,eval", help="train, eval or both")
     parser.add_argument("--quick", action="store_true", help="smaller dataset and 3 repeats")
     parser.add_argument("--out", default="", help="JSON output (default bench/results/loader-<device>.json)")
+    parser.add_argument("--cache-dir", default="", help="where the cache backend's caches are built (default: a temporary folder)")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()
+    workdir = tempfile.TemporaryDirectory(prefix="fastmlgan-bench-")
+    args.workdir = workdir.name
+    args.cache_dir = args.cache_dir or str(Path(workdir.name) / "cache")
     if args.quick:
         args.repeats = min(args.repeats, 3)
     device = torch.device(args.device)
@@ -211,11 +307,13 @@ def main(argv=None) -> int:
     unknown = set(backends) - set(ALL_BACKENDS)
     if unknown:
         sys.exit(f"unknown backend(s) {sorted(unknown)}; known: {', '.join(ALL_BACKENDS)}")
+    if "cache-gpu" in backends and device.type != "cuda":
+        sys.exit("cache-gpu keeps the cache in GPU memory: it needs --device cuda")
     train, val, description = load_data(args)
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else "bench/loader.py " + " ".join(argv)
     print(f"device {device} ({device_name(device)}), {description}, batch {args.batch_size}, "
           f"{args.threads} threads, image size {args.image_size}, {args.repeats} repeats", flush=True)
-    rows = []
+    rows, caches = [], {}
     for backend in backends:
         if backend.startswith("dali") and not dali_available():
             print(f"skipping {backend}: DALI is not installed", flush=True)
@@ -224,13 +322,32 @@ def main(argv=None) -> int:
             if backend == "dali-roi" and split == "eval":
                 continue  # the same eval pipeline as dali
             images = train if split == "train" else val
-            row = measure(backend, split, images, args, device)
+            extra = {}
+            if backend.startswith("cache"):
+                if split not in caches:
+                    caches[split] = build_cache_for(split, images, args, device)
+                    built = caches[split]
+                    print(f"  cache build      {split:<5} {built['build_s']:9.1f} s ({built['build_images_per_s']:.1f} img/s, "
+                          f"{built['cache_decoder']} decoder), {built['cache_bytes']} bytes", flush=True)
+                extra = {k: v for k, v in caches[split].items() if k != "cache"}
+            row = {**measure(backend, split, images, args, device, caches.get(split, {}).get("cache")), **extra}
             rows.append(row)
-            print(f"  {backend:<16} {split:<5} {row['images_per_s']:9.1f} img/s  (min {row['min']:.1f}, max {row['max']:.1f})", flush=True)
-    header = f"{'backend':<16} {'split':<6} {'img/s (median)':>15} {'min':>9} {'max':>9}"
+            print(f"  {backend:<16} {split:<5} {row['images_per_s']:9.1f} img/s  (min {row['min']:.1f}, max {row['max']:.1f}, "
+                  f"{row['cores_used']:.2f} cores, {row['cpu_ms_per_image']:.2f} CPU ms/img)", flush=True)
+    header = f"{'backend':<16} {'split':<6} {'img/s (median)':>15} {'min':>9} {'max':>9} {'cores':>6}"
     print("\n" + header + "\n" + "-" * len(header))
     for row in rows:
-        print(f"{row['backend']:<16} {row['split']:<6} {row['images_per_s']:>15.1f} {row['min']:>9.1f} {row['max']:>9.1f}")
+        print(f"{row['backend']:<16} {row['split']:<6} {row['images_per_s']:>15.1f} {row['min']:>9.1f} {row['max']:>9.1f} "
+              f"{row['cores_used']:>6.2f}")
+    speedups = {}
+    for split in ("train", "eval"):
+        rate = {r["backend"]: r["images_per_s"] for r in rows if r["split"] == split}
+        cpu = {r["backend"]: r["cpu_ms_per_image"] for r in rows if r["split"] == split}
+        if "torch" in rate and "cache" in rate:
+            speedups[f"cache/torch {split} img/s"] = round(rate["cache"] / rate["torch"], 2)
+            speedups[f"torch/cache {split} CPU time per image"] = round(cpu["torch"] / cpu["cache"], 2)
+    if speedups:
+        print("\n" + ", ".join(f"{k}: {v}x" for k, v in speedups.items()))
     result = {
         "benchmark": "loader",
         "device": str(device),
@@ -244,6 +361,9 @@ def main(argv=None) -> int:
         "versions": versions(),
         "git_revision": git_revision(),
         "command": command,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "speedups": speedups,
         "results": rows,
     }
     out = Path(args.out or REPO / "bench" / "results" / f"loader-{device_name(device)}.json")

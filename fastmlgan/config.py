@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,9 +51,13 @@ class DataConfig:
     on_bad_image: str = "skip"
     """An image that cannot be decoded: skip (substitute the next one, count and log it) | error (stop, naming it)."""
     backend: str = "auto"
-    """Loader backend: auto (dali on a GPU when installed, else torchvision-gpu on a GPU, else torch) | dali | torchvision-gpu | torch (CPU decode and five-crop)."""
+    """Loader backend: auto (cache when current caches of both splits exist, else dali on a GPU when installed, else torchvision-gpu on a GPU, else torch) | dali | torchvision-gpu | torch (CPU decode and five-crop) | cache (decoded-image cache, built on first use)."""
     num_threads: int = 4
-    """dali / torchvision-gpu: CPU threads per rank (file reading, CPU decoding)."""
+    """dali / torchvision-gpu / cache: CPU threads per rank (file reading, CPU decoding, cache staging)."""
+    cache_dir: str = ""
+    """cache: folder of the decoded-image caches ('' = $FASTMLGAN_CACHE, else ~/.cache/fastmlgan: large, derived files reused by every run, kept out of the project and run folders)."""
+    cache_device: str = "cpu"
+    """cache: serve from cpu (memory-mapped file, rows staged in pinned host memory) | cuda (the cache copied into GPU memory; it must fit)."""
     dali_decode: str = "full"
     """dali: full (decode, resize to base, crop, resize: the paper's geometry) | roi (decode only the crop window, one resize)."""
     dali_hw_decoder_load: float = 0.65
@@ -110,18 +115,27 @@ class DataConfig:
             if not 0.0 <= getattr(self, key) <= 1.0:  # also rejects NaN
                 raise ConfigError(f"--data.{key} must be in [0, 1], got {getattr(self, key)}")
         _choice("data.on_bad_image", self.on_bad_image, ("skip", "error"))
-        _choice("data.backend", self.backend, ("auto", "dali", "torchvision-gpu", "torch"))
+        _choice("data.backend", self.backend, ("auto", "dali", "torchvision-gpu", "torch", "cache"))
+        _choice("data.cache_device", self.cache_device, ("cpu", "cuda"))
+        if self.dataset == "features" and self.backend == "cache":
+            raise ConfigError(
+                "--data.backend cache stores decoded images, but data.dataset=features holds feature vectors "
+                "(already in memory): use --data.backend auto"
+            )
         _choice("data.dali_decode", self.dali_decode, ("full", "roi"))
         _choice("data.nuswide_split", self.nuswide_split, ("paper", "official"))
         _positive("data.num_threads", self.num_threads)
         _positive("data.nuswide_num_train", self.nuswide_num_train)
-        if not 0.0 <= self.dali_hw_decoder_load <= 1.0:
-            raise ConfigError(f"--data.dali_hw_decoder_load must be in [0, 1], got {self.dali_hw_decoder_load}")
+        _finite("data.dali_hw_decoder_load", self.dali_hw_decoder_load, 0.0, 1.0)
         _positive("data.image_size", self.image_size)
         _positive("data.batch_size", self.batch_size)
         _positive("data.eval_batch_size", self.eval_batch_size)
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        _integer("data.num_workers", self.num_workers, 0)
+        _integer("data.nuswide_seed", self.nuswide_seed, 0)
+        _positive("data.embedded_num_train", self.embedded_num_train)
+        _positive("data.embedded_num_val", self.embedded_num_val)
+        _integer("data.embedded_image_size", self.embedded_image_size, 16)  # loaders.embedded's smallest scene
+        _integer("data.embedded_seed", self.embedded_seed, 0)
 
 
 @dataclass
@@ -183,11 +197,12 @@ class GanConfig:
         _positive("gan.proj_dim", self.proj_dim)
         _positive("gan.hidden_dim", self.hidden_dim)
         _positive("gan.num_layers", self.num_layers)
-        if self.inv_temperature <= 0:
-            raise ConfigError(f"gan.inv_temperature must be > 0, got {self.inv_temperature}")
+        _finite("gan.inv_temperature", self.inv_temperature, 0.0, lo_open=True)
+        _finite("gan.bce_weight", self.bce_weight, 0.0)
+        _finite("gan.gp_weight", self.gp_weight, 0.0)
+        _finite("gan.negative_slope", self.negative_slope, 0.0, 1.0)
         _choice("gan.penalty", self.penalty, ("explicit", "autograd"))
-        if self.feature_batch < 0:
-            raise ConfigError(f"--gan.feature_batch must be >= 0, got {self.feature_batch}")
+        _integer("gan.feature_batch", self.feature_batch, 0)
         if not self.conditional and self.negative_sampling:
             # §4.2.3: rows (c) and (d) drop negative sampling. An unconditional D cannot see x, so a
             # "mismatched" pair would just be another real label set scored as fake.
@@ -214,8 +229,11 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         for name in ("bce_lr", "g_lr", "d_lr"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"optim.{name} must be > 0, got {getattr(self, name)}")
+            _finite(f"optim.{name}", getattr(self, name), 0.0, lo_open=True)
+        # torch.optim.Adam's own range; beta = 1 would never forget the first gradient.
+        _finite("optim.beta1", self.beta1, 0.0, 1.0, hi_open=True)
+        _finite("optim.beta2", self.beta2, 0.0, 1.0, hi_open=True)
+        _finite("optim.weight_decay", self.weight_decay, 0.0)
 
 
 @dataclass
@@ -232,12 +250,22 @@ class TrainConfig:
     """Log losses every N steps (the only host syncs in the loop). A step is one G update in both phases: one batch in phase 1, one iteration of d_steps D updates and a G update in phase 2."""
     eval_every: int = 1
     """Evaluate every N epochs (and always at the end of each phase)."""
+    # Measured on the smoke preset (6 BCE + 30 GAN epochs, every step logged): within a phase a
+    # loss's magnitude reached at most 1.4x its running median (the signed Wasserstein estimate,
+    # near 0, 5x); --optim.bce_lr 1e9 gives 2e9, 4e8x. 1e3 keeps a 100x margin on both sides.
+    loss_explosion_ratio: float = 1e3
+    """Stop when a logged loss's magnitude exceeds this many times the running median of its magnitudes (0 = off)."""
 
     def __post_init__(self) -> None:
-        if self.bce_epochs < 0 or self.gan_epochs < 0:
-            raise ConfigError("train.bce_epochs and train.gan_epochs must be >= 0")
+        _integer("train.bce_epochs", self.bce_epochs, 0)
+        _integer("train.gan_epochs", self.gan_epochs, 0)
+        _integer("train.max_steps_per_epoch", self.max_steps_per_epoch, 0)
+        # The trainer seeds torch with seed * 1,000,003 + rank + 7 * step, which must stay below 2**64.
+        _integer("train.seed", self.seed, 0, 2**32 - 1)
         _positive("train.log_every", self.log_every)
         _positive("train.eval_every", self.eval_every)
+        if self.loss_explosion_ratio != 0:
+            _finite("train.loss_explosion_ratio", self.loss_explosion_ratio, 1.0, lo_open=True, off=0)
 
 
 @dataclass
@@ -271,14 +299,25 @@ class DistConfig:
 
     def __post_init__(self) -> None:
         _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
-        if not self.bucket_cap_mb > 0:
-            raise ConfigError(f"--dist.bucket_cap_mb must be > 0, got {self.bucket_cap_mb}")
+        _integer("dist.timeout_s", self.timeout_s, 1, 2**31 - 1)  # c10d keeps it in milliseconds
+        _finite("dist.bucket_cap_mb", self.bucket_cap_mb, 0.0, lo_open=True)
 
 
 @dataclass
 class CheckpointConfig:
     enable: bool = True
-    """Write checkpoints/last.pt at the end of every epoch (atomically)."""
+    """Write checkpoints (checkpoints/step-N.pt, last.pt = the newest) at every epoch end, and as every_* say."""
+    keep: int = 2
+    """Step checkpoints kept (the newest; a corrupt newest one falls back to the one before)."""
+    every_steps: int = 0
+    """Also write a checkpoint every N optimizer steps within an epoch (0 = off)."""
+    every_minutes: float = 10.0
+    """Also write a checkpoint when this many minutes passed since the last one (0 = off): bounds what a kill loses."""
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.keep", self.keep)
+        _integer("checkpoint.every_steps", self.every_steps, 0)
+        _finite("checkpoint.every_minutes", self.every_minutes, 0.0)
 
 
 @dataclass
@@ -840,5 +879,22 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _positive(key: str, value: int) -> None:
-    if value <= 0:
-        raise ConfigError(f"--{key} must be > 0, got {value}")
+    _integer(key, value, 1)
+
+
+def _integer(key: str, value: Any, lo: int, hi: int | None = None) -> None:
+    """An int in [lo, hi]; the message names the option (bools and floats are not ints)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        rule = f"an integer in [{lo}, {hi}]" if hi is not None else ("> 0" if lo == 1 else f"an integer >= {lo}")
+        raise ConfigError(f"--{key} must be {rule}, got {value!r}")
+
+
+def _finite(key: str, value: Any, lo: float, hi: float | None = None, *, lo_open=False, hi_open=False, off=None) -> None:
+    """A finite number in [lo, hi] (ends open as asked; NaN fails every comparison, so it is
+    tested first). ``off``: a value outside the interval that switches the feature off."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (value > lo if lo_open else value >= lo) and (hi is None or (value < hi if hi_open else value <= hi))):
+        ends = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}" if hi is not None else ""
+        rule = f"in {ends}" if ends else f"{'>' if lo_open else '>='} {lo:g}"
+        rule = f"a finite number {rule}" if off is None else f"{off} (off) or a finite number {rule}"
+        raise ConfigError(f"--{key} must be {rule}, got {value if isinstance(value, (int, float)) else repr(value)}")

@@ -29,7 +29,7 @@ from fastmlgan.trainer import amp_dtype, predict
 def checkpoint_scores(path: str, data_overrides: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
     """σ(G(x)) and the targets of every evaluation image of the checkpoint's data (or of the data
     ``data_overrides`` point to), fed exactly as the evaluation during training."""
-    from fastmlgan.loaders.registry import build_loaders, build_splits
+    from fastmlgan.loaders.registry import build_eval_loader, build_splits
 
     state = ckpt.load(path)
     saved = config_from_dict(state["config"])
@@ -46,7 +46,8 @@ def checkpoint_scores(path: str, data_overrides: dict[str, str]) -> tuple[np.nda
             f"{path}: the checkpoint has {len(state['class_names'])} classes, the data "
             f"{len(splits.class_names)} (or in another order); evaluate on data with the same categories"
         )
-    _, eval_loader = build_loaders(cfg.data, splits, info, cfg.train.seed)
+    # The evaluation split alone: a decoded-image cache of the training split is not needed (or built).
+    eval_loader = build_eval_loader(cfg.data, splits, info, cfg.train.seed)
     generator = generator_from_checkpoint(state, str(path)).to(info.device)
     # The same precision as the evaluation during training.
     return predict(generator, eval_loader, info.device, amp_dtype(cfg.precision.amp, info.device))

@@ -40,7 +40,7 @@ def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None
     """The config actually run, its directory, and the checkpoint to resume from (if any)."""
     if not cfg.resume:
         return cfg, Path(cfg.out or f"runs/{cfg.preset}"), None
-    state = ckpt.load(cfg.resume)
+    state = ckpt.load(cfg.resume, ckpt.RESUME_KEYS)
     run_dir = ckpt.run_dir_of(cfg.resume)
     if not run_dir.is_dir():
         raise FastMLGANError(
@@ -58,7 +58,9 @@ def resolve_run(cfg: Config, argv: list[str]) -> tuple[Config, Path, dict | None
         merged[section][name] = getattr(getattr(cfg, section), name)
     merged["resume"] = str(run_dir)
     merged["out"] = str(run_dir)
-    return config_from_dict(merged), run_dir, state
+    resumed = config_from_dict(merged)
+    ckpt.check_resume_compatible(saved, resumed)  # before anything is written to run_dir
+    return resumed, run_dir, state
 
 
 def trim_metrics_log(path: Path, last_step: int) -> int:

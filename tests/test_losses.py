@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from fastmlgan.kernels.gradient_penalty import gradient_penalty as explicit_gradient_penalty
 from fastmlgan.losses import (
     GanSpec,
     discriminator_loss_from_images,
@@ -112,42 +114,145 @@ def _batch():
     }
 
 
-def _expected_d_loss(d, batch, fake, spec, gp):
-    s_m = d(batch["matched_y"], batch["matched_x"]).mean()
-    s_g = d(fake, batch["generated_x"]).mean()
-    s_n = d(batch["mismatched_y"], batch["mismatched_x"]).mean()
-    if spec.negative_sampling:
-        return -s_m + 0.5 * s_g + 0.5 * s_n + spec.gp_weight * gp
-    return -s_m + 1.0 * s_g + spec.gp_weight * gp
+# ----------------------------------------------------------------------------------------------
+# Eq. (4) by hand on a 2-layer D with hand-set weights
+
+LEAK = 0.2  # Discriminator's default LeakyReLU slope
+# label_proj (P=2, C=3), feature_proj (P, F=2), body layers 1 and 2 (H=2), out (1, H)
+W_Y, B_Y = [[1.0, -0.5, 0.25], [0.5, 1.0, -1.0]], [0.1, -0.2]
+W_Z, B_Z = [[0.5, -1.0], [1.0, 0.5]], [0.0, 0.3]
+W_1, B_1 = [[1.0, -1.0, 0.5, 0.5], [-0.5, 1.0, 1.0, -1.0]], [0.1, -0.1]
+W_2, B_2 = [[1.0, 0.5], [-1.0, 1.0]], [0.2, 0.0]
+W_O, B_O = [[1.0, -2.0]], [0.5]
 
 
-@pytest.mark.parametrize("negative_sampling", [True, False])
-def test_discriminator_loss_is_eq4(negative_sampling):
-    spec = GanSpec(negative_sampling=negative_sampling, gumbel=False)  # σ(ℓ): deterministic ŷ
-    torch.manual_seed(2)
-    d = Discriminator(C, F_DIM, proj_dim=4, hidden_dim=8, num_layers=2)
-    logits = torch.randn(B, C)
-    g = _FixedGenerator(logits)
-    batch = _batch()
-    eps = torch.rand(B, 1)
-    fixed_penalty = lambda disc, real, fake, z: gradient_penalty_autograd(disc, real, fake, z, eps)  # noqa: E731
-    out = discriminator_loss_from_images(d, g, _IdentityFeatures(), batch, spec, penalty=fixed_penalty)
-    fake = torch.sigmoid(logits)
-    gp = gradient_penalty_autograd(d, batch["generated_real_y"], fake, batch["generated_x"], eps)
-    expected = _expected_d_loss(d, batch, fake, spec, gp)
-    assert out["loss_d"].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert out["gp"].item() == pytest.approx(gp.item(), rel=1e-5)
-    # Without negative sampling the mismatched pair has no influence at all (Table 3 (c)).
-    batch2 = dict(batch, mismatched_y=1 - batch["mismatched_y"])
-    out2 = discriminator_loss_from_images(d, g, _IdentityFeatures(), batch2, spec, penalty=fixed_penalty)
+def _hand_set_discriminator(conditional: bool = True) -> Discriminator:
+    d = Discriminator(num_labels=3, feature_dim=2, proj_dim=2, hidden_dim=2, num_layers=2, conditional=conditional)
+    linears = [d.label_proj, d.feature_proj, d.body[0], d.body[2], d.out]
+    with torch.no_grad():
+        for linear, (w, b) in zip(linears, [(W_Y, B_Y), (W_Z, B_Z), (W_1, B_1), (W_2, B_2), (W_O, B_O)]):
+            linear.weight.copy_(torch.tensor(w))
+            linear.bias.copy_(torch.tensor(b))
+    return d
+
+
+def _lrelu(a):
+    return np.where(a > 0, a, LEAK * a)
+
+
+def _slope(a):
+    return np.where(a > 0, 1.0, LEAK)
+
+
+def _d_by_hand(y, z):
+    """D(y, z) and ∇_y D(y, z) for one sample, written out layer by layer (float64)."""
+    y, z = np.asarray(y, np.float64), np.asarray(z, np.float64)
+    h0 = np.concatenate([np.dot(W_Y, y) + B_Y, np.dot(W_Z, z) + B_Z])  # projections, concatenated
+    a1 = np.dot(W_1, h0) + B_1
+    a2 = np.dot(W_2, _lrelu(a1)) + B_2
+    score = float(np.dot(W_O, _lrelu(a2))[0] + B_O[0])
+    # Backwards: ∂D/∂a2 = w_o ⊙ s2, ∂D/∂a1 = (W_2ᵀ ∂D/∂a2) ⊙ s1, ∂D/∂h0 = W_1ᵀ ∂D/∂a1,
+    # and only the label half of h0 depends on y: ∂D/∂y = W_yᵀ (∂D/∂h0)[:P].
+    d_a2 = np.asarray(W_O[0]) * _slope(a2)
+    d_a1 = np.dot(np.transpose(W_2), d_a2) * _slope(a1)
+    d_h0 = np.dot(np.transpose(W_1), d_a1)
+    grad_y = np.dot(np.transpose(W_Y), d_h0[:2])
+    return score, grad_y
+
+
+def _eq4_by_hand(batch, fake, epsilon, negative_sampling: bool, gp_weight: float):
+    """(L_D, penalty) of eq. (4) with the penalty of eq. (5), from the hand-written D."""
+
+    def mean_score(labels, images):
+        return np.mean([_d_by_hand(y, x)[0] for y, x in zip(labels, images)])
+
+    matched = mean_score(batch["matched_y"], batch["matched_x"])
+    generated = mean_score(fake, batch["generated_x"])
+    # y* = ε y + (1 − ε) ŷ per sample, y the true labels of the generated pairs' images; the
+    # gradient is taken w.r.t. the label input only, the image features held fixed.
+    norms = []
+    for y, y_hat, x, eps in zip(batch["generated_real_y"], fake, batch["generated_x"], epsilon):
+        y_star = eps * np.asarray(y) + (1 - eps) * np.asarray(y_hat)
+        norms.append(np.sqrt(np.sum(_d_by_hand(y_star, x)[1] ** 2)))
+    penalty = np.mean((np.asarray(norms) - 1.0) ** 2)
     if negative_sampling:
-        assert out2["loss_d"].item() != pytest.approx(out["loss_d"].item(), rel=1e-6)
-    else:
-        assert out2["loss_d"].item() == pytest.approx(out["loss_d"].item(), rel=1e-6)
-    # G gets no gradient from the D loss.
+        mismatched = mean_score(batch["mismatched_y"], batch["mismatched_x"])
+        loss = -matched + 0.5 * generated + 0.5 * mismatched + gp_weight * penalty
+    else:  # Table 3 (c): "the third term ... is removed, and the weight of the second term becomes 1"
+        loss = -matched + 1.0 * generated + gp_weight * penalty
+    return loss, penalty
+
+
+def _eq4_batch() -> dict[str, torch.Tensor]:
+    """Two pairs of each kind; x is the image feature vector itself (f_ext = identity)."""
+    batch = {
+        "matched_x": [[1.0, 0.5], [-0.5, 1.5]],
+        "matched_y": [[1, 0, 1], [0, 1, 0]],
+        "generated_x": [[0.25, -1.0], [2.0, 0.0]],
+        "generated_real_y": [[1, 1, 0], [0, 0, 1]],
+        "mismatched_x": [[-1.0, -0.5], [0.5, 0.5]],
+        "mismatched_y": [[1, 1, 1], [0, 0, 1]],
+    }
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in batch.items()}
+
+
+def _numpy_batch(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.double().numpy() for k, v in batch.items()}
+
+
+EQ4_LOGITS = [[3.0, -3.0, 2.0], [3.0, 0.5, 1.5]]  # G's output on generated_x: ŷ = σ(ℓ) (no Gumbel)
+EQ4_EPSILON = [0.75, 0.8]
+
+
+def _fixed_epsilon_penalty(kind: str):
+    eps = torch.tensor(EQ4_EPSILON)
+    if kind == "autograd":
+        return lambda d, real, fake, z: gradient_penalty_autograd(d, real, fake, z, eps)
+    return lambda d, real, fake, z: explicit_gradient_penalty(d, real, fake, z, epsilon=eps)
+
+
+@pytest.mark.parametrize("penalty", ["autograd", "explicit"])
+@pytest.mark.parametrize("negative_sampling", [True, False])
+def test_discriminator_loss_is_eq4(negative_sampling, penalty):
+    spec = GanSpec(negative_sampling=negative_sampling, gumbel=False, gp_weight=10.0)
+    d = _hand_set_discriminator()
+    g = _FixedGenerator(torch.tensor(EQ4_LOGITS))
+    batch = _eq4_batch()
+    out = discriminator_loss_from_images(d, g, _IdentityFeatures(), batch, spec, penalty=_fixed_epsilon_penalty(penalty))
+
+    fake = 1.0 / (1.0 + np.exp(-np.asarray(EQ4_LOGITS)))
+    loss, gp = _eq4_by_hand(_numpy_batch(batch), fake, EQ4_EPSILON, negative_sampling, spec.gp_weight)
+    # float32 on the torch side, float64 by hand: agreement to ~1e-7 relative; 1e-5 leaves room.
+    assert out["gp"].item() == pytest.approx(gp, rel=1e-5)
+    assert out["loss_d"].item() == pytest.approx(loss, rel=1e-5)
+    # G gets no gradient from the D loss; every D parameter does.
     out["loss_d"].backward()
     assert g.weight.grad is None
     assert all(p.grad is not None for p in d.parameters())
+
+
+def test_eq4_inputs_make_the_hand_computation_sensitive():
+    # D is piecewise linear, so ∇_y D changes only where a LeakyReLU changes slope: the inputs are
+    # chosen (a search over small round values) so that every D evaluation has pre-activations on
+    # both sides of 0, none near it (float32 and float64 take the same branch), and the penalty
+    # changes when y* is built wrongly: ε on the wrong end, or another batch's labels as y.
+    batch = _numpy_batch(_eq4_batch())
+    fake = 1.0 / (1.0 + np.exp(-np.asarray(EQ4_LOGITS)))
+    y_star = [e * y + (1 - e) * f for e, y, f in zip(EQ4_EPSILON, batch["generated_real_y"], fake)]
+    labels = [*batch["matched_y"], *fake, *batch["mismatched_y"], *y_star]
+    images = [*batch["matched_x"], *batch["generated_x"], *batch["mismatched_x"], *batch["generated_x"]]
+    pre = []
+    for y, x in zip(labels, images):
+        h0 = np.concatenate([np.dot(W_Y, y) + B_Y, np.dot(W_Z, x) + B_Z])
+        a1 = np.dot(W_1, h0) + B_1
+        pre += [*a1, *(np.dot(W_2, _lrelu(a1)) + B_2)]
+    pre = np.asarray(pre)
+    assert (pre > 0).sum() >= 4 and (pre < 0).sum() >= 4 and np.abs(pre).min() > 0.05, pre
+
+    _, gp = _eq4_by_hand(batch, fake, EQ4_EPSILON, True, 10.0)
+    swapped = _eq4_by_hand(batch, fake, [1 - e for e in EQ4_EPSILON], True, 10.0)[1]
+    other_y = _eq4_by_hand(dict(batch, generated_real_y=batch["matched_y"]), fake, EQ4_EPSILON, True, 10.0)[1]
+    assert min(abs(gp - swapped), abs(gp - other_y)) > 0.5 * gp
 
 
 def test_unconditional_discriminator_ignores_images():

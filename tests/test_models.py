@@ -82,17 +82,21 @@ def test_offline_download_error_says_how_to_pass_a_file(monkeypatch):
         build_generator("resnet18", 10, pretrained="ResNet18_Weights.IMAGENET1K_V1")
 
 
+def _hidden_linears(d: Discriminator) -> list[nn.Linear]:
+    return [m for m in d.body if isinstance(m, nn.Linear)]
+
+
 def test_discriminator_architecture():
     # §4.1: both inputs projected to 256, concatenated, 8 FC layers of 512 with LeakyReLU, one scalar.
     d = Discriminator(80, 2048)
-    linears = d.hidden_linears()
+    linears = _hidden_linears(d)
     assert len(linears) == 8 and all(m.out_features == 512 for m in linears)
     assert linears[0].in_features == 512  # 256 + 256
     assert d.label_proj.out_features == 256 and d.feature_proj.in_features == 2048
     assert sum(isinstance(m, nn.LeakyReLU) for m in d.modules()) == 8
     assert d(torch.rand(4, 80), torch.randn(4, 2048)).shape == (4,)
     u = Discriminator(80, 2048, conditional=False)
-    assert u.hidden_linears()[0].in_features == 256
+    assert _hidden_linears(u)[0].in_features == 256
     assert u(torch.rand(4, 80), None).shape == (4,)
 
 

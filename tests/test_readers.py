@@ -258,3 +258,64 @@ def test_list_files_that_are_not_utf8_name_the_line(tmp_path):
     names.write_bytes(b"cat\n\xff\xfedog\n")
     with pytest.raises(DataError, match=r"names.txt:2: not UTF-8"):
         read_label_names(names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad rows name the file and the real line (issue 11)
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        # A quoted path spanning two lines: the next row starts on line 4, not "row 3".
+        ("multiline.csv", 'a.jpg,cat\n"b\nc.jpg",dog\nd.jpg,horse\n', r"multiline.csv:4: unknown label 'horse'"),
+        # U+2028 and form feed are not line ends (str.splitlines would make them ones).
+        ("sep.csv", "a\u2028b.jpg,cat\nx\x0cy.jpg,cat\nz.jpg,horse\n", r"sep.csv:3: unknown label 'horse'"),
+        ("sep.jsonl", '{"path": "a\u2028.jpg", "labels": ["cat"]}\n{"path": "b.jpg", "labels": ["horse"]}\n',
+         r"sep.jsonl:2: unknown label 'horse'"),
+        ("crlf.csv", "a.jpg,cat\r\nb.jpg,dog\r\nc.jpg,horse\r\n", r"crlf.csv:3: unknown label 'horse'"),
+        ("nul.csv", "a.jpg,cat\nb\x00.jpg,dog\n", r"nul.csv:2: NUL character"),
+        ("nul.jsonl", '{"path": "a.jpg", "labels": []}\n{"path": "b\\u0000.jpg", "labels": ["cat"]}\n',
+         r"nul.jsonl:2: the path contains a NUL character"),
+        ("huge.csv", "a.jpg,cat\n" + "x" * 200_000 + ",cat\n", r"huge.csv:2: field larger than field limit"),
+        ("bom.csv", "\ufeffpath,labels\na.jpg,horse\n", r"bom.csv:2: unknown label 'horse'"),
+    ],
+    ids=["multiline-quote", "unicode-separators", "jsonl-u2028", "crlf", "nul-byte", "jsonl-nul", "huge-field", "bom"],
+)
+def test_list_rows_name_the_real_line(listed, name, text, message):
+    (listed / name).write_text(text, encoding="utf-8", newline="")
+    with pytest.raises(DataError, match=message) as info:
+        read_list(listed / name, listed / "names.txt", image_root=listed / "img")
+    assert "\n" not in str(info.value)
+
+
+def test_list_with_a_byte_order_mark_and_overlong_paths(listed):
+    (listed / "bom_names.txt").write_text("\ufeffcat\ndog\n", encoding="utf-8")
+    assert read_label_names(listed / "bom_names.txt") == ["cat", "dog"]
+    (listed / "bom.csv").write_text("\ufeffpath,labels\na.jpg,cat\n", encoding="utf-8")
+    images = read_list(listed / "bom.csv", listed / "bom_names.txt", image_root=listed / "img")
+    assert [Path(p).name for p in images.paths] == ["a.jpg"]
+    # A path the file system refuses to look up (ENAMETOOLONG) is a missing image, not a traceback.
+    (listed / "long.csv").write_text("a.jpg,cat\n" + "d/" + "x" * 5000 + ".jpg,dog\n")
+    images = read_list(listed / "long.csv", listed / "names.txt", image_root=listed / "img")
+    assert len(images) == 1 and len(images.missing) == 1
+
+
+def test_nuswide_errors_name_the_real_line(nuswide):
+    root, labels = nuswide
+    label_file = root / "Groundtruth" / "AllLabels" / f"Labels_{CONCEPTS[2]}.txt"
+    values = [f"{v}" for v in labels[:, 2]]
+    values[6] = "2"
+    label_file.write_text("\n" + "\n".join(values[:3]) + "\n\n" + "\n".join(values[3:]) + "\n")  # two blank lines
+    with pytest.raises(DataError, match=rf"Labels_{CONCEPTS[2]}.txt: line 9 is '2', expected 0 or 1"):
+        read_listing(root, "all")
+    concepts = list(CONCEPTS)
+    concepts[40] = concepts[3]
+    (root / "Concepts81.txt").write_text("\n".join(concepts) + "\n")
+    with pytest.raises(DataError, match=rf"Concepts81.txt:41: concept '{CONCEPTS[3]}' repeats line 4"):
+        read_listing(root, "all")
+    for bad in ("a/b", "a\\b", "a\x00b", ".."):
+        concepts[40] = bad
+        (root / "Concepts81.txt").write_text("\n".join(concepts) + "\n")
+        with pytest.raises(DataError, match=r"Concepts81.txt:41: concept .* cannot be part of a file name"):
+            read_listing(root, "all")

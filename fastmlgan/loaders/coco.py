@@ -25,6 +25,11 @@ _REQUIRED_FIELDS = {
     "categories": ("id", "name"),
     "annotations": ("image_id", "category_id"),
 }
+# Fields that must be JSON integers (the COCO format's ids); a string, null, float or bool id is
+# an error rather than a class or image keyed by the wrong thing (true == 1 in Python).
+_INTEGER_FIELDS = {"images": ("id",), "categories": ("id",), "annotations": ("image_id", "category_id")}
+# Fields that must be non-empty strings.
+_STRING_FIELDS = {"images": ("file_name",), "categories": ("name",), "annotations": ()}
 
 
 def _load_json(annotation_file: Path) -> dict:
@@ -37,6 +42,8 @@ def _load_json(annotation_file: Path) -> dict:
         raise DataError(f"{annotation_file}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{annotation_file}: cannot read annotation file: {e}") from None
+    except RecursionError:
+        raise DataError(f"{annotation_file}: JSON nested too deeply to be a COCO annotation file") from None
     if not isinstance(data, dict):
         raise DataError(f"{annotation_file}: expected a JSON object at the top level, got {type(data).__name__}")
     missing = [key for key in _REQUIRED_FIELDS if key not in data]
@@ -55,16 +62,48 @@ def _load_json(annotation_file: Path) -> dict:
             for name in fields:
                 if name not in entry:
                     raise DataError(f"{annotation_file}: {key}[{i}] has no '{name}' field")
+            for name in _INTEGER_FIELDS[key]:
+                value = entry[name]
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise DataError(
+                        f"{annotation_file}: {key}[{i}] has '{name}' {_show(value)}, expected an integer"
+                    )
+            for name in _STRING_FIELDS[key]:
+                value = entry[name]
+                if not isinstance(value, str) or not value.strip() or "\x00" in value:
+                    raise DataError(
+                        f"{annotation_file}: {key}[{i}] has '{name}' {_show(value)}, expected a non-empty string "
+                        "(without NUL characters)"
+                    )
+    _unique(annotation_file, "images", data["images"], "id")
+    _unique(annotation_file, "categories", data["categories"], "id")
+    _unique(annotation_file, "categories", data["categories"], "name")
     return data
 
 
-def _unique_ids(annotation_file: Path, key: str, entries: list[dict]) -> dict:
+def _show(value) -> str:
+    """A JSON value as the file spells it (null, true, "1"), shortened."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _unique(annotation_file: Path, key: str, entries: list[dict], name: str) -> dict:
+    """{value: index} of ``entries[*][name]``; a repeated value is an error naming both entries."""
     index: dict = {}
     for i, entry in enumerate(entries):
-        if entry["id"] in index:
-            raise DataError(f"{annotation_file}: {key}[{i}] repeats id {entry['id']!r} of {key}[{index[entry['id']]}]")
-        index[entry["id"]] = i
+        value = entry[name]
+        if value in index:
+            what = "id" if name == "id" else name
+            raise DataError(f"{annotation_file}: {key}[{i}] repeats {what} {value!r} of {key}[{index[value]}]")
+        index[value] = i
     return index
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system (is_file raises for that): not there
+        return False
 
 
 def read_coco(annotation_file, image_root, drop_unlabeled: bool = True, name: str | None = None) -> LabeledImages:
@@ -80,12 +119,11 @@ def read_coco(annotation_file, image_root, drop_unlabeled: bool = True, name: st
     if not image_root.is_dir():
         raise DataError(f"{image_root}: image folder not found (images of {annotation_file})")
 
+    # Ids are unique integers and names unique strings (checked by _load_json).
     categories = sorted(data["categories"], key=lambda c: c["id"])
     category_column = {c["id"]: col for col, c in enumerate(categories)}
-    if len(category_column) != len(categories):
-        _unique_ids(annotation_file, "categories", data["categories"])  # raises, naming the entry
     images = data["images"]
-    image_row = _unique_ids(annotation_file, "images", images)
+    image_row = {image["id"]: row for row, image in enumerate(images)}
 
     labels = np.zeros((len(images), len(categories)), dtype=np.uint8)
     for i, ann in enumerate(data["annotations"]):
@@ -107,12 +145,12 @@ def read_coco(annotation_file, image_root, drop_unlabeled: bool = True, name: st
     num_dropped = int(len(images) - keep.sum())
 
     # One directory listing instead of a stat per image (123k images for COCO 2014).
-    listed = {entry.name for entry in os.scandir(image_root)}
+    listed = {entry.name for entry in os.scandir(image_root) if entry.is_file()}
     paths, rows, missing = [], [], []
     for row in np.flatnonzero(keep):
-        file_name = str(images[row]["file_name"])
+        file_name = images[row]["file_name"]
         path = image_root / file_name
-        present = file_name in listed if os.sep not in file_name and "/" not in file_name else path.is_file()
+        present = file_name in listed if os.sep not in file_name and "/" not in file_name else _is_file(path)
         if present:
             paths.append(str(path))
             rows.append(row)
@@ -138,7 +176,7 @@ def read_coco(annotation_file, image_root, drop_unlabeled: bool = True, name: st
         name=name or annotation_file.stem,
         paths=paths,
         labels=labels[np.asarray(rows, dtype=np.int64)],
-        class_names=[str(c["name"]) for c in categories],
+        class_names=[c["name"] for c in categories],
         num_dropped_unlabeled=num_dropped,
         missing=missing,
     )

@@ -4,8 +4,9 @@ A label-names file, one class name a line (the line order is the class order; bl
 ignored), and one list file per split, either
 
 * CSV (any extension but ``.jsonl``/``.ndjson``): ``path,labels`` with the labels separated by
-  ``;`` or ``|``; an optional header row ``path,labels``; a row with no labels is an unlabelled
-  image. Quote paths that contain commas::
+  ``;`` or ``|``; an optional header row ``path,labels`` (the first row); a row with no labels is
+  an unlabelled image; paths and labels are stripped of surrounding spaces. Quote paths that
+  contain commas::
 
       path,labels
       kitchen/0001.jpg,cup;plate;person
@@ -13,14 +14,17 @@ ignored), and one list file per split, either
 
 * JSONL (``.jsonl`` or ``.ndjson``): one object a line, ``{"path": "...", "labels": [...]}``.
 
-Paths are relative to ``image_root`` (default: the list file's folder) unless absolute. A label
-name that is not in the names file is an error naming the file and line; images without labels
-are dropped and counted (``drop_unlabeled``); missing image files are listed and left out.
+Paths are relative to ``image_root`` (default: the list file's folder) unless absolute. Files are
+UTF-8 (a byte-order mark is allowed); lines end at ``\n``, ``\r\n`` or ``\r``. A label name that
+is not in the names file, a malformed row, an empty path or a NUL character is an error naming
+the file and line; images without labels are dropped and counted (``drop_unlabeled``); missing
+image files are listed and left out.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import re
@@ -35,17 +39,30 @@ from fastmlgan.loaders.base import LabeledImages
 logger = logging.getLogger(__name__)
 
 _SEPARATORS = re.compile(r"[;|]")
+# Lines end at \n, \r\n or \r only: str.splitlines() would also split at \x0c, \x1c, U+2028...,
+# which may appear inside a path or a JSON string, and then the line numbers would be wrong.
+_NEWLINES = re.compile(r"\r\n|\r|\n")
 
 
 def _read_utf8(path: Path) -> str:
+    """The file's text (a leading UTF-8 byte-order mark dropped); NUL bytes are an error naming the line."""
     try:
         data = path.read_bytes()
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    if "\x00" in text:
+        line = len(_NEWLINES.findall(text[: text.index("\x00")])) + 1
+        raise DataError(f"{path}:{line}: NUL character (a binary file, or UTF-16 text?); save the file as UTF-8")
+    return text.removeprefix("\ufeff")
+
+
+def _lines(text: str) -> list[str]:
+    lines = _NEWLINES.split(text)
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 def read_label_names(path) -> list[str]:
@@ -54,7 +71,7 @@ def read_label_names(path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: label-names file not found")
     names, first_line = [], {}
-    for lineno, line in enumerate(_read_utf8(path).splitlines(), 1):
+    for lineno, line in enumerate(_lines(_read_utf8(path)), 1):
         name = line.strip()
         if not name:
             continue
@@ -84,7 +101,7 @@ def _rows(list_file: Path):
     """(line number, path, [label names]) per row, or (line number, None, error message)."""
     text = _read_utf8(list_file)
     if list_file.suffix.lower() in (".jsonl", ".ndjson"):
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(_lines(text), 1):
             if not line.strip():
                 continue
             try:
@@ -101,17 +118,30 @@ def _rows(list_file: Path):
                 continue
             yield lineno, row["path"], [x.strip() for x in labels if x.strip()]
         return
-    reader = csv.reader(text.splitlines())
-    for lineno, row in enumerate(reader, 1):
+    # newline="": the csv module sees the line ends itself, so a quoted field may span lines and
+    # reader.line_num counts real lines (a row is named by the line it starts on).
+    reader = csv.reader(io.StringIO(text, newline=""))
+    first, lineno = True, 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # an unclosed quote or an overlong field: the rest cannot be split into rows
+            yield lineno, None, f"{e}; the rest of the file is not read"
+            return
+        start, lineno = lineno, reader.line_num + 1
         if not row or not "".join(row).strip():
             continue
-        if lineno == 1 and row[0].strip().lower() == "path":
+        if first and row[0].strip().lower() == "path":
+            first = False
             continue  # header
+        first = False
         if len(row) > 2:
-            yield lineno, None, f"expected 'path,labels' (2 columns), got {len(row)}; quote paths with commas"
+            yield start, None, f"expected 'path,labels' (2 columns), got {len(row)}; quote paths with commas"
             continue
         labels = row[1] if len(row) == 2 else ""
-        yield lineno, row[0].strip(), [x.strip() for x in _SEPARATORS.split(labels) if x.strip()]
+        yield start, row[0].strip(), [x.strip() for x in _SEPARATORS.split(labels) if x.strip()]
 
 
 def scan_list(list_file, class_names: list[str], image_root=None) -> ListScan:
@@ -129,6 +159,9 @@ def scan_list(list_file, class_names: list[str], image_root=None) -> ListScan:
         if not path:
             problems.append(f"{list_file}:{lineno}: empty path")
             continue
+        if "\x00" in path:
+            problems.append(f"{list_file}:{lineno}: the path contains a NUL character")
+            continue
         row = np.zeros(len(class_names), dtype=np.uint8)
         for name in labels:
             if name in column:
@@ -141,6 +174,13 @@ def scan_list(list_file, class_names: list[str], image_root=None) -> ListScan:
         rows.append(row)
     labels = np.stack(rows) if rows else np.zeros((0, len(class_names)), dtype=np.uint8)
     return ListScan(paths, labels, list(class_names), problems, unknown)
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # a name too long for the file system (is_file raises for that): not there
+        return False
 
 
 def read_list(list_file, label_names, image_root=None, drop_unlabeled: bool = True, name: str | None = None) -> LabeledImages:
@@ -157,7 +197,7 @@ def read_list(list_file, label_names, image_root=None, drop_unlabeled: bool = Tr
     num_dropped = int(len(scan.paths) - keep.sum())
     paths, rows, missing = [], [], []
     for row in np.flatnonzero(keep):
-        if Path(scan.paths[row]).is_file():
+        if _is_file(scan.paths[row]):
             paths.append(scan.paths[row])
             rows.append(row)
         else:

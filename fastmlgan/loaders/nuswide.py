@@ -42,25 +42,42 @@ PAPER_NUM_TRAIN = 150_000
 SPLITS = ("paper", "official")
 
 
-def _lines(path: Path) -> list[str]:
+def _all_lines(path: Path) -> list[str]:
+    """Every line, stripped (blank ones as ''), so that index + 1 is the line number. Lines end at
+    \n, \r\n or \r only: str.splitlines would also split at \x0c, U+2028... and shift the numbers."""
     if not path.is_file():
         raise DataError(f"{path}: NUS-WIDE file not found (expected the official layout; see fastmlgan.loaders.nuswide)")
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e}") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+
+
+def _numbered_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines."""
+    return [(n, line) for n, line in enumerate(_all_lines(path), 1) if line]
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in _all_lines(path) if line]
 
 
 def read_concepts(root) -> list[str]:
     """The 81 concept names of ``Concepts81.txt``, in file order (the class order)."""
     path = Path(root) / "Concepts81.txt"
-    names = _lines(path)
-    if len(names) != NUM_CONCEPTS:
-        raise DataError(f"{path}: expected {NUM_CONCEPTS} concept names, found {len(names)}")
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}: repeated concept names")
-    return names
+    numbered = _numbered_lines(path)
+    if len(numbered) != NUM_CONCEPTS:
+        raise DataError(f"{path}: expected {NUM_CONCEPTS} concept names, found {len(numbered)}")
+    first: dict[str, int] = {}
+    for lineno, name in numbered:
+        if name in first:
+            raise DataError(f"{path}:{lineno}: concept {name!r} repeats line {first[name]}")
+        # The name is part of its label files' names (Labels_<concept>.txt).
+        if any(c in name for c in "/\\\x00") or name in (".", ".."):
+            raise DataError(f"{path}:{lineno}: concept {name!r} cannot be part of a file name (Labels_<concept>.txt)")
+        first[name] = lineno
+    return [name for _, name in numbered]
 
 
 def image_relpath(entry: str) -> str:
@@ -70,14 +87,15 @@ def image_relpath(entry: str) -> str:
 
 
 def _label_column(path: Path, num_images: int) -> np.ndarray:
-    values = _lines(path)
+    lines = _all_lines(path)
+    values = [line for line in lines if line]  # 81 files of 269,648 lines: no per-line tuples
     if len(values) != num_images:
         raise DataError(f"{path}: {len(values)} lines, but the image list has {num_images} images")
-    column = np.asarray(values)
+    column = np.asarray(values, dtype=str)
     ones = column == "1"
     if not (ones | (column == "0")).all():
-        row = int(np.flatnonzero(~(ones | (column == "0")))[0])
-        raise DataError(f"{path}: line {row + 1} is {values[row]!r}, expected 0 or 1")
+        lineno, value = next((n, v) for n, v in enumerate(lines, 1) if v and v not in ("0", "1"))
+        raise DataError(f"{path}: line {lineno} is {value!r}, expected 0 or 1")
     return ones
 
 

@@ -115,8 +115,9 @@ def build_loaders(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int, ch
     """(train loader, eval loader) for this rank. ``channels_last``: the dali and torchvision-gpu
     backends deliver images in that memory format (the torch backend leaves it to the caller)."""
     batch = per_rank_batch(cfg.batch_size, info, "data.batch_size")
-    train = build_train_loader(cfg, splits, info, seed, batch, channels_last)
-    return train, build_eval_loader(cfg, splits, info, seed, channels_last)
+    backend = data_backend(cfg, splits, info)
+    train = build_train_loader(cfg, splits, info, seed, batch, channels_last, backend=backend)
+    return train, build_eval_loader(cfg, splits, info, seed, channels_last, backend=backend)
 
 
 def build_train_loader(
@@ -127,11 +128,13 @@ def build_train_loader(
     batch: int,
     channels_last: bool = False,
     pixels_per_batch: int | None = None,
+    backend: str | None = None,
 ):
     """This rank's training loader with ``batch`` samples per batch (phase 2 asks for a whole
     iteration's batches at once). ``pixels_per_batch=K``: only the first K images of each batch
-    are decoded where the backend can skip decoding (torch, torchvision-gpu); the others carry
-    labels, index and crop only. DALI decodes them all; the trainer ignores the extra rows."""
+    are decoded where the backend can skip decoding (torch, torchvision-gpu, cache); the others
+    carry labels, index and crop only. DALI decodes them all; the trainer ignores the extra rows.
+    ``backend``: ``data_backend``'s answer (computed here when None; a collective under torchrun)."""
     if len(splits.train) < batch * info.world_size:
         raise ConfigError(
             f"--data.batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images)"
@@ -143,7 +146,12 @@ def build_train_loader(
         # Standardised with statistics of the training split only; in-memory tensors: worker
         # processes would only add overhead.
         return torch_train_loader(FeatureDataset(splits.train, _standardizer(splits)), batch, info.rank, info.world_size, seed, 0)
-    backend = resolve_backend(cfg.backend, info.device, log=info.is_main)
+    backend = backend or data_backend(cfg, splits, info)
+    if backend == "cache":
+        from fastmlgan.loaders.cache_loader import CacheLoader
+
+        return CacheLoader(_cache(cfg, splits.train, "train", info), cfg.image_size, batch, info.rank, info.world_size,
+                           train=True, seed=seed, pixels_per_batch=pixels_per_batch, **_cache_common(cfg, info, channels_last))
     if backend == "dali":
         from fastmlgan.loaders.dali import build_dali_train_loader
 
@@ -166,7 +174,9 @@ def build_train_loader(
     return torch_train_loader(dataset, batch, info.rank, info.world_size, seed, cfg.num_workers, pixels_per_batch)
 
 
-def build_eval_loader(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int, channels_last: bool = False):
+def build_eval_loader(
+    cfg: DataConfig, splits: Splits, info: DistInfo, seed: int, channels_last: bool = False, backend: str | None = None
+):
     """This rank's evaluation loader: every image of ``splits.val`` once across ranks."""
     batch = per_rank_batch(cfg.eval_batch_size, info, "data.eval_batch_size")
     from fastmlgan.loaders.torch_loader import build_eval_loader as torch_eval_loader
@@ -175,7 +185,12 @@ def build_eval_loader(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int
         from fastmlgan.loaders.features import FeatureDataset
 
         return torch_eval_loader(FeatureDataset(splits.val, _standardizer(splits)), batch, info.rank, info.world_size, 0)
-    backend = resolve_backend(cfg.backend, info.device, log=False)
+    backend = backend or data_backend(cfg, splits, info, train=False)
+    if backend == "cache":
+        from fastmlgan.loaders.cache_loader import CacheLoader
+
+        return CacheLoader(_cache(cfg, splits.val, "eval", info), cfg.image_size, batch, info.rank, info.world_size,
+                           train=False, **_cache_common(cfg, info, channels_last))
     if backend == "dali":
         from fastmlgan.loaders.dali import build_dali_eval_loader
 
@@ -202,13 +217,14 @@ def _standardizer(splits: Splits):
     return splits.standardizer
 
 
-BACKENDS = ("auto", "dali", "torchvision-gpu", "torch")
+BACKENDS = ("auto", "dali", "torchvision-gpu", "torch", "cache")
 
 
-def resolve_backend(requested: str, device, log: bool = True) -> str:
-    """The loader backend actually used: ``auto`` takes DALI on a GPU when it is installed, else
-    torchvision-gpu on a GPU, else torch. ``dali`` without a GPU runs DALI's CPU pipeline;
-    ``torchvision-gpu`` without a GPU is an error."""
+def resolve_backend(requested: str, device, log: bool = True, cached: str = "") -> str:
+    """The loader backend actually used: ``auto`` takes the decoded-image cache when ``cached``
+    (the folder holding current caches of both splits) is given, else DALI on a GPU when it is
+    installed, else torchvision-gpu on a GPU, else torch. ``dali`` without a GPU runs DALI's CPU
+    pipeline; ``torchvision-gpu`` without a GPU is an error."""
     import torch
 
     from fastmlgan.loaders.dali import dali_available
@@ -217,7 +233,9 @@ def resolve_backend(requested: str, device, log: bool = True) -> str:
         raise ConfigError(f"--data.backend: {requested!r} is not one of {', '.join(BACKENDS)}")
     on_gpu = torch.device(device).type == "cuda"
     if requested == "auto":
-        if on_gpu:
+        if cached:
+            backend, reason = "cache", f"current caches of both splits in {cached}"
+        elif on_gpu:
             backend = "dali" if dali_available() else "torchvision-gpu"
             reason = "GPU, DALI installed" if backend == "dali" else "GPU, DALI not installed (pip install '.[dali]')"
         else:
@@ -254,3 +272,51 @@ def _dali_common(cfg: DataConfig, info: DistInfo, channels_last: bool) -> dict:
 
 def _torchvision_common(cfg: DataConfig, info: DistInfo, channels_last: bool) -> dict:
     return dict(device=info.device, num_threads=cfg.num_threads, on_bad_image=cfg.on_bad_image, channels_last=channels_last)
+
+
+def data_backend(cfg: DataConfig, splits: Splits, info: DistInfo, train: bool = True) -> str:
+    """The loader backend of ``--data.backend`` for these splits (``auto``'s pick logged once).
+    Under torchrun a collective: rank 0 decides whether current decoded-image caches exist."""
+    if cfg.backend == "cache" and cfg.dataset == "features":
+        raise ConfigError(
+            "--data.backend cache stores decoded images, but data.dataset=features holds feature vectors: "
+            "use --data.backend auto"
+        )
+    cached = _current_caches(cfg, splits, info) if cfg.backend == "auto" and cfg.dataset != "features" else ""
+    return resolve_backend(cfg.backend, info.device, log=info.is_main and train, cached=cached)
+
+
+def _cache(cfg: DataConfig, images, purpose: str, info: DistInfo):
+    """The current decoded-image cache of ``images`` (built first when missing or stale)."""
+    from fastmlgan.loaders.cache import Geometry, ensure_cache, resolve_cache_dir
+
+    if cfg.cache_device == "cuda" and info.device.type != "cuda":
+        raise ConfigError(f"--data.cache_device cuda keeps the cache in GPU memory, but this process runs on {info.device}")
+    return ensure_cache(images, Geometry(purpose, cfg.image_size), resolve_cache_dir(cfg.cache_dir), cfg.on_bad_image,
+                        info, num_threads=cfg.num_threads, progress=info.is_main)
+
+
+def _cache_common(cfg: DataConfig, info: DistInfo, channels_last: bool) -> dict:
+    return dict(device=info.device, num_threads=cfg.num_threads, channels_last=channels_last, cache_device=cfg.cache_device)
+
+
+def _current_caches(cfg: DataConfig, splits: Splits, info: DistInfo) -> str:
+    """For ``auto``: the cache folder when current caches of both splits exist there (rank 0's
+    answer on every rank, so that all ranks pick one backend), else ''."""
+    from fastmlgan.distributed import broadcast_object
+    from fastmlgan.loaders.cache import Geometry, find_current, resolve_cache_dir
+
+    found = ""
+    if info.is_main:
+        directory = resolve_cache_dir(cfg.cache_dir)
+        reasons = []
+        for images, purpose in ((splits.train, "train"), (splits.val, "eval")):
+            path, why = find_current(images, Geometry(purpose, cfg.image_size), directory)
+            if path is None:
+                reasons.append(why)
+        if not reasons:
+            found = str(directory)
+        elif any("no cache" not in r for r in reasons):
+            # A cache exists but cannot be used: say so, never use it silently.
+            logger.info("data.backend auto: not using the decoded-image cache: %s", "; ".join(reasons))
+    return broadcast_object(found, info)

@@ -46,9 +46,6 @@ class Discriminator(nn.Module):
         self.body = nn.Sequential(*layers)
         self.out = nn.Linear(in_dim, 1)
 
-    def hidden_linears(self) -> list[nn.Linear]:
-        return [m for m in self.body if isinstance(m, nn.Linear)]
-
     def forward(self, labels: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of shape (B,) for label sets (B, |S|) and image features (B, feature_dim)."""
         h = self.label_proj(labels)

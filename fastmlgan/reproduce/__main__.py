@@ -1,0 +1,5 @@
+"""``python -m fastmlgan.reproduce``."""
+
+from fastmlgan.reproduce.cli import main
+
+raise SystemExit(main())

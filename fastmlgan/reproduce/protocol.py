@@ -1,0 +1,130 @@
+"""The protocol: which rows run, how each seed's validation split is carved from the training
+split, and which evaluated epoch is selected. Written into ``results.json`` and ``results.md``."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastmlgan.config import DataConfig
+from fastmlgan.distributed import DistInfo
+from fastmlgan.errors import ConfigError
+
+VAL_STREAM = 20190512  # first entry of the validation-split seed sequence (any fixed constant)
+SELECTION_KEY = "C-F1"
+SELECTION_RULE = (
+    f"per seed, the evaluated epoch with the highest validation {SELECTION_KEY} (ties: the earliest); "
+    "phase 1 among epochs 1..train.bce_epochs (0 when it is 0), phase 2 per variant among epochs "
+    "1..train.gan_epochs, evaluated every train.eval_every epochs and at the last"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# The rows of Tables 1 and 3
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    """The row's name in the paper's tables."""
+    table3: str
+    """Its Table 3 row letter ('' for the extra diagnostic rows)."""
+    overrides: dict[str, Any] | None
+    """Config overrides of phase 2; None for the baseline (phase 1 only)."""
+    adversarial: bool = True
+    """False: the control row, phase 2's schedule with G trained on L_logistic alone (no D)."""
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("baseline", "baseline (BCE only)", "(a)", None),
+        Variant("wgan", "+ WGAN-gp", "(b)", {}),
+        Variant("no_negative", "w/o negative sampling", "(c)", {"gan.negative_sampling": False}),
+        # Table 3 (d) is (c) with an unconditional D: "In rows (c) and (d), we do not perform
+        # negative sampling" (§4.2.3); a mismatched pair is meaningless without the image anyway.
+        Variant(
+            "no_conditional", "w/o conditional D", "(d)", {"gan.negative_sampling": False, "gan.conditional": False}
+        ),
+        Variant("no_gumbel", "w/o Gumbel sigmoid", "(e)", {"gan.gumbel": False}),
+        # Not in the paper: phase 2 continues G at g_lr with α·L_logistic, so a GAN row also gets
+        # more BCE training than the baseline. This control gets the same G steps (and consumes the
+        # same batches) without D: what the GAN rows gain over it is the discriminator's doing.
+        Variant("bce_continued", "control: BCE continued, no D", "", {}, adversarial=False),
+        # Diagnostic rows, not in the paper (select them with --variants).
+        Variant("hard_samples", "+ WGAN-gp, straight-through hard samples", "", {"gan.hard_samples": True}),
+        Variant("gp_weight_1", "+ WGAN-gp, λ = 1", "", {"gan.gp_weight": 1.0}),
+        Variant("bce_weight_1", "+ WGAN-gp, α = 1", "", {"gan.bce_weight": 1.0}),
+    )
+}
+TABLE_VARIANTS = ("baseline", "wgan", "no_negative", "no_conditional", "no_gumbel")
+DEFAULT_VARIANTS = (*TABLE_VARIANTS, "bce_continued")
+
+
+@dataclass
+class HarnessOptions:
+    """The harness's own options (``fastmlgan.reproduce.cli`` documents them)."""
+
+    seeds: list[int]
+    out: Path
+    variants: list[str]
+    val_fraction: float = 0.2
+    threads: int = 0
+    plots: bool = True
+    verbose: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Split and selection
+
+
+def carve_validation(num_train: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit indices, validation indices) into the training split: a seeded random ``fraction``."""
+    num_val = int(round(fraction * num_train))
+    if not 0 < num_val < num_train:
+        raise ConfigError(f"--val-fraction {fraction} leaves no validation or no fit rows of {num_train}")
+    order = np.random.default_rng([VAL_STREAM, seed]).permutation(num_train)
+    return np.sort(order[num_val:]), np.sort(order[:num_val])
+
+
+def seed_splits(data: DataConfig, info: DistInfo, val_fraction: float, seed: int):
+    """Seed ``seed``'s splits: (``Splits(fit, validation)``, the test split, their sizes).
+
+    The validation rows come out of the training split (``carve_validation``); the config's
+    evaluation split is the test split, which selection never sees."""
+    from fastmlgan.loaders.registry import Splits, build_splits
+
+    full = build_splits(data, info)
+    fit_idx, val_idx = carve_validation(len(full.train), val_fraction, seed)
+    fit = full.train.subset(fit_idx, name=f"{full.train.name}-fit")
+    val = full.train.subset(val_idx, name=f"{full.train.name}-selection")
+    split_info = {
+        "train_rows": len(full.train),
+        "fit_rows": len(fit_idx),
+        "val_rows": len(val_idx),
+        "test_rows": len(full.val),
+        "val_indices_sha": _index_digest(val_idx),
+    }
+    return Splits(fit, val), full.val, split_info
+
+
+def _index_digest(indices: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def select_epoch(curve: Sequence[dict[str, Any]], min_epoch: int = 1) -> dict[str, Any] | None:
+    """The validation evaluation that the selection rule picks: highest ``SELECTION_KEY`` among
+    epochs >= ``min_epoch``, the earliest on ties. ``curve`` holds validation metrics only."""
+    best = None
+    for point in curve:
+        if point["epoch"] < min_epoch:
+            continue
+        if best is None or point[SELECTION_KEY] > best[SELECTION_KEY]:
+            best = point
+    return best

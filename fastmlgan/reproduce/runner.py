@@ -1,0 +1,458 @@
+"""The runner: every (seed, row) pair, one phase-1 run per seed shared by its GAN rows, each
+finished row appended to ``results.jsonl`` so that a rerun with the same ``--out`` resumes."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastmlgan import __version__
+from fastmlgan import checkpoint as ckpt
+from fastmlgan.config import Config, config_from_dict
+from fastmlgan.distributed import DistInfo
+from fastmlgan.errors import ConfigError
+from fastmlgan.metrics import compute_metrics
+from fastmlgan.reproduce import protocol
+from fastmlgan.reproduce.diagnostics import discriminator_diagnostics, summarize_d_log
+from fastmlgan.reproduce.protocol import VAL_STREAM, VARIANTS, HarnessOptions, seed_splits
+from fastmlgan.reproduce.tables import Records, duration_text, render_markdown, selected_records, summarize
+from fastmlgan.trainer import Trainer
+
+logger = logging.getLogger("fastmlgan.reproduce")
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer of one row
+
+
+class SelectingTrainer(Trainer):
+    """A Trainer that keeps its validation curve and the state at the selected epoch.
+
+    ``Trainer`` evaluates on ``splits.val`` at the end of every ``eval_every``-th epoch (after
+    counting it) and of each phase; that is the hook. ``keep="phase1"`` snapshots everything
+    ``start_from_baseline`` needs; ``keep="generator"`` only G's weights. ``adversarial=False``
+    makes phase 2 the control: the same G steps on L_logistic alone, D never trained.
+    """
+
+    def __init__(self, *args, keep: str, adversarial: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep = keep
+        self.adversarial = adversarial
+        self.curve: list[dict[str, Any]] = []
+        self.selected: dict[str, Any] | None = None
+        self.selected_state: dict[str, Any] | None = None
+
+    def evaluate(self) -> dict[str, Any]:
+        metrics = super().evaluate()
+        point = {"phase": self.phase, "epoch": self.epoch, **metrics}
+        self.curve.append(point)
+        min_epoch = 1 if (self.phase == "gan" or self.cfg.train.bce_epochs > 0) else 0
+        best = protocol.select_epoch([p for p in self.curve if p["phase"] == self.phase], min_epoch)
+        if best is point:
+            self.selected = point
+            if self.keep == "phase1":
+                state = copy.deepcopy(self.state_dict())
+                state["baseline_metrics"] = metrics
+                self.selected_state = state
+            else:
+                self.selected_state = copy.deepcopy(self.generator.state_dict())
+        return metrics
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.adversarial:
+            return super().train_step(batch)
+        # The control: the G updates of phase 2 on L_logistic alone, on the images the G updates
+        # would see (the D updates' batches are drawn and left unused).
+        g = self.layout.generator_rows()
+        return self.bce_step({k: v[g] for k, v in batch.items()})  # opt_g is at g_lr in phase 2
+
+
+@contextlib.contextmanager
+def _run_log(path: Path, verbose: bool):
+    """Send the trainer's progress bars, table and per-epoch log to ``path`` (and stdout if verbose)."""
+    if verbose:
+        yield
+        return
+    trainer_logger = logging.getLogger("fastmlgan")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    saved = trainer_logger.propagate
+    trainer_logger.addHandler(handler)
+    trainer_logger.propagate = False
+    try:
+        with open(path, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            yield
+    finally:
+        trainer_logger.removeHandler(handler)
+        handler.close()
+        trainer_logger.propagate = saved
+
+
+def _with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    d = cfg.to_dict()
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section in d and isinstance(d[section], dict):
+            d[section][name] = value
+        else:
+            d[key] = value
+    return config_from_dict(d)
+
+
+def _predict_on(trainer, split) -> tuple[np.ndarray, np.ndarray]:
+    """σ(G(x)) and targets on ``split``, preprocessed as the trainer's data (features are
+    standardised with the statistics of its training split)."""
+    from fastmlgan.loaders.registry import Splits, build_eval_loader
+
+    loader = build_eval_loader(trainer.cfg.data, Splits(trainer.splits.train, split), trainer.info, trainer.cfg.train.seed)
+    saved = trainer.eval_loader
+    trainer.eval_loader = loader
+    try:
+        return trainer.predict()
+    finally:
+        trainer.eval_loader = saved
+
+
+def _fresh_dir(path: Path) -> Path:
+    if path.exists():  # an unfinished run of an earlier invocation: start it over
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def _row_record(seed, name, cfg, trainer, scores, targets, split_info, wall_s, git) -> dict[str, Any]:
+    """A finished row as ``results.jsonl`` keeps it (the caller adds the selected epochs)."""
+    curve_keys = ("C-F1", "O-F1", "mAP", "avg_labels")
+    phase = "bce" if name == "baseline" else "gan"
+    return {
+        "seed": seed,
+        "variant": name,
+        "overrides": VARIANTS[name].overrides,
+        "adversarial": VARIANTS[name].adversarial,
+        "config": cfg.to_dict(),
+        "split": split_info,
+        "val": _strip(trainer.selected),
+        "val_curve": [
+            [p["epoch"], *[round(p[k], 4) for k in curve_keys]] for p in trainer.curve if p["phase"] == phase
+        ],
+        "val_curve_keys": ["epoch", *curve_keys],
+        "test": compute_metrics(scores, targets),
+        "test_true_labels_per_image": float(np.asarray(targets).sum(axis=1).mean()),
+        "wall_s": round(wall_s, 2),
+        "git": git,
+    }
+
+
+def _strip(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (metrics or {}).items() if k not in ("phase", "epoch")}
+
+
+# ----------------------------------------------------------------------------------------------
+# results.jsonl and the identity of a results folder
+
+
+class RecordFile:
+    """``results.jsonl``: one finished row per line, appended and fsynced as each row ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> Records:
+        """The rows on file; a torn line or a row of a changed variant is left out (it reruns)."""
+        records: Records = {}
+        if not self.path.is_file():
+            return records
+        for n, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("%s:%d: unreadable line (an interrupted write?); that row will be rerun", self.path, n)
+                continue
+            variant = VARIANTS.get(record.get("variant"))
+            if (
+                variant is None
+                or record.get("overrides") != variant.overrides
+                or record.get("adversarial", True) != variant.adversarial
+            ):
+                logger.warning(
+                    "%s:%d: row of an unknown or changed variant %r; ignored", self.path, n, record.get("variant")
+                )
+                continue
+            records[(record["seed"], record["variant"])] = record
+        return records
+
+    def append(self, record: dict[str, Any]) -> None:
+        # A crash mid-write leaves a line without its newline: start on a fresh line after it.
+        torn = self.path.is_file() and not self.path.read_bytes().endswith(b"\n")
+        torn = torn and self.path.stat().st_size > 0
+        with open(self.path, "a") as f:
+            f.write(("\n" if torn else "") + json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _identity(cfg: Config, opts: HarnessOptions) -> dict[str, Any]:
+    """What a finished row depends on: the config (less seed and run folder) and the split."""
+    d = cfg.to_dict()
+    d["train"].pop("seed", None)
+    for key in ("out", "resume"):
+        d.pop(key, None)
+    return {"config": d, "val_fraction": opts.val_fraction, "val_stream": VAL_STREAM}
+
+
+def claim_out_dir(out: Path, cfg: Config, opts: HarnessOptions) -> None:
+    """Write ``harness.json`` into a new ``out``, or refuse one that holds another configuration's rows."""
+    path = out / "harness.json"
+    current = _identity(cfg, opts)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != current:
+            diff = _dict_diff(saved, current)
+            raise ConfigError(
+                f"{out} holds results of another configuration ({'; '.join(diff[:6])}); "
+                "use another --out, or delete the folder to start over"
+            )
+    else:
+        path.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    gitignore = out / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text("# per-run logs, checkpoints and scores; results.* and *.png are the record\nruns/\n")
+
+
+def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _dict_diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The harness
+
+
+class Harness:
+    """Runs the (seed, variant) rows that ``results.jsonl`` lacks, then writes the results."""
+
+    def __init__(self, opts: HarnessOptions, cfg: Config, command: str) -> None:
+        self.opts = opts
+        self.cfg = cfg
+        self.command = command
+        self.out = opts.out
+        self.runs = self.out / "runs"
+        self.record_file = RecordFile(self.out / "results.jsonl")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.info = DistInfo(0, 1, 0, self.device)
+        self.t_start = time.perf_counter()
+        self.git = git_revision()
+        self.run_seconds: list[float] = []
+
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        claim_out_dir(self.out, self.cfg, self.opts)
+        records = self.record_file.load()
+        todo = [(s, v) for s in self.opts.seeds for v in self.opts.variants if (s, v) not in records]
+        skipped = len(self.opts.seeds) * len(self.opts.variants) - len(todo)
+        print(
+            f"reproduce: {len(self.opts.seeds)} seeds x {len(self.opts.variants)} rows "
+            f"({', '.join(self.opts.variants)}) into {self.out}; {skipped} finished rows found, {len(todo)} to run",
+            flush=True,
+        )
+        self.remaining = len(todo)
+        for seed in self.opts.seeds:
+            self.run_seed(seed, records)
+        return self.write_results(records)
+
+    def run_seed(self, seed: int, records: Records) -> None:
+        """The rows of ``seed`` that ``records`` lacks; phase 1 reruns only if its state is gone."""
+        missing = [v for v in self.opts.variants if (seed, v) not in records]
+        if not missing:
+            return
+        splits, test, split_info = seed_splits(self.cfg.data, self.info, self.opts.val_fraction, seed)
+        phase1_path = self.runs / f"seed{seed}" / "baseline" / "selected.pt"
+        if (seed, "baseline") in records and phase1_path.is_file():
+            phase1 = torch.load(phase1_path, map_location="cpu", weights_only=True)
+        else:
+            record, phase1 = self.run_phase1(seed, splits, test, split_info)
+            if (seed, "baseline") not in records:
+                self._finished(record, records)
+        for name in missing:
+            if name != "baseline":
+                self._finished(self.run_variant(seed, name, splits, test, split_info, phase1), records)
+
+    def _finished(self, record: dict[str, Any], records: Records) -> None:
+        self.record_file.append(record)
+        records[(record["seed"], record["variant"])] = record
+        self.remaining -= 1
+        self.run_seconds.append(record["wall_s"])
+        elapsed = time.perf_counter() - self.t_start
+        eta = ""
+        if self.run_seconds and self.remaining:
+            eta = f", ETA {duration_text(np.mean(self.run_seconds) * self.remaining)}"
+        print(f"[{duration_text(elapsed)}] {_describe(record)} ({self.remaining} runs left{eta})", flush=True)
+
+    def run_phase1(self, seed: int, splits, test, split_info) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The baseline row: BCE training, the selected epoch's state kept for the GAN rows."""
+        run_dir = _fresh_dir(self.runs / f"seed{seed}" / "baseline")
+        cfg = _with_overrides(
+            self.cfg, {"gan.enable": False, "train.seed": seed, "checkpoint.enable": False, "out": str(run_dir)}
+        )
+        (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+        t0 = time.perf_counter()
+        with _run_log(run_dir / "train.log", self.opts.verbose):
+            trainer = SelectingTrainer(cfg, self.info, run_dir, splits, keep="phase1")
+            trainer.fit()
+            state = trainer.selected_state
+            trainer.generator.load_state_dict(state["generator"])
+            scores, targets = _predict_on(trainer, test)
+        (run_dir / ckpt.CHECKPOINT_DIR / "baseline.pt").unlink(missing_ok=True)  # the last epoch; not the selected one
+        ckpt.save_atomic(state, run_dir / "selected.pt")
+        record = _row_record(
+            seed, "baseline", cfg, trainer, scores, targets, split_info, time.perf_counter() - t0, self.git
+        )
+        record["selected_epochs"] = {"bce": trainer.selected["epoch"]}
+        np.savez_compressed(run_dir / "test_scores.npz", scores=scores, targets=targets)
+        del trainer
+        gc.collect()
+        return record, state
+
+    def run_variant(self, seed: int, name: str, splits, test, split_info, phase1: dict[str, Any]) -> dict[str, Any]:
+        """A GAN row (or the control) from the seed's selected phase-1 state."""
+        variant = VARIANTS[name]
+        run_dir = _fresh_dir(self.runs / f"seed{seed}" / name)
+        overrides = {"gan.enable": True, "train.seed": seed, "checkpoint.enable": False, "out": str(run_dir)}
+        cfg = _with_overrides(self.cfg, {**variant.overrides, **overrides})
+        (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+        t0 = time.perf_counter()
+        with _run_log(run_dir / "train.log", self.opts.verbose):
+            trainer = SelectingTrainer(
+                cfg, self.info, run_dir, splits, keep="generator", adversarial=variant.adversarial
+            )
+            # A copy: Optimizer.load_state_dict keeps the given moment tensors (no copy when dtype
+            # and device match) and Adam updates them in place, so without it each row would start
+            # from the optimizer state the previous row of this seed left behind.
+            trainer.start_from_baseline(copy.deepcopy(phase1))
+            trainer.fit()
+            diagnostics = discriminator_diagnostics(trainer) if variant.adversarial else {}
+            trainer.generator.load_state_dict(trainer.selected_state)
+            scores, targets = _predict_on(trainer, test)
+        record = _row_record(seed, name, cfg, trainer, scores, targets, split_info, time.perf_counter() - t0, self.git)
+        record["selected_epochs"] = {"bce": phase1["epoch"], "gan": trainer.selected["epoch"]}
+        record["d_log"] = summarize_d_log(run_dir / "metrics.jsonl")
+        record["d_diagnostics"] = diagnostics
+        np.savez_compressed(run_dir / "test_scores.npz", scores=scores, targets=targets)
+        del trainer
+        gc.collect()
+        return record
+
+    def write_results(self, records: Records) -> dict[str, Any]:
+        """results.json, results.md and the plots of the rows this invocation asked for."""
+        rows = selected_records(records, self.opts)
+        results = summarize(records, self.opts, self.cfg)
+        results["command"] = self.command
+        results["environment"] = environment(self.device)
+        unrecorded = "not recorded (rows older than per-row recording)"
+        results["row_revisions"] = sorted({r.get("git", unrecorded) for r in rows})
+        results["wall_s"] = {
+            "this_invocation": round(time.perf_counter() - self.t_start, 1),
+            "sum_of_rows": round(sum(r["wall_s"] for r in rows), 1),
+        }
+        if self.opts.plots:
+            results["plots"] = write_plots(results, self.opts, self.cfg, self.info)
+        (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (self.out / "results.md").write_text(render_markdown(results))
+        return results
+
+
+def _describe(record: dict[str, Any]) -> str:
+    sel = record["selected_epochs"]
+    chosen = f"bce epoch {sel['bce']}" + (f", gan epoch {sel['gan']}" if "gan" in sel else "")
+    return (
+        f"seed {record['seed']} {record['variant']}: {chosen} (val C-F1 {record['val']['C-F1']:.1f}); "
+        f"test C-F1 {record['test']['C-F1']:.1f} O-F1 {record['test']['O-F1']:.1f} "
+        f"mAP {record['test']['mAP']:.1f} labels/img {record['test']['avg_labels']:.2f} [{record['wall_s']:.0f}s]"
+    )
+
+
+def write_plots(results: dict[str, Any], opts: HarnessOptions, cfg: Config, info: DistInfo) -> dict[str, str]:
+    """The PNGs beside results.md; the co-occurrence figure uses the first seed that has both the
+    baseline's and + WGAN-gp's test scores. {} without matplotlib."""
+    try:
+        from fastmlgan.reproduce import plots
+    except ImportError as e:  # matplotlib is in the dev extra only
+        logger.warning("no plots: %s (pip install matplotlib)", e)
+        return {}
+    runs = opts.out / "runs"
+    scores = {}
+    for seed in opts.seeds:
+        files = {v: runs / f"seed{seed}" / v / "test_scores.npz" for v in ("baseline", "wgan")}
+        if all(f.is_file() for f in files.values()):
+            scores = {v: np.load(f) for v, f in files.items()}
+            scores_seed = seed
+            break
+    written = plots.write_plots(results, opts.out)
+    if scores:
+        from fastmlgan.loaders.registry import build_splits
+
+        class_names = build_splits(cfg.data, info).class_names
+        written["cooccurrence"] = plots.plot_cooccurrence(
+            scores["baseline"]["targets"],
+            {"baseline": scores["baseline"]["scores"], "+ WGAN-gp": scores["wgan"]["scores"]},
+            class_names,
+            opts.out / "cooccurrence.png",
+            title=f"test split, seed {scores_seed}",
+        )
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment
+
+
+def git_revision() -> str:
+    """HEAD, marked when tracked files or the package itself (new files included) differ from it."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10).stdout
+
+    try:
+        rev = git("rev-parse", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no") + git(
+            "status", "--porcelain", "--untracked-files=all", "--", "fastmlgan"
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not rev:
+        return "unknown"
+    return rev + (" (with uncommitted changes)" if dirty.strip() else "")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    git = git_revision()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {
+        "device": f"{device.type} ({name})",
+        "threads": torch.get_num_threads(),
+        "fastmlgan": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "git": git,
+    }
