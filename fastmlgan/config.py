@@ -112,14 +112,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, ("embedded", "coco", "nuswide", "list", *FEATURE_DATASETS))
         for key in ("labelsets_evidence", "labelsets_hidden_fraction", "labelsets_hidden_evidence"):
-            if not 0.0 <= getattr(self, key) <= 1.0:  # also rejects NaN
-                raise ConfigError(f"--data.{key} must be in [0, 1], got {getattr(self, key)}")
+            _finite(f"data.{key}", getattr(self, key), 0.0, 1.0)
+        _integer("data.labelsets_seed", self.labelsets_seed, 0)
         _choice("data.on_bad_image", self.on_bad_image, ("skip", "error"))
         _choice("data.backend", self.backend, ("auto", "dali", "torchvision-gpu", "torch", "cache"))
         _choice("data.cache_device", self.cache_device, ("cpu", "cuda"))
-        if self.dataset == "features" and self.backend == "cache":
+        if self.dataset in FEATURE_DATASETS and self.backend == "cache":
             raise ConfigError(
-                "--data.backend cache stores decoded images, but data.dataset=features holds feature vectors "
+                f"--data.backend cache stores decoded images, but data.dataset={self.dataset} holds feature vectors "
                 "(already in memory): use --data.backend auto"
             )
         _choice("data.dali_decode", self.dali_decode, ("full", "roi"))

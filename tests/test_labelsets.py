@@ -203,9 +203,9 @@ def test_subset_keeps_the_hidden_labels(tmp_path):
 
 def test_config_validation_and_backbone():
     for key in ("labelsets_evidence", "labelsets_hidden_fraction", "labelsets_hidden_evidence"):
-        with pytest.raises(ConfigError, match=f"--data.{key} must be in"):
+        with pytest.raises(ConfigError, match=f"--data.{key} must be a finite number in"):
             DataConfig(**{key: 1.5})
-        with pytest.raises(ConfigError, match=f"--data.{key} must be in"):
+        with pytest.raises(ConfigError, match=f"--data.{key} must be a finite number in"):
             DataConfig(**{key: float("nan")})
     with pytest.raises(ConfigError, match="data.dataset=labelsets needs model.backbone=mlp"):
         parse_args(["--data.dataset", "labelsets", "--model.backbone", "smallcnn"])

@@ -277,12 +277,12 @@ def _torchvision_common(cfg: DataConfig, info: DistInfo, channels_last: bool) ->
 def data_backend(cfg: DataConfig, splits: Splits, info: DistInfo, train: bool = True) -> str:
     """The loader backend of ``--data.backend`` for these splits (``auto``'s pick logged once).
     Under torchrun a collective: rank 0 decides whether current decoded-image caches exist."""
-    if cfg.backend == "cache" and cfg.dataset == "features":
+    if cfg.backend == "cache" and cfg.dataset in FEATURE_DATASETS:
         raise ConfigError(
-            "--data.backend cache stores decoded images, but data.dataset=features holds feature vectors: "
+            f"--data.backend cache stores decoded images, but data.dataset={cfg.dataset} holds feature vectors: "
             "use --data.backend auto"
         )
-    cached = _current_caches(cfg, splits, info) if cfg.backend == "auto" and cfg.dataset != "features" else ""
+    cached = _current_caches(cfg, splits, info) if cfg.backend == "auto" and cfg.dataset not in FEATURE_DATASETS else ""
     return resolve_backend(cfg.backend, info.device, log=info.is_main and train, cached=cached)
 
 
