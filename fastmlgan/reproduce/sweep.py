@@ -145,17 +145,19 @@ def plot(name: str, points: list[dict[str, Any]], path: Path) -> str | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=100)
-    for column in PLOTTED:
+    step = 0.012 * ((max(xs) - min(xs)) or 1.0)  # side by side, so that the error bars do not overlap
+    for i, column in enumerate(PLOTTED):
         cells = [p["cells"].get(column) for p in points]
         if not any(cells):
             continue
-        pts = [(x, c["mean"], c.get("se") or 0.0) for x, c in zip(xs, cells) if c]
+        shift = (i - (len(PLOTTED) - 1) / 2) * step
+        pts = [(x + shift, c["mean"], c.get("se") or 0.0) for x, c in zip(xs, cells) if c]
         ax.errorbar([q[0] for q in pts], [q[1] for q in pts], yerr=[2 * q[2] for q in pts], marker="o", capsize=3,
                     label=column)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xlabel(name)
     ax.set_ylabel("paired difference (F1 points)")
-    ax.set_title(f"{points[0]['label']}: mean ± 2 SE over seeds", fontsize=9)
+    ax.set_title(f"{name} sweep: paired differences, mean ± 2 SE over seeds (rows: sweep-{name}.md)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
