@@ -22,6 +22,11 @@ returns precision, recall and F1 in percent, as the paper prints them:
   threshold is *not* also required. Ties go to the lower class index.
 - **num_images**, **num_classes**, **num_classes_evaluated**.
 
+The paper's mechanism (§4.2, Table 1: more labels per image, recall up, precision down) has its own
+functions: ``mechanism_metrics`` (labels per image against the truth, co-occurrence distances,
+recovered label pairs) and the threshold check, ``tune_thresholds`` on a validation split and
+``metrics_at_thresholds`` on the test split (is a C-F1 gain just a shifted threshold?).
+
 Conventions, part of the contract:
 
 - A label is predicted when its score is strictly greater than the threshold (0.5, §3.1).
@@ -175,6 +180,116 @@ def _cooccurrence(labels: np.ndarray) -> np.ndarray:
     pairs = binary.T @ binary / labels.shape[0]
     np.fill_diagonal(pairs, 0.0)
     return pairs
+
+
+THRESHOLD_GRID = np.round(np.arange(1, 100) / 100.0, 2)
+"""Candidate thresholds of ``tune_thresholds``: 0.01, 0.02, ..., 0.99."""
+
+
+def mechanism_metrics(scores, targets, thresholds=0.5) -> dict:
+    """How predicted label sets differ from the true ones in size and dependency (§4.2's mechanism).
+
+    With B̂ the predicted (score > threshold of its class) and B the true (N, C) label matrices:
+
+    - ``avg_labels``, ``true_labels``: mean |B̂_n| and |B_n|; ``labels_gap`` = their difference.
+    - ``cooc_dist``: ||P̂ − P||_F with P = BᵀB / N, diagonal zeroed (as ``compute_metrics``).
+    - ``cooc_dist_pairs``: ||Q̂ − Q||_F with Q = P / ΣP, each matrix scaled to unit mass: the
+      *pattern* of co-occurrence, whatever the number of labels predicted (Q̂ = 0 when no image
+      has two predicted labels). 0 when P̂ is any positive multiple of P.
+    - ``pair_recall``, ``pair_precision``: of the label pairs {i, j} that co-occur in an image,
+      pooled over images, the share of the true ones also predicted, and of the predicted ones
+      also true (percent; recall is undefined (None) when no image has two labels, precision 0
+      when no pair is predicted).
+    """
+    scores, targets = _validate(scores, targets)
+    predicted = scores > _thresholds_for(thresholds, scores.shape[1])
+    pred_f, true_f = predicted.astype(np.float64), targets.astype(np.float64)
+    p_pred, p_true = _cooccurrence(predicted), _cooccurrence(targets)
+    q_pred = p_pred / p_pred.sum() if p_pred.sum() > 0 else p_pred
+    q_true = p_true / p_true.sum() if p_true.sum() > 0 else p_true
+    # An image with k labels has k(k-1)/2 pairs; the pairs both sets hold are those of the shared labels.
+    shared = _num_pairs((pred_f * true_f).sum(axis=1))
+    num_true, num_pred = _num_pairs(true_f.sum(axis=1)), _num_pairs(pred_f.sum(axis=1))
+    avg, true_avg = float(pred_f.sum(axis=1).mean()), float(true_f.sum(axis=1).mean())
+    return {
+        "avg_labels": avg,
+        "true_labels": true_avg,
+        "labels_gap": avg - true_avg,
+        "cooc_dist": float(np.linalg.norm(p_pred - p_true)),
+        "cooc_dist_pairs": float(np.linalg.norm(q_pred - q_true)),
+        "pair_recall": float(100.0 * shared / num_true) if num_true else None,
+        "pair_precision": float(100.0 * shared / num_pred) if num_pred else 0.0,
+    }
+
+
+def _num_pairs(labels_per_image: np.ndarray) -> float:
+    return float((labels_per_image * (labels_per_image - 1) / 2).sum())
+
+
+def _thresholds_for(thresholds, num_classes: int) -> np.ndarray:
+    """One threshold or one per class, as a (C,) array in [0, 1]."""
+    values = np.asarray(thresholds, dtype=np.float64)
+    if values.ndim == 0:
+        return np.full(num_classes, _validate_threshold(float(values)))
+    if values.shape != (num_classes,):
+        raise ConfigError(f"thresholds: expected one value or {num_classes} (one per class), got shape {values.shape}")
+    if not ((values >= 0.0) & (values <= 1.0)).all():  # also rejects NaN
+        raise ConfigError(f"thresholds must be in [0, 1], got values in [{values.min()}, {values.max()}]")
+    return values
+
+
+def tune_thresholds(scores, targets, per_class: bool = False, grid=THRESHOLD_GRID) -> np.ndarray:
+    """(C,) thresholds chosen on a validation split from ``grid``.
+
+    ``per_class=False``: one threshold for all classes, the one with the highest C-F1 (the
+    paper's selection metric). ``per_class=True``: each class its own, the one with the highest F1
+    of that class (C-F1 is the harmonic mean of the averaged P and R, not a mean of per-class F1s,
+    so this maximises each class's F1, not C-F1 exactly; a class without positives keeps 0.5).
+    Ties go to the candidate closest to 0.5, then to the lower one.
+    """
+    scores, targets = _validate(scores, targets)
+    grid = np.asarray(grid, dtype=np.float64)
+    if grid.ndim != 1 or grid.size == 0 or not ((grid > 0.0) & (grid < 1.0)).all():
+        raise ConfigError("threshold grid: need a non-empty 1-D list of values in (0, 1)")
+    # Candidates in order of preference on ties: closest to 0.5 first, then the lower one.
+    grid = grid[np.lexsort((grid, np.abs(grid - 0.5)))]
+    num_classes = scores.shape[1]
+    evaluated = targets.any(axis=0)
+    if not evaluated.any():
+        raise DataError("targets: no class has a positive label; thresholds cannot be tuned")
+    if not per_class:
+        c_f1 = [_precision_recall_f1(scores > t, targets, evaluated)["C-F1"] for t in grid]
+        return np.full(num_classes, grid[int(np.argmax(c_f1))])  # argmax: the first, preferred, maximum
+    # (G, N, C) would be large for big splits: loop over the grid, keep (G, C) counts.
+    true_pos = np.empty((len(grid), num_classes))
+    num_predicted = np.empty((len(grid), num_classes))
+    for g, t in enumerate(grid):
+        predicted = scores > t
+        true_pos[g] = (predicted & targets).sum(axis=0)
+        num_predicted[g] = predicted.sum(axis=0)
+    num_positive = targets.sum(axis=0)
+    # F1 = 2 TP / (predicted + positives); 0 when both are 0.
+    denominator = num_predicted + num_positive[None, :]
+    f1 = np.divide(2.0 * true_pos, denominator, out=np.zeros_like(true_pos), where=denominator > 0)
+    best = grid[np.argmax(f1, axis=0)]
+    return np.where(evaluated, best, 0.5)
+
+
+def metrics_at_thresholds(scores, targets, thresholds) -> dict:
+    """``compute_metrics`` with a threshold per class: each class's scores are mapped by a strictly
+    increasing piecewise-linear function that sends its threshold t to 0.5 (s ≤ t: 0.5 s / t,
+    s > t: 0.5 + 0.5 (s − t) / (1 − t)), so a label is predicted exactly when s > t and the ranking
+    within each class, hence mAP, is unchanged."""
+    scores, targets = _validate(scores, targets)
+    t = _thresholds_for(thresholds, scores.shape[1])[None, :]
+    above = scores > t
+    with np.errstate(divide="ignore", invalid="ignore"):
+        low = np.where(t > 0, 0.5 * scores / np.where(t > 0, t, 1.0), 0.5)
+        high = np.where(t < 1, 0.5 + 0.5 * (scores - t) / np.where(t < 1, 1.0 - t, 1.0), 1.0)
+    mapped = np.where(above, high, low)
+    # Rounding must not move a score across 0.5: above stays > 0.5, the rest <= 0.5.
+    mapped = np.where(above, np.maximum(mapped, np.nextafter(0.5, 1.0)), np.minimum(mapped, 0.5))
+    return compute_metrics(np.clip(mapped, 0.0, 1.0), targets)
 
 
 def format_table(rows: Mapping[str, Mapping], title: str | None = None) -> str:

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastmlgan.config import DataConfig
+from fastmlgan.config import FEATURE_DATASETS, DataConfig
 from fastmlgan.distributed import DistInfo, barrier
 from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.loaders.base import LabeledImages
@@ -53,6 +53,13 @@ def build_splits(cfg: DataConfig, info: DistInfo) -> Splits:
             if not getattr(cfg, key):
                 raise ConfigError(f"data.dataset=features needs --data.{key}")
         train, val = load_feature_dataset(cfg.features_train, cfg.features_test, xml=cfg.features_xml or None)
+    elif cfg.dataset == "labelsets":
+        from fastmlgan.loaders.labelsets import load_labelsets, noise_model
+
+        for key in ("labelsets_train", "labelsets_test"):
+            if not getattr(cfg, key):
+                raise ConfigError(f"data.dataset=labelsets needs --data.{key}")
+        train, val = load_labelsets(cfg.labelsets_train, cfg.labelsets_test, cfg.labelsets_names or None, noise_model(cfg))
     elif cfg.dataset == "coco":
         for key in ("train_annotations", "train_images", "val_annotations", "val_images"):
             if not getattr(cfg, key):
@@ -132,7 +139,7 @@ def build_train_loader(
         raise ConfigError(
             f"--data.batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images)"
         )
-    if cfg.dataset == "features":
+    if cfg.dataset in FEATURE_DATASETS:
         from fastmlgan.loaders.features import FeatureDataset
         from fastmlgan.loaders.torch_loader import build_train_loader as torch_train_loader
 
@@ -174,7 +181,7 @@ def build_eval_loader(
     batch = per_rank_batch(cfg.eval_batch_size, info, "data.eval_batch_size")
     from fastmlgan.loaders.torch_loader import build_eval_loader as torch_eval_loader
 
-    if cfg.dataset == "features":
+    if cfg.dataset in FEATURE_DATASETS:
         from fastmlgan.loaders.features import FeatureDataset
 
         return torch_eval_loader(FeatureDataset(splits.val, _standardizer(splits)), batch, info.rank, info.world_size, 0)
@@ -270,12 +277,12 @@ def _torchvision_common(cfg: DataConfig, info: DistInfo, channels_last: bool) ->
 def data_backend(cfg: DataConfig, splits: Splits, info: DistInfo, train: bool = True) -> str:
     """The loader backend of ``--data.backend`` for these splits (``auto``'s pick logged once).
     Under torchrun a collective: rank 0 decides whether current decoded-image caches exist."""
-    if cfg.backend == "cache" and cfg.dataset == "features":
+    if cfg.backend == "cache" and cfg.dataset in FEATURE_DATASETS:
         raise ConfigError(
-            "--data.backend cache stores decoded images, but data.dataset=features holds feature vectors: "
+            f"--data.backend cache stores decoded images, but data.dataset={cfg.dataset} holds feature vectors: "
             "use --data.backend auto"
         )
-    cached = _current_caches(cfg, splits, info) if cfg.backend == "auto" and cfg.dataset != "features" else ""
+    cached = _current_caches(cfg, splits, info) if cfg.backend == "auto" and cfg.dataset not in FEATURE_DATASETS else ""
     return resolve_backend(cfg.backend, info.device, log=info.is_main and train, cached=cached)
 
 

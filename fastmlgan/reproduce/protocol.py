@@ -61,6 +61,7 @@ VARIANTS: dict[str, Variant] = {
         Variant("hard_samples", "+ WGAN-gp, straight-through hard samples", "", {"gan.hard_samples": True}),
         Variant("gp_weight_1", "+ WGAN-gp, λ = 1", "", {"gan.gp_weight": 1.0}),
         Variant("bce_weight_1", "+ WGAN-gp, α = 1", "", {"gan.bce_weight": 1.0}),
+        Variant("bce_weight_3", "+ WGAN-gp, α = 3", "", {"gan.bce_weight": 3.0}),
     )
 }
 TABLE_VARIANTS = ("baseline", "wgan", "no_negative", "no_conditional", "no_gumbel")

@@ -26,6 +26,7 @@ from fastmlgan.errors import ConfigError
 from fastmlgan.metrics import compute_metrics
 from fastmlgan.reproduce import protocol
 from fastmlgan.reproduce.diagnostics import discriminator_diagnostics, summarize_d_log
+from fastmlgan.reproduce.mechanism import mechanism_record
 from fastmlgan.reproduce.protocol import VAL_STREAM, VARIANTS, HarnessOptions, seed_splits
 from fastmlgan.reproduce.tables import Records, duration_text, render_markdown, selected_records, summarize
 from fastmlgan.trainer import Trainer
@@ -153,6 +154,13 @@ def _row_record(seed, name, cfg, trainer, scores, targets, split_info, wall_s, g
         "wall_s": round(wall_s, 2),
         "git": git,
     }
+
+
+def _add_mechanism(record, fit_s, val_scores, val_targets, scores, targets, test) -> None:
+    """``fit_s`` and the mechanism measurements (``reproduce.mechanism``) of a finished row; the
+    validation scores are the selected G's on the selection split, used to tune thresholds."""
+    record["fit_s"] = round(fit_s, 2)
+    record["mechanism"] = mechanism_record(val_scores, val_targets, scores, targets, getattr(test, "hidden", None))
 
 
 def _strip(metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -339,9 +347,12 @@ class Harness:
         t0 = time.perf_counter()
         with _run_log(run_dir / "train.log", self.opts.verbose):
             trainer = SelectingTrainer(cfg, self.info, run_dir, splits, keep="phase1")
+            t_fit = time.perf_counter()
             trainer.fit()
+            fit_s = time.perf_counter() - t_fit
             state = trainer.selected_state
             trainer.generator.load_state_dict(state["generator"])
+            val_scores, val_targets = _predict_on(trainer, splits.val)
             scores, targets = _predict_on(trainer, test)
         (run_dir / ckpt.CHECKPOINT_DIR / "baseline.pt").unlink(missing_ok=True)  # the last epoch; not the selected one
         ckpt.save_atomic(state, run_dir / "selected.pt")
@@ -349,7 +360,9 @@ class Harness:
             seed, "baseline", cfg, trainer, scores, targets, split_info, time.perf_counter() - t0, self.git
         )
         record["selected_epochs"] = {"bce": trainer.selected["epoch"]}
+        _add_mechanism(record, fit_s, val_scores, val_targets, scores, targets, test)
         np.savez_compressed(run_dir / "test_scores.npz", scores=scores, targets=targets)
+        np.savez_compressed(run_dir / "val_scores.npz", scores=val_scores, targets=val_targets)
         del trainer
         gc.collect()
         return record, state
@@ -370,15 +383,20 @@ class Harness:
             # and device match) and Adam updates them in place, so without it each row would start
             # from the optimizer state the previous row of this seed left behind.
             trainer.start_from_baseline(copy.deepcopy(phase1))
+            t_fit = time.perf_counter()
             trainer.fit()
+            fit_s = time.perf_counter() - t_fit
             diagnostics = discriminator_diagnostics(trainer) if variant.adversarial else {}
             trainer.generator.load_state_dict(trainer.selected_state)
+            val_scores, val_targets = _predict_on(trainer, splits.val)
             scores, targets = _predict_on(trainer, test)
         record = _row_record(seed, name, cfg, trainer, scores, targets, split_info, time.perf_counter() - t0, self.git)
         record["selected_epochs"] = {"bce": phase1["epoch"], "gan": trainer.selected["epoch"]}
         record["d_log"] = summarize_d_log(run_dir / "metrics.jsonl")
         record["d_diagnostics"] = diagnostics
+        _add_mechanism(record, fit_s, val_scores, val_targets, scores, targets, test)
         np.savez_compressed(run_dir / "test_scores.npz", scores=scores, targets=targets)
+        np.savez_compressed(run_dir / "val_scores.npz", scores=val_scores, targets=val_targets)
         del trainer
         gc.collect()
         return record

@@ -13,6 +13,7 @@ import numpy as np
 
 from fastmlgan.config import Config
 from fastmlgan.metrics import PRF_KEYS
+from fastmlgan.reproduce.mechanism import render_mechanism, summarize_mechanism
 from fastmlgan.reproduce.protocol import SELECTION_RULE, VAL_STREAM, VARIANTS, HarnessOptions
 
 TABLE_KEYS = (*PRF_KEYS, "mAP", "avg_labels")
@@ -106,6 +107,7 @@ def summarize(records: Records, opts: HarnessOptions, cfg: Config) -> dict[str, 
         if rows:
             variants[name] = _variant_entry(name, rows)
     _add_paired_differences(variants, records)
+    summarize_mechanism(variants, records, paired_difference)
     return {
         "dataset": _dataset_name(cfg),
         "preset": cfg.preset,
@@ -193,6 +195,10 @@ def _protocol(opts: HarnessOptions, records: Records) -> dict[str, Any]:
 def _dataset_name(cfg: Config) -> str:
     if cfg.data.dataset == "features":
         return Path(cfg.data.features_train).stem.replace("-train", "")
+    if cfg.data.dataset == "labelsets":
+        d = cfg.data
+        source = Path(d.labelsets_train).parent.name or Path(d.labelsets_train).stem
+        return f"labelsets ({source}, evidence {d.labelsets_evidence:g}, hidden evidence {d.labelsets_hidden_evidence:g})"
     return cfg.data.dataset
 
 
@@ -207,6 +213,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         _table1,
         _table3,
         _against_control,
+        _mechanism,
         _differences_to_baseline,
         _top3,
         _selection,
@@ -286,6 +293,10 @@ def _against_control(results: dict[str, Any]) -> list[str]:
         cells = [_diff_cell(diff[k]) for k in ("C-F1", "O-F1", "mAP", "avg_labels")]
         lines.append(f"| {entry['label']} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _mechanism(results: dict[str, Any]) -> list[str]:
+    return render_mechanism(results, _pm, _diff_cell)
 
 
 def _differences_to_baseline(results: dict[str, Any]) -> list[str]:

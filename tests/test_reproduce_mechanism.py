@@ -1,0 +1,155 @@
+"""The harness's mechanism measurements: thresholds tuned on the validation split only, the
+hidden/visible subsets of labelsets, the paired threshold check by hand, and the sweep tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastmlgan.errors import ConfigError
+from fastmlgan.metrics import compute_metrics, metrics_at_thresholds, tune_thresholds
+from fastmlgan.reproduce import main, sweep, tables
+from fastmlgan.reproduce.mechanism import mechanism_record, summarize_mechanism
+
+NUM_LABELS = 5
+
+
+def _labels(rng, n):
+    """Label sets from three groups with a planted dependency; some rows empty."""
+    groups = np.array([[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 1, 0, 0, 1]])
+    y = groups[rng.integers(0, 3, n)]
+    return np.where(rng.random((n, NUM_LABELS)) < 0.1, 1 - y, y)
+
+
+def _write_list(path: Path, y: np.ndarray) -> Path:
+    path.write_text("".join(f"img{i} {' '.join(map(str, row))}\n" for i, row in enumerate(y)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def labelsets_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labelsets")
+    rng = np.random.default_rng(0)
+    train = _write_list(root / "train.txt", _labels(rng, 160))
+    test_y = _labels(rng, 80)
+    test = _write_list(root / "test.txt", test_y)
+    flipped = _write_list(root / "flipped.txt", 1 - test_y)
+    out = root / "out"
+
+    def argv(test_file, out_dir):
+        return [
+            "--data.dataset", "labelsets", "--model.backbone", "mlp",
+            "--data.labelsets_train", str(train), "--data.labelsets_test", str(test_file),
+            "--data.labelsets_hidden", "label1", "--data.labelsets_evidence", "0.5",
+            "--data.batch_size", "8", "--model.width", "16", "--gan.proj_dim", "8", "--gan.hidden_dim", "16",
+            "--gan.num_layers", "2", "--optim.bce_lr", "1e-2", "--train.bce_epochs", "3", "--train.gan_epochs", "2",
+            "--seeds", "0,1", "--variants", "baseline,wgan,bce_continued", "--no-plots", "--out", str(out_dir),
+        ]  # fmt: skip
+
+    assert main(argv(test, out)) == 0
+    return {"out": out, "argv": argv, "flipped": flipped, "root": root}
+
+
+def _records(out: Path) -> dict:
+    lines = (out / "results.jsonl").read_text().splitlines()
+    return {(r["seed"], r["variant"]): r for r in map(json.loads, lines)}
+
+
+def test_thresholds_come_from_the_validation_scores_and_apply_to_the_test_scores(labelsets_run):
+    out = labelsets_run["out"]
+    for (seed, name), record in _records(out).items():
+        val = np.load(out / "runs" / f"seed{seed}" / name / "val_scores.npz")
+        test = np.load(out / "runs" / f"seed{seed}" / name / "test_scores.npz")
+        assert len(val["targets"]) == 32 and len(test["targets"]) == 80  # 20% of 160; the test list
+        mech = record["mechanism"]
+        for mode, per_class in (("tuned_global", False), ("tuned_per_class", True)):
+            t = tune_thresholds(val["scores"], val["targets"], per_class=per_class)
+            expected = metrics_at_thresholds(test["scores"], test["targets"], t)
+            assert mech[mode]["C-F1"] == pytest.approx(expected["C-F1"], abs=1e-12)
+            assert mech[mode]["threshold_mean"] == pytest.approx(float(np.mean(t)))
+        # The hidden label (label1) and the visible ones, at 0.5.
+        hidden = compute_metrics(test["scores"][:, [1]], test["targets"][:, [1]])
+        visible = compute_metrics(test["scores"][:, [0, 2, 3, 4]], test["targets"][:, [0, 2, 3, 4]])
+        assert mech["subsets"]["hidden"]["C-R"] == pytest.approx(hidden["C-R"])
+        assert mech["subsets"]["visible"]["C-F1"] == pytest.approx(visible["C-F1"])
+        assert mech["at_0.5"]["avg_labels"] == pytest.approx(record["test"]["avg_labels"])
+        assert record["fit_s"] > 0
+
+
+def test_flipped_test_labels_leave_every_tuned_threshold_unchanged(labelsets_run):
+    out2 = labelsets_run["root"] / "out-flipped"
+    assert main(labelsets_run["argv"](labelsets_run["flipped"], out2)) == 0
+    a, b = _records(labelsets_run["out"]), _records(out2)
+    for key in a:
+        for mode in ("tuned_global", "tuned_per_class"):
+            assert a[key]["mechanism"][mode]["threshold_mean"] == b[key]["mechanism"][mode]["threshold_mean"]
+        assert a[key]["mechanism"]["tuned_global"]["C-F1"] != b[key]["mechanism"]["tuned_global"]["C-F1"]
+
+
+def test_results_md_has_the_mechanism_sections(labelsets_run):
+    text = (labelsets_run["out"] / "results.md").read_text()
+    for heading in ("## The mechanism", "### Is the change a changed threshold?", "### Hidden and visible labels"):
+        assert heading in text
+    results = json.loads((labelsets_run["out"] / "results.json").read_text())
+    assert results["dataset"].startswith("labelsets (")
+    assert "threshold_check" in results["variants"]["wgan"]
+
+
+def test_threshold_check_by_hand():
+    def record(seed, name, c_f1, tuned):
+        return {
+            "seed": seed, "variant": name, "test": {"C-F1": c_f1, "O-F1": 0.0, "C-R": 0.0, "C-P": 0.0},
+            "fit_s": 10.0 + seed,
+            "mechanism": {
+                "at_0.5": {"labels_gap": -1.0},
+                "tuned_global": {"C-F1": tuned, "O-F1": 0.0, "C-R": 0.0, "C-P": 0.0},
+                "tuned_per_class": {"C-F1": tuned + 1, "O-F1": 0.0, "C-R": 0.0, "C-P": 0.0},
+            },
+        }  # fmt: skip
+
+    records = {
+        (0, "baseline"): record(0, "baseline", 50.0, 55.0),
+        (1, "baseline"): record(1, "baseline", 52.0, 56.0),
+        (0, "wgan"): record(0, "wgan", 54.0, 55.5),
+        (1, "wgan"): record(1, "wgan", 55.0, 57.5),
+    }
+    variants = {"baseline": {"seeds": [0, 1]}, "wgan": {"seeds": [0, 1]}}
+    summarize_mechanism(variants, records, tables.paired_difference)
+    check = variants["wgan"]["threshold_check"]
+    # wgan at 0.5 minus baseline tuned global: 54 − 55 = −1, 55 − 56 = −1.
+    assert check["C-F1: at_0.5 vs baseline tuned_global"]["per_seed"] == [-1.0, -1.0]
+    # both tuned: 0.5, 1.5; both at 0.5: 4, 3.
+    assert check["C-F1: tuned_global vs baseline tuned_global"]["mean"] == pytest.approx(1.0)
+    assert check["C-F1: at_0.5 vs baseline at_0.5"]["per_seed"] == [4.0, 3.0]
+    assert variants["wgan"]["mechanism"]["mean"]["fit_s"] == pytest.approx(10.5)
+
+
+def test_sweep_reads_the_paired_differences(labelsets_run, tmp_path):
+    out = labelsets_run["out"]
+    results = json.loads((out / "results.json").read_text())
+    points = sweep.collect([sweep.parse_point(f"0.5={out}"), sweep.parse_point(f"0.5c={out}:bce_continued")])
+    assert points[0]["cells"]["ΔC-F1 vs (a)"] == results["variants"]["wgan"]["diff_vs_baseline"]["C-F1"]
+    assert points[1]["label"] == "control: BCE continued, no D"
+    assert points[0]["fit_ratio_to_control"] == pytest.approx(
+        results["variants"]["wgan"]["mechanism"]["mean"]["fit_s"]
+        / results["variants"]["bce_continued"]["mechanism"]["mean"]["fit_s"]
+    )
+    with pytest.raises(ConfigError, match="no row 'hard_samples'"):
+        sweep.collect([sweep.parse_point(f"1={out}:hard_samples")])
+    with pytest.raises(ConfigError, match="no such file"):
+        sweep.collect([sweep.parse_point(f"1={tmp_path}")])
+    with pytest.raises(ConfigError, match="expected X=RESULTS_DIR"):
+        sweep.parse_point("nothing")
+    assert sweep.main(["t", str(tmp_path), f"0.5={out}"]) == 0
+    assert "| 0.5 | + WGAN-gp | 2 |" in (tmp_path / "sweep-t.md").read_text()
+
+
+def test_mechanism_record_without_hidden_labels():
+    rng = np.random.default_rng(3)
+    y = (rng.random((50, 3)) < 0.4).astype(int)
+    s = np.clip(0.5 * y + 0.5 * rng.random((50, 3)), 0, 1)
+    m = mechanism_record(s, y, s, y)
+    assert "subsets" not in m and m["tuned_global"]["threshold"] == pytest.approx(float(tune_thresholds(s, y)[0]))
