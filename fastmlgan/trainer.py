@@ -7,7 +7,6 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from fastmlgan.distributed import (
     broadcast_object,
 )
 from fastmlgan.errors import ConfigError, FastMLGANError
+from fastmlgan.guards import LossGuard, lr_hint
 from fastmlgan.inference import amp_dtype, inputs_to_device, predict, to_device
 from fastmlgan.kernels import gradient_penalty
 from fastmlgan.losses import GanSpec, bce_loss, discriminator_loss, generator_loss, gradient_penalty_autograd
@@ -190,12 +190,10 @@ class Trainer:
         self.stream_state: dict[str, int] | None = None  # where it continues (from a checkpoint)
         self.num_bad = 0  # undecodable images substituted in the phases before the current one
         self.last_checkpoint: Path | None = None  # the newest checkpoint this run wrote (or resumed from)
-        # (step, path) of the checkpoints written (or resumed from) and the last step whose logged
-        # losses were sound: a checkpoint after step c is verified by a sound loss at a step > c
-        # (that loss was computed with its weights).
+        # (step, path) of the checkpoints written (or resumed from); the guard knows which of them
+        # a later sound loss verified.
         self.checkpoints: list[tuple[int, Path]] = []
-        self._sound_loss_step = 0
-        self._loss_history: dict[str, list[float]] = {}
+        self.loss_guard = LossGuard(cfg.train.loss_explosion_ratio)
         self._steps_since_checkpoint = 0
         # SIGTERM/SIGINT and time-based checkpoints, agreed by every rank (a collective: every rank
         # builds its Trainer). Installed while fit() runs.
@@ -514,7 +512,7 @@ class Trainer:
             except ckpt.NonFiniteStateError as e:
                 error = (
                     f"non-finite values in {e.tensor} after step {self.global_step} (phase {self.phase}): "
-                    f"not saved. {self._lr_hint()} {self._good_checkpoint()}"
+                    f"not saved. {self._stop_hint()}"
                 )
             except FastMLGANError as e:
                 error = str(e)
@@ -532,32 +530,11 @@ class Trainer:
             "mismatch_sampler": None if self.mismatch_sampler is None else self.mismatch_sampler.state_dict(),
         }
 
-    def _lr_hint(self, key: str = "") -> str:
-        """The learning-rate option of the phase (and loss) that went wrong."""
-        if self.phase == "bce":
-            option = "--optim.bce_lr"
-        else:
-            option = "--optim.d_lr" if key.startswith(("loss_d", "d_", "gp", "wasserstein")) else "--optim.g_lr"
-        return f"Lower {option} (now {self._lr_value(option)}) or try --precision.amp none."
-
-    def _lr_value(self, option: str) -> float:
-        """The step size the optimizer behind ``option`` used (the config's, unless changed since)."""
-        optimizer = self.opt_d if option.endswith("d_lr") else self.opt_g
-        return optimizer.param_groups[0]["lr"]
-
-    def _good_checkpoint(self) -> str:
-        """The newest checkpoint whose weights a later sound loss verified (the ones after it may
-        hold the update that went wrong)."""
-        verified = [(step, path) for step, path in self.checkpoints if step < self._sound_loss_step and path.is_file()]
-        if verified:
-            step, path = verified[-1]
-            return f"The last good checkpoint is {path} (step {step}): continue from it with --resume {path}."
-        if self.checkpoints:
-            return (
-                f"No checkpoint still on disk was verified by a later sound loss (the newest, {self.checkpoints[-1][1]}, "
-                "may hold the bad update; raise --checkpoint.keep to keep more)."
-            )
-        return "No checkpoint was written before it."
+    def _stop_hint(self, key: str = "") -> str:
+        """What to do about a loss or weights gone wrong: the phase's learning-rate option and the
+        last verified checkpoint."""
+        hint = lr_hint(self.phase, key, self.opt_g, self.opt_d)
+        return f"{hint} {self.loss_guard.good_checkpoint(self.checkpoints)}"
 
     # ------------------------------------------------------------------------------------------
     # the schedule
@@ -571,10 +548,8 @@ class Trainer:
             self.run_log.write(record, epoch_start, images_per_step)
 
     def _check_finite(self, values: dict[str, float]) -> None:
-        """Stop on a non-finite or exploding logged loss (``train.loss_explosion_ratio`` times its
-        running median), naming the phase's learning-rate option and the last good checkpoint."""
-        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-        key, reason = (next(iter(bad)), f"non-finite loss ({bad})") if bad else self._explosion(values)
+        """Stop on a non-finite or exploding logged loss (``fastmlgan.guards``), on every rank."""
+        key, reason = self.loss_guard.check(values, self.phase)
         if self.info.enabled:
             # Every rank must stop together, or the others would wait in the next collective.
             flag = torch.tensor([1.0 if reason else 0.0], device=self.device)
@@ -582,30 +557,8 @@ class Trainer:
             if flag.item() and not reason:
                 reason = "a non-finite or exploding loss on another rank"
         if reason:
-            raise FastMLGANError(
-                f"{reason} at step {self.global_step} (phase {self.phase}). {self._lr_hint(key)} {self._good_checkpoint()}"
-            )
-        self._sound_loss_step = self.global_step
-
-    def _explosion(self, values: dict[str, float]) -> tuple[str, str]:
-        """(the loss, why) when a logged loss exploded, else ("", "")."""
-        ratio = self.cfg.train.loss_explosion_ratio
-        if not ratio:
-            return "", ""
-        for key in ("bce", "loss_g", "loss_d"):
-            if key not in values:
-                continue
-            history = self._loss_history.setdefault(f"{self.phase}:{key}", [])
-            magnitude = abs(values[key])
-            if len(history) >= 3:
-                median = float(np.median(history[-50:]))
-                if median > 0 and magnitude > ratio * median:
-                    return key, (
-                        f"exploding loss: {key} = {values[key]:.4g}, over {ratio:g} times its running median "
-                        f"{median:.4g} (--train.loss_explosion_ratio)"
-                    )
-            history.append(magnitude)
-        return "", ""
+            raise FastMLGANError(f"{reason} at step {self.global_step} (phase {self.phase}). {self._stop_hint(key)}")
+        self.loss_guard.mark_sound(self.global_step)
 
     def _log_step(self, phase: str, out: dict[str, torch.Tensor], stream: BatchStream, t_start: float) -> str:
         keys = [k for k in out if out[k].numel() == 1]

@@ -106,3 +106,49 @@ def test_an_unwritable_run_directory_is_one_line(data_root, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert f"--out {blocker / 'run'}: cannot write the run directory" in proc.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# fastmlgan.guards by hand
+
+
+def test_loss_guard_explosion_against_a_hand_median():
+    from fastmlgan.guards import LossGuard
+
+    guard = LossGuard(explosion_ratio=10.0)
+    for value in (1.0, 3.0, 2.0):  # |.| history; the median is 2
+        assert guard.check({"loss_d": -value}, "gan") == ("", "")
+    assert guard.check({"loss_d": 19.9}, "gan") == ("", "")  # 19.9 < 10 x 2; history now 1, 3, 2, 19.9
+    key, why = guard.check({"loss_d": -25.1}, "gan")  # median of 1, 2, 3, 19.9 = 2.5: 25.1 > 25
+    assert key == "loss_d" and "over 10 times its running median 2.5" in why and "-25.1" in why
+    # Another phase has its own history: too short to judge.
+    assert guard.check({"loss_d": 1e9}, "bce") == ("", "")
+    assert LossGuard(0).check({"bce": 1e30}, "bce") == ("", "")  # ratio 0: off
+    key, why = guard.check({"bce": 1.0, "gp": float("nan")}, "gan")
+    assert key == "gp" and why.startswith("non-finite loss")
+
+
+def test_good_checkpoint_is_the_newest_verified_one(tmp_path):
+    from fastmlgan.guards import LossGuard
+
+    paths = [tmp_path / f"step-{s}.pt" for s in (10, 20, 30)]
+    for p in paths[:2]:
+        p.write_bytes(b"x")  # step-30 was pruned (or never written)
+    guard = LossGuard(10.0)
+    assert guard.good_checkpoint([]) == "No checkpoint was written before it."
+    guard.mark_sound(20)  # verifies step 10 only: step 20's weights gave no loss yet
+    assert f"--resume {paths[0]}" in guard.good_checkpoint(list(zip((10, 20, 30), paths)))
+    guard.mark_sound(35)  # step 30 verified but not on disk: step 20 is the newest on disk
+    assert f"--resume {paths[1]}" in guard.good_checkpoint(list(zip((10, 20, 30), paths)))
+    guard.mark_sound(5)
+    assert "No checkpoint still on disk was verified" in guard.good_checkpoint(list(zip((10, 20, 30), paths)))
+
+
+def test_lr_hint_names_the_phase_and_loss_option():
+    from fastmlgan.guards import lr_hint
+
+    g = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    d = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    assert lr_hint("bce", "bce", g, d).startswith("Lower --optim.bce_lr (now 0.001)")
+    assert lr_hint("gan", "gp", g, d).startswith("Lower --optim.d_lr (now 0.0002)")
+    assert lr_hint("gan", "loss_g", g, d).startswith("Lower --optim.g_lr (now 0.001)")
