@@ -117,7 +117,7 @@ def test_class_names_beside_given_or_numbered(tmp_path):
     with pytest.raises(DataError, match=f"^{given}: 2 class names, but the label lists have 3 columns"):
         load_labelsets(train, test, given, noise)
     given.write_text("x\ny\nx\n")
-    with pytest.raises(DataError, match=f"^{given}:3: class name 'x' already on line 1"):
+    with pytest.raises(DataError, match=f"^{given}:3: label 'x' repeats line 1"):
         load_labelsets(train, test, given, noise)
     with pytest.raises(DataError, match="'moon' not among the 3 class names"):
         load_labelsets(train, test, noise=NoiseModel(hidden=("sky", "moon")))

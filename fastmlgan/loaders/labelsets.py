@@ -62,7 +62,9 @@ from pathlib import Path
 import numpy as np
 
 from fastmlgan.errors import DataError
+from fastmlgan.loaders.feature_set import read_text
 from fastmlgan.loaders.features import FeatureSet
+from fastmlgan.loaders.listfile import read_label_names
 
 __all__ = [
     "EVIDENCE_SCALE",
@@ -120,17 +122,7 @@ def read_label_matrix(path, num_classes: int | None = None, reference: str = "as
     """(sample names, (N, C) uint8 labels) of a list file: a name then C values 0/1 per row. C is
     ``num_classes`` when given (``reference`` says where it comes from), else the first row's."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
+    text = read_text(path)
     names: list[str] = []
     rows: list[list[str]] = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -160,22 +152,7 @@ def read_label_matrix(path, num_classes: int | None = None, reference: str = "as
 
 def read_class_names(path, num_classes: int) -> list[str]:
     """One name a line (blank lines skipped); exactly ``num_classes`` distinct names."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: class-names file not found (--data.labelsets_names)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read the class names: {e}") from None
-    names, first = [], {}
-    for lineno, line in enumerate(lines, 1):
-        name = line.strip()
-        if not name:
-            continue
-        if name in first:
-            raise DataError(f"{path}:{lineno}: class name {name!r} already on line {first[name]}")
-        first[name] = lineno
-        names.append(name)
+    names = read_label_names(path)
     if len(names) != num_classes:
         raise DataError(f"{path}: {len(names)} class names, but the label lists have {num_classes} columns")
     return names
