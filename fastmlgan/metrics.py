@@ -279,7 +279,7 @@ def metrics_at_thresholds(scores, targets, thresholds) -> dict:
     """``compute_metrics`` with a threshold per class: each class's scores are mapped by a strictly
     increasing piecewise-linear function that sends its threshold t to 0.5 (s ≤ t: 0.5 s / t,
     s > t: 0.5 + 0.5 (s − t) / (1 − t)), so a label is predicted exactly when s > t and the ranking
-    within each class, hence mAP, is unchanged."""
+    within each class, hence mAP, is unchanged. ``top3`` is that of the raw scores."""
     scores, targets = _validate(scores, targets)
     t = _thresholds_for(thresholds, scores.shape[1])[None, :]
     above = scores > t
@@ -289,7 +289,11 @@ def metrics_at_thresholds(scores, targets, thresholds) -> dict:
     mapped = np.where(above, high, low)
     # Rounding must not move a score across 0.5: above stays > 0.5, the rest <= 0.5.
     mapped = np.where(above, np.maximum(mapped, np.nextafter(0.5, 1.0)), np.minimum(mapped, 0.5))
-    return compute_metrics(np.clip(mapped, 0.0, 1.0), targets)
+    metrics = compute_metrics(np.clip(mapped, 0.0, 1.0), targets)
+    # top3 ranks classes against each other: the per-class map would reorder them, so it comes
+    # from the raw scores (it does not depend on any threshold).
+    metrics["top3"] = compute_metrics(scores, targets)["top3"]
+    return metrics
 
 
 def format_table(rows: Mapping[str, Mapping], title: str | None = None) -> str:

@@ -144,8 +144,12 @@ def test_documented_auc_table():
     expected = {0.0: 0.5, 0.1: 0.66, 0.25: 0.86, 0.5: 0.983, 0.75: 0.9993, 1.0: 0.99999}
     for e, auc in expected.items():
         assert evidence_auc(EVIDENCE_SCALE * e) == pytest.approx(auc, abs=6e-3 if e < 0.5 else 5e-4)
-    # Φ(x) = (1 + erf(x / √2)) / 2 at x = d / √2:
-    assert evidence_auc(3.0) == pytest.approx(0.5 * (1 + math.erf(3.0 / 2.0)))
+    # Independently, by sampling: AUC = P(x of a present label > x of an absent one) at d = 3.
+    rng = np.random.default_rng(0)
+    n = 400_000
+    present, absent = rng.normal(1.5, 1.0, n), rng.normal(-1.5, 1.0, n)
+    estimate = float((present > absent).mean())
+    assert abs(evidence_auc(3.0) - estimate) < 5 * math.sqrt(estimate * (1 - estimate) / n)
 
 
 def test_determinism_same_seed_identical_other_seed_different(tmp_path):

@@ -78,6 +78,8 @@ def test_metrics_at_thresholds_is_compute_metrics_of_the_thresholded_labels():
         assert got[key] == pytest.approx(direct[key], abs=1e-12), key
     # The ranking within each class is unchanged, so mAP is that of the raw scores.
     assert got["mAP"] == pytest.approx(compute_metrics(scores, targets)["mAP"], abs=1e-12)
+    # top3 ranks the classes against each other: that of the raw scores, whatever the thresholds.
+    assert got["top3"] == compute_metrics(scores, targets)["top3"]
     # One threshold of 0.5 everywhere: exactly compute_metrics.
     assert metrics_at_thresholds(scores, targets, 0.5) == compute_metrics(scores, targets)
     # Thresholds at the ends of [0, 1]: t = 0 predicts every positive score, t = 1 none.

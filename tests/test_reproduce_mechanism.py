@@ -4,6 +4,7 @@ hidden/visible subsets of labelsets, the paired threshold check by hand, and the
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,49 @@ def test_sweep_reads_the_paired_differences(labelsets_run, tmp_path):
         sweep.parse_point("nothing")
     assert sweep.main(["t", str(tmp_path), f"0.5={out}"]) == 0
     assert "| 0.5 | + WGAN-gp | 2 |" in (tmp_path / "sweep-t.md").read_text()
+
+
+METRIC_KEYS = ("C-P", "C-R", "C-F1", "O-F1", "mAP", "avg_labels")
+
+
+def test_sweep_cells_are_the_per_seed_differences_by_hand(labelsets_run, tmp_path):
+    # The tiny runs give rows too alike to tell columns apart, so the records get distinct made-up
+    # test metrics and the harness rewrites its tables from them (every row is finished: nothing
+    # trains). Each cell is then recomputed from the records: a wrong key in sweep.COLUMNS, a
+    # swapped cell or a wrong paired difference fails here.
+    out = tmp_path / "out"
+    shutil.copytree(labelsets_run["out"], out)
+    rng = np.random.default_rng(7)
+    lines = []
+    for line in (out / "results.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        record["test"].update({key: float(rng.uniform(10, 90)) for key in METRIC_KEYS})
+        lines.append(json.dumps(record))
+    (out / "results.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(labelsets_run["argv"](labelsets_run["root"] / "test.txt", out)) == 0
+    records = _records(out)
+    seeds = sorted({seed for seed, _ in records})
+
+    def by_hand(row, ref, key):
+        d = np.array([records[s, row]["test"][key] - records[s, ref]["test"][key] for s in seeds])
+        return f"{d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f}"
+
+    point = sweep.collect([sweep.parse_point(f"0.5={out}")])[0]
+    for column, ref, key in [
+        ("ΔC-F1 vs (a)", "baseline", "C-F1"), ("ΔO-F1 vs (a)", "baseline", "O-F1"),
+        ("ΔC-R vs (a)", "baseline", "C-R"), ("ΔC-P vs (a)", "baseline", "C-P"),
+        ("Δlabels/img vs (a)", "baseline", "avg_labels"), ("ΔmAP vs (a)", "baseline", "mAP"),
+        ("ΔC-F1 vs no-D control", "bce_continued", "C-F1"), ("ΔO-F1 vs no-D control", "bce_continued", "O-F1"),
+    ]:  # fmt: skip
+        assert sweep._cell(point["cells"][column]).split(" **")[0] == by_hand("wgan", ref, key), column
+    # + WGAN-gp at 0.5 against the baseline at its validation-tuned threshold.
+    tuned = [records[s, "wgan"]["test"]["C-F1"] - records[s, "baseline"]["mechanism"]["tuned_global"]["C-F1"] for s in seeds]
+    assert point["cells"]["ΔC-F1 vs (a) tuned global"]["mean"] == pytest.approx(np.mean(tuned), abs=1e-9)
+    # A results folder whose name holds ':' is still a folder, and DIR:ROW still picks a row.
+    odd = tmp_path / "run:1"
+    shutil.copytree(out, odd)
+    assert sweep.parse_point(f"1={odd}") == ("1", odd, "wgan")
+    assert sweep.parse_point(f"1={odd}:bce_continued") == ("1", odd, "bce_continued")
 
 
 def test_mechanism_record_without_hidden_labels():

@@ -44,9 +44,11 @@ those carrying both i and j, the recoverability of i from the still-visible labe
     r_i = max_{j ∈ V, j ≠ i} n_ij / (n_j + κ),      κ = RECOVERABILITY_PSEUDOCOUNT = 10
 
 (an estimate of P(i | j), shrunk towards 0 for rare partners j). Step t hides the visible label
-with the largest r_i (ties: the lower index) and removes it from V, so every hidden label keeps a
-visible partner that predicts it. On NUS-WIDE-81 with f = 0.2 this hides 16 labels, starting
-with animal (best partner: cat), sky (sunset), water (lake), clouds, buildings (cityscape).
+with the largest r_i (ties: the lower index) and removes it from V. A label's partner is visible
+when the label is hidden; a later step may hide that partner too (on NUS-WIDE-81, sunset and lake
+are hidden after sky and water), and the label then leans on its best partner still visible. On
+NUS-WIDE-81 with f = 0.2 this hides 16 labels, starting with animal (best partner: cat), sky
+(sunset), water (lake), clouds, buildings (cityscape).
 
 **Determinism.** The noise ε of a split is drawn with ``numpy.random.default_rng([NOISE_STREAM,
 seed, split])`` (split 0: training, 1: evaluation) in row-major order, so the features are a pure
@@ -172,7 +174,10 @@ def hidden_labels(labels: np.ndarray, num_hidden: int, pseudocount: float = RECO
     y = np.asarray(labels, dtype=np.float64)
     num_classes = y.shape[1]
     if not 0 <= num_hidden < num_classes:
-        raise DataError(f"cannot hide {num_hidden} of {num_classes} labels: at least one must stay visible")
+        raise DataError(
+            f"cannot hide {num_hidden} of {num_classes} labels (--data.labelsets_hidden_fraction or "
+            "--data.labelsets_hidden): at least one must stay visible"
+        )
     counts = y.sum(axis=0)
     pairs = y.T @ y
     # ratio[i, j] = n_ij / (n_j + κ): an estimate of P(i | j) shrunk for rare partners j.

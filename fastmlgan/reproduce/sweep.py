@@ -46,7 +46,10 @@ def parse_point(text: str) -> tuple[str, Path, str]:
     x, eq, rest = text.partition("=")
     if not eq or not x or not rest:
         raise ConfigError(f"sweep point {text!r}: expected X=RESULTS_DIR or X=RESULTS_DIR:ROW")
-    folder, _, row = rest.partition(":")
+    # RESULTS_DIR may itself hold a ':' (the row, a variant name, never holds '/').
+    folder, sep, row = rest.rpartition(":")
+    if not sep or "/" in row or Path(rest).is_dir():
+        folder, row = rest, ""
     return x, Path(folder), row or "wgan"
 
 
