@@ -30,8 +30,12 @@ $(VENV)/.installed: setup.py pyproject.toml
 train: install
 	$(PY) -m fastmlgan train $(ARGS)
 
+# The suite runs on every core with pytest-xdist (whole files per worker; at most 4 workers, each
+# holds its own torch import); TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 1)
+
 test: install
-	$(PY) -m pytest -q -m "not benchmark and not faults" $(ARGS)
+	$(PY) -m pytest -q -m "not benchmark and not faults" -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # The long fault-injection runs (CI runs them after `make test`).
 test-faults: install

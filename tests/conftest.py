@@ -17,6 +17,15 @@ import logging
 
 import pytest
 
+# Under pytest-xdist (make test runs `-n auto`), the workers share the cores: each worker and the
+# processes its tests start (torchrun ranks, CLI runs) get an even share of the threads instead of
+# all of them, which would oversubscribe the CPU.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(_THREADS)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -218,16 +218,18 @@ def test_leftover_temporary_files_are_removed_at_save_and_resume(tmp_path):
     folder.mkdir()
     old = [folder / ".last.pt.k2j4x_q1.tmp", folder / ".step-000000003.pt.abcdefgh.tmp"]
     keep = [folder / ".notes.tmp", folder / "last.pt.tmp", folder / "mine.txt"]
+    # "Earlier process" means older than this process's start (the test process may be minutes old).
+    earlier = ckpt._PROCESS_START - 3600
     for path in old + keep:
         path.write_bytes(b"torn")
-        os.utime(path, (time.time() - 3600, time.time() - 3600))
+        os.utime(path, (earlier, earlier))
     fresh = folder / ".last.pt.zzzzzzzz.tmp"  # newer than this process: a live writer's
     fresh.write_bytes(b"in progress")
     ckpt.save_checkpoint(make_state(1), tmp_path, step=1, keep=2)
     assert not any(p.exists() for p in old) and all(p.exists() for p in keep) and fresh.exists()
     again = folder / ".last.pt.00000000.tmp"
     again.write_bytes(b"torn")
-    os.utime(again, (time.time() - 60, time.time() - 60))
+    os.utime(again, (ckpt._PROCESS_START - 60, ckpt._PROCESS_START - 60))
     ckpt.load_latest_good(tmp_path)
     assert not again.exists()
 

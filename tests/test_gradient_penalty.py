@@ -202,8 +202,10 @@ def test_interpolate_refuses_backward(backend):
 
 
 def test_epsilon_is_uniform(backend):
-    # DKW: P(sup |F_n − F| > t) ≤ 2 exp(−2 n t²) = FALSE_FAILURE_RATE.
-    n = 2**15
+    # DKW: P(sup |F_n − F| > t) ≤ 2 exp(−2 n t²) = FALSE_FAILURE_RATE. Triton's CPU interpreter
+    # runs a program per element block in Python (2**15 draws: 50 s), so it checks 2**12 (t = 0.04).
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    n = 2**12 if interpreted else 2**15
     eps = interpolation_epsilon(_seed(77), n).double().sort().values.cpu()
     upper = torch.arange(1, n + 1, dtype=torch.float64) / n
     sup = torch.maximum((upper - eps).abs(), (upper - 1.0 / n - eps).abs()).max().item()

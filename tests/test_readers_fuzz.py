@@ -152,7 +152,8 @@ def _coco_defect(draw, doc, defect):
         return doc
     section, _, rest = defect.partition("-")
     section = {"image": "images", "category": "categories", "annotation": "annotations"}.get(section)
-    entries = [e for e in doc.get(section) or [] if isinstance(e, dict)] if section else []
+    value = doc.get(section) if section else None  # an earlier defect may have made it a non-list
+    entries = [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
     if section and not entries:
         return doc
     if defect.endswith("-type"):
