@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import time
 import zipfile
 from pathlib import Path
 
