@@ -147,13 +147,18 @@ def coco_documents(draw, defect: str | None):
     return doc
 
 
+def _dicts(doc, key):
+    """The object entries of ``doc[key]``; none when an earlier defect made it a non-list."""
+    value = doc.get(key)
+    return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+
 def _coco_defect(draw, doc, defect):
     if not isinstance(doc, dict):
         return doc
     section, _, rest = defect.partition("-")
     section = {"image": "images", "category": "categories", "annotation": "annotations"}.get(section)
-    value = doc.get(section) if section else None  # an earlier defect may have made it a non-list
-    entries = [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+    entries = _dicts(doc, section) if section else []
     if section and not entries:
         return doc
     if defect.endswith("-type"):
@@ -161,7 +166,7 @@ def _coco_defect(draw, doc, defect):
         draw(st.sampled_from(entries))[field] = draw(anything_but_int())
     elif defect.startswith("duplicate-"):
         key = "images" if defect == "duplicate-image-id" else "categories"
-        entries = [e for e in doc.get(key) or [] if isinstance(e, dict)] if isinstance(doc.get(key), list) else []
+        entries = _dicts(doc, key)
         if entries:
             copy = dict(draw(st.sampled_from(entries)))
             if defect == "duplicate-category-id":
@@ -169,19 +174,19 @@ def _coco_defect(draw, doc, defect):
             elif defect == "duplicate-category-name":
                 copy["id"] = draw(st.integers(101, 200))
             doc[key].append(copy)
-    elif defect.startswith("unknown-") and isinstance(doc.get("annotations"), list):
-        anns = [e for e in doc["annotations"] if isinstance(e, dict)]
+    elif defect.startswith("unknown-"):
+        anns = _dicts(doc, "annotations")
         if anns:
             draw(st.sampled_from(anns))[defect[8:] + "_id"] = draw(st.integers(-(2**70), 2**70))
     elif defect.startswith("bad-"):
         key, field = ("images", "file_name") if defect == "bad-file-name" else ("categories", "name")
-        entries = [e for e in doc.get(key) or [] if isinstance(e, dict)]
+        entries = _dicts(doc, key)
         if entries:
             draw(st.sampled_from(entries))[field] = draw(st.sampled_from(["", " ", "a\x00", 3, None, ["a"]]))
     elif defect == "drop-key":
         doc.pop(draw(st.sampled_from(["images", "categories", "annotations"])), None)
     elif defect == "drop-field":
-        entries = [e for k in ("images", "categories", "annotations") for e in doc.get(k) or [] if isinstance(e, dict)]
+        entries = [e for k in ("images", "categories", "annotations") for e in _dicts(doc, k)]
         if entries:
             entry = draw(st.sampled_from(entries))
             entry.pop(draw(st.sampled_from(sorted(entry))))
