@@ -78,17 +78,21 @@ def compute_metrics(scores, targets, threshold: float = 0.5) -> dict:
     metrics["avg_labels"] = float(predicted.sum(axis=1).mean())
     metrics["cooc_dist"] = float(np.linalg.norm(_cooccurrence(predicted) - _cooccurrence(targets)))
 
-    # Stable sort of the negated scores keeps tied classes in index order: lower index wins.
-    k = min(TOP_K, num_classes)
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    top_predicted = np.zeros_like(predicted)
-    np.put_along_axis(top_predicted, top, True, axis=1)
-    metrics["top3"] = _precision_recall_f1(top_predicted, targets, evaluated)
-
+    metrics["top3"] = _top_k_metrics(scores, targets, evaluated)
     metrics["num_images"] = int(num_images)
     metrics["num_classes"] = int(num_classes)
     metrics["num_classes_evaluated"] = int(evaluated.sum())
     return metrics
+
+
+def _top_k_metrics(scores: np.ndarray, targets: np.ndarray, evaluated: np.ndarray) -> dict:
+    """P/R/F1 when every image predicts exactly its k = min(TOP_K, C) best-scored classes."""
+    # Stable sort of the negated scores keeps tied classes in index order: lower index wins.
+    k = min(TOP_K, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top_predicted = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(top_predicted, top, True, axis=1)
+    return _precision_recall_f1(top_predicted, targets, evaluated)
 
 
 def _validate(scores, targets) -> tuple[np.ndarray, np.ndarray]:
@@ -292,7 +296,7 @@ def metrics_at_thresholds(scores, targets, thresholds) -> dict:
     metrics = compute_metrics(np.clip(mapped, 0.0, 1.0), targets)
     # top3 ranks classes against each other: the per-class map would reorder them, so it comes
     # from the raw scores (it does not depend on any threshold).
-    metrics["top3"] = compute_metrics(scores, targets)["top3"]
+    metrics["top3"] = _top_k_metrics(scores, targets, targets.any(axis=0))
     return metrics
 
 
