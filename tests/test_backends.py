@@ -13,6 +13,8 @@ from fastmlgan.config import DataConfig, build_config
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import ConfigError
 from fastmlgan.loaders import dali as dali_module
+from fastmlgan.loaders.cache import Geometry, ensure_cache
+from fastmlgan.loaders.cache_loader import CacheLoader
 from fastmlgan.loaders.coco import read_coco
 from fastmlgan.loaders.embedded import generate
 from fastmlgan.loaders.five_crop import base_size
@@ -31,6 +33,7 @@ from fastmlgan.loaders.torchvision_gpu import (
     five_crop_batch,
     resize_all,
 )
+from fastmlgan.stream import BatchStream
 
 HAS_DALI = dali_module.dali_available()
 needs_dali = pytest.mark.skipif(not HAS_DALI, reason="DALI is not installed (pip install '.[dali]')")
@@ -143,6 +146,79 @@ def test_every_backend_shards_each_epoch(backend, splits):
         assert all((b["crop"] == -1).all() and not b["bad"].any() for b in batches)
         seen += [i for b in batches for i in b["index"].tolist()]
     assert sorted(seen) == list(range(len(splits.val)))
+
+
+# -- a resumed stream (a checkpoint's data position) --------------------------------------------
+
+
+def train_loader(backend: str, splits: Splits, cache_dir):
+    """A fresh training loader of rank 1 of 2, batch 4 (5 batches an epoch), as a restarted process builds it."""
+    if backend == "torch":
+        return build_train_loader(FiveCropDataset(splits.train, 16, True, seed=1), 4, 1, 2, seed=1)
+    if backend == "torchvision-cpu":
+        return build_torchvision_train_loader(splits.train, 16, 4, 1, 2, seed=1, device="cpu", num_threads=2)
+    if backend == "cache":
+        cache = ensure_cache(splits.train, Geometry("train", 16), cache_dir, progress=False)
+        return CacheLoader(cache, 16, 4, 1, 2, train=True, seed=1, num_threads=2)
+    from fastmlgan.loaders.dali import build_dali_train_loader
+
+    return build_dali_train_loader(splits.train, 16, 4, 1, 2, seed=1, num_threads=2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "torchvision-cpu", "cache"])
+def test_a_resumed_stream_serves_the_batches_of_an_uninterrupted_one(backend, splits, tmp_path):
+    """Stopped after k batches (mid-epoch, at an epoch's last batch, just after a boundary), a new
+    loader started from the stream's saved position serves exactly the batches the uninterrupted
+    stream served next: same images (bit for bit), crops, labels and flags, across the next epoch
+    boundary. A backend that ignores ``start_batch`` replays the epoch's first batches instead."""
+    full = BatchStream(train_loader(backend, splits, tmp_path))
+    n = len(full)
+    assert n == 5
+    seen, positions = [], []
+    for _ in range(2 * n + 2):
+        seen.append(full.next())
+        positions.append(full.state_dict())
+    for stop in (1, 3, n - 1, n, n + 1, 2 * n - 1):
+        partial = BatchStream(train_loader(backend, splits, tmp_path))
+        for _ in range(stop):
+            partial.next()
+        resumed = BatchStream(train_loader(backend, splits, tmp_path), **partial.state_dict())
+        for i in range(stop, len(seen)):
+            batch = resumed.next()
+            assert resumed.state_dict() == positions[i], (stop, i)
+            for key in ("index", "crop", "labels", "bad", "image"):
+                assert torch.equal(batch[key], seen[i][key]), f"{backend}: stopped after {stop}, batch {i}, {key}"
+
+
+@needs_dali
+def test_a_resumed_dali_stream_keeps_the_epoch_boundaries(splits, tmp_path):
+    """DALI's reader keeps its own shuffle, so a resumed epoch cannot replay the interrupted run's
+    images (``DALILoader.set_epoch``): it serves the epoch's remaining number of batches, so every
+    later position (data epoch, batch) is where the uninterrupted run had it, each batch a full one
+    of this rank's shard, no image twice within the resumed epoch."""
+    full = BatchStream(train_loader("dali", splits, tmp_path))
+    n = len(full)
+    positions = []
+    for _ in range(2 * n + 1):
+        full.next()
+        positions.append(full.state_dict())
+    full.close()
+    for stop in (2, n):
+        partial = BatchStream(train_loader("dali", splits, tmp_path))
+        for _ in range(stop):
+            partial.next()
+        state = partial.state_dict()
+        partial.close()
+        resumed = BatchStream(train_loader("dali", splits, tmp_path), **state)
+        rest_of_epoch = []
+        for i in range(stop, len(positions)):
+            batch = resumed.next()
+            assert resumed.state_dict() == positions[i], (stop, i)
+            assert batch["index"].shape == (4,)
+            if resumed.data_epoch == state["data_epoch"]:
+                rest_of_epoch += batch["index"].tolist()
+        assert len(rest_of_epoch) == len(set(rest_of_epoch)) == 4 * (n - stop if stop < n else 0)
+        resumed.close()
 
 
 @needs_dali
