@@ -4,7 +4,10 @@ same crop parameters, the same batch dicts, and sharding that covers every image
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from loader_helpers import MAX_ABS_TOLERANCE, MEAN_ABS_TOLERANCE, denormalize
@@ -12,7 +15,9 @@ from loader_helpers import MAX_ABS_TOLERANCE, MEAN_ABS_TOLERANCE, denormalize
 from fastmlgan.config import DataConfig, build_config
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import ConfigError
+from fastmlgan.inference import predict
 from fastmlgan.loaders import dali as dali_module
+from fastmlgan.loaders.base import LabeledImages
 from fastmlgan.loaders.cache import Geometry, ensure_cache
 from fastmlgan.loaders.cache_loader import CacheLoader
 from fastmlgan.loaders.coco import read_coco
@@ -33,6 +38,7 @@ from fastmlgan.loaders.torchvision_gpu import (
     five_crop_batch,
     resize_all,
 )
+from fastmlgan.models import build_generator
 from fastmlgan.stream import BatchStream
 
 HAS_DALI = dali_module.dali_available()
@@ -219,6 +225,55 @@ def test_a_resumed_dali_stream_keeps_the_epoch_boundaries(splits, tmp_path):
                 rest_of_epoch += batch["index"].tolist()
         assert len(rest_of_epoch) == len(set(rest_of_epoch)) == 4 * (n - stop if stop < n else 0)
         resumed.close()
+
+
+# -- evaluation with undecodable images ---------------------------------------------------------
+
+
+def eval_loader(backend: str, images: LabeledImages, cache_dir):
+    if backend == "torch":
+        return build_eval_loader(FiveCropDataset(images, 16, False, on_bad_image="skip"), 4, 0, 1)
+    if backend == "torchvision-cpu":
+        return build_torchvision_eval_loader(images, 16, 4, 0, 1, device="cpu", num_threads=2, on_bad_image="skip")
+    cache = ensure_cache(images, Geometry("eval", 16), cache_dir, "skip", progress=False)
+    return CacheLoader(cache, 16, 4, 0, 1, train=False, num_threads=2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "torchvision-cpu", "cache"])
+def test_evaluation_counts_each_image_once_with_undecodable_ones(backend, splits, tmp_path):
+    """The 23 evaluation images with image 4 truncated and image 10 not an image at all: the
+    loaders put the next decodable image in their slots (flagged ``bad``), and
+    ``inference.predict`` must leave those rows out: the scores and targets are exactly those of
+    the 21 good images, each once, in order (as a split without the two gives them)."""
+    paths = []
+    for i, path in enumerate(splits.val.paths):
+        paths.append(str(tmp_path / f"{i:02d}.jpg"))
+        shutil.copy(path, paths[-1])
+    raw = Path(paths[4]).read_bytes()
+    Path(paths[4]).write_bytes(raw[: len(raw) // 2])
+    Path(paths[10]).write_bytes(np.random.default_rng(0).integers(0, 256, 1500, dtype=np.uint8).tobytes())
+    broken = LabeledImages("broken", paths, splits.val.labels.copy(), splits.val.class_names)
+    good = [i for i in range(len(paths)) if i not in (4, 10)]
+    clean = broken.subset(good, name="clean")
+
+    torch.manual_seed(0)
+    g = build_generator("smallcnn", splits.val.num_classes, width=8)
+    # BatchNorm statistics of real inputs, so that scores differ from image to image.
+    for m in g.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        g.train()(torch.cat([b["image"] for b in eval_loader("torch", clean, tmp_path / "stats")]))
+    batches = list(eval_loader(backend, broken, tmp_path / "broken-cache"))
+    bad = torch.cat([b["bad"] for b in batches])
+    assert len(bad) == 23 and bad.nonzero().flatten().tolist() == [4, 10]  # stand-ins in the two slots
+    scores, targets = predict(g, eval_loader(backend, broken, tmp_path / "broken-cache"), CPU)
+    expected, _ = predict(g, eval_loader(backend, clean, tmp_path / "clean-cache"), CPU)
+    assert scores.shape == (21, splits.val.num_classes)
+    np.testing.assert_array_equal(targets, splits.val.labels[good].astype(np.float32))
+    # Same images, other batch compositions: fp32 CPU convolutions agree to ~1e-7.
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6)
+    assert scores.std(axis=0).min() > 1e-4  # rows that differ, so a duplicated or shifted row shows
 
 
 @needs_dali
