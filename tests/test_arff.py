@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from extras import import_extra
 
 from fastmlgan.errors import DataError
 from fastmlgan.loaders.arff import read_meka, read_mulan
@@ -141,7 +142,7 @@ def _mulan_labels(xml: Path) -> list[str]:
 @pytest.mark.realdata
 @pytest.mark.parametrize("name", ["scene", "emotions", "flags", "medical"])
 def test_real_mulan_files_match_liac_arff(shared_data, name):
-    liac = pytest.importorskip("arff", reason="dev-only check: pip install liac-arff")
+    liac = import_extra("dev", "arff")  # liac-arff
     folder = shared_data / "mulan" / name
     xml = folder / f"{name}.xml"
     label_names = _mulan_labels(xml)
@@ -157,7 +158,7 @@ def test_real_mulan_files_match_liac_arff(shared_data, name):
 
 @pytest.mark.realdata
 def test_real_meka_music_matches_liac_arff(shared_data):
-    liac = pytest.importorskip("arff", reason="dev-only check: pip install liac-arff")
+    liac = import_extra("dev", "arff")  # liac-arff
     for split in ("train", "test"):
         path = shared_data / "meka" / f"Music-{split}.arff"
         with open(path, encoding="utf-8") as f:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from extras import import_extra
 
-hypothesis = pytest.importorskip("hypothesis", reason="the fuzz test needs hypothesis (dev extra)")
+hypothesis = import_extra("dev", "hypothesis")
 st = hypothesis.strategies
 
 from fastmlgan.errors import FastMLGANError  # noqa: E402

@@ -4,15 +4,23 @@ same crop parameters, the same batch dicts, and sharding that covers every image
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from extras import declared
 from loader_helpers import MAX_ABS_TOLERANCE, MEAN_ABS_TOLERANCE, denormalize
 
 from fastmlgan.config import DataConfig, build_config
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import ConfigError
+from fastmlgan.inference import predict
 from fastmlgan.loaders import dali as dali_module
+from fastmlgan.loaders.base import LabeledImages
+from fastmlgan.loaders.cache import Geometry, ensure_cache
+from fastmlgan.loaders.cache_loader import CacheLoader
 from fastmlgan.loaders.coco import read_coco
 from fastmlgan.loaders.embedded import generate
 from fastmlgan.loaders.five_crop import base_size
@@ -31,9 +39,12 @@ from fastmlgan.loaders.torchvision_gpu import (
     five_crop_batch,
     resize_all,
 )
+from fastmlgan.models import build_generator
+from fastmlgan.stream import BatchStream
 
 HAS_DALI = dali_module.dali_available()
-needs_dali = pytest.mark.skipif(not HAS_DALI, reason="DALI is not installed (pip install '.[dali]')")
+# Where the run declares the dali extra installed (make test on Linux), its tests run, and fail without it.
+needs_dali = pytest.mark.skipif(not HAS_DALI and not declared("dali"), reason="DALI is not installed (pip install '.[dali]')")
 CPU = torch.device("cpu")
 BACKENDS = ["torch", "torchvision-cpu", pytest.param("dali", marks=needs_dali)]
 
@@ -143,6 +154,128 @@ def test_every_backend_shards_each_epoch(backend, splits):
         assert all((b["crop"] == -1).all() and not b["bad"].any() for b in batches)
         seen += [i for b in batches for i in b["index"].tolist()]
     assert sorted(seen) == list(range(len(splits.val)))
+
+
+# -- a resumed stream (a checkpoint's data position) --------------------------------------------
+
+
+def train_loader(backend: str, splits: Splits, cache_dir):
+    """A fresh training loader of rank 1 of 2, batch 4 (5 batches an epoch), as a restarted process builds it."""
+    if backend == "torch":
+        return build_train_loader(FiveCropDataset(splits.train, 16, True, seed=1), 4, 1, 2, seed=1)
+    if backend == "torchvision-cpu":
+        return build_torchvision_train_loader(splits.train, 16, 4, 1, 2, seed=1, device="cpu", num_threads=2)
+    if backend == "cache":
+        cache = ensure_cache(splits.train, Geometry("train", 16), cache_dir, progress=False)
+        return CacheLoader(cache, 16, 4, 1, 2, train=True, seed=1, num_threads=2)
+    from fastmlgan.loaders.dali import build_dali_train_loader
+
+    return build_dali_train_loader(splits.train, 16, 4, 1, 2, seed=1, num_threads=2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "torchvision-cpu", "cache"])
+def test_a_resumed_stream_serves_the_batches_of_an_uninterrupted_one(backend, splits, tmp_path):
+    """Stopped after k batches (mid-epoch, at an epoch's last batch, just after a boundary), a new
+    loader started from the stream's saved position serves exactly the batches the uninterrupted
+    stream served next: same images (bit for bit), crops, labels and flags, across the next epoch
+    boundary. A backend that ignores ``start_batch`` replays the epoch's first batches instead."""
+    full = BatchStream(train_loader(backend, splits, tmp_path))
+    n = len(full)
+    assert n == 5
+    seen, positions = [], []
+    for _ in range(2 * n + 2):
+        seen.append(full.next())
+        positions.append(full.state_dict())
+    for stop in (1, 3, n - 1, n, n + 1, 2 * n - 1):
+        partial = BatchStream(train_loader(backend, splits, tmp_path))
+        for _ in range(stop):
+            partial.next()
+        resumed = BatchStream(train_loader(backend, splits, tmp_path), **partial.state_dict())
+        for i in range(stop, len(seen)):
+            batch = resumed.next()
+            assert resumed.state_dict() == positions[i], (stop, i)
+            for key in ("index", "crop", "labels", "bad", "image"):
+                assert torch.equal(batch[key], seen[i][key]), f"{backend}: stopped after {stop}, batch {i}, {key}"
+
+
+@needs_dali
+def test_a_resumed_dali_stream_keeps_the_epoch_boundaries(splits, tmp_path):
+    """DALI's reader keeps its own shuffle, so a resumed epoch cannot replay the interrupted run's
+    images (``DALILoader.set_epoch``): it serves the epoch's remaining number of batches, so every
+    later position (data epoch, batch) is where the uninterrupted run had it, each batch a full one
+    of this rank's shard, no image twice within the resumed epoch."""
+    full = BatchStream(train_loader("dali", splits, tmp_path))
+    n = len(full)
+    positions = []
+    for _ in range(2 * n + 1):
+        full.next()
+        positions.append(full.state_dict())
+    full.close()
+    for stop in (2, n):
+        partial = BatchStream(train_loader("dali", splits, tmp_path))
+        for _ in range(stop):
+            partial.next()
+        state = partial.state_dict()
+        partial.close()
+        resumed = BatchStream(train_loader("dali", splits, tmp_path), **state)
+        rest_of_epoch = []
+        for i in range(stop, len(positions)):
+            batch = resumed.next()
+            assert resumed.state_dict() == positions[i], (stop, i)
+            assert batch["index"].shape == (4,)
+            if resumed.data_epoch == state["data_epoch"]:
+                rest_of_epoch += batch["index"].tolist()
+        assert len(rest_of_epoch) == len(set(rest_of_epoch)) == 4 * (n - stop if stop < n else 0)
+        resumed.close()
+
+
+# -- evaluation with undecodable images ---------------------------------------------------------
+
+
+def eval_loader(backend: str, images: LabeledImages, cache_dir):
+    if backend == "torch":
+        return build_eval_loader(FiveCropDataset(images, 16, False, on_bad_image="skip"), 4, 0, 1)
+    if backend == "torchvision-cpu":
+        return build_torchvision_eval_loader(images, 16, 4, 0, 1, device="cpu", num_threads=2, on_bad_image="skip")
+    cache = ensure_cache(images, Geometry("eval", 16), cache_dir, "skip", progress=False)
+    return CacheLoader(cache, 16, 4, 0, 1, train=False, num_threads=2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "torchvision-cpu", "cache"])
+def test_evaluation_counts_each_image_once_with_undecodable_ones(backend, splits, tmp_path):
+    """The 23 evaluation images with image 4 truncated and image 10 not an image at all: the
+    loaders put the next decodable image in their slots (flagged ``bad``), and
+    ``inference.predict`` must leave those rows out: the scores and targets are exactly those of
+    the 21 good images, each once, in order (as a split without the two gives them)."""
+    paths = []
+    for i, path in enumerate(splits.val.paths):
+        paths.append(str(tmp_path / f"{i:02d}.jpg"))
+        shutil.copy(path, paths[-1])
+    raw = Path(paths[4]).read_bytes()
+    Path(paths[4]).write_bytes(raw[: len(raw) // 2])
+    Path(paths[10]).write_bytes(np.random.default_rng(0).integers(0, 256, 1500, dtype=np.uint8).tobytes())
+    broken = LabeledImages("broken", paths, splits.val.labels.copy(), splits.val.class_names)
+    good = [i for i in range(len(paths)) if i not in (4, 10)]
+    clean = broken.subset(good, name="clean")
+
+    torch.manual_seed(0)
+    g = build_generator("smallcnn", splits.val.num_classes, width=8)
+    # BatchNorm statistics of real inputs, so that scores differ from image to image.
+    for m in g.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        g.train()(torch.cat([b["image"] for b in eval_loader("torch", clean, tmp_path / "stats")]))
+    batches = list(eval_loader(backend, broken, tmp_path / "broken-cache"))
+    bad = torch.cat([b["bad"] for b in batches])
+    assert len(bad) == 23 and bad.nonzero().flatten().tolist() == [4, 10]  # stand-ins in the two slots
+    scores, targets = predict(g, eval_loader(backend, broken, tmp_path / "broken-cache"), CPU)
+    expected, _ = predict(g, eval_loader(backend, clean, tmp_path / "clean-cache"), CPU)
+    assert scores.shape == (21, splits.val.num_classes)
+    np.testing.assert_array_equal(targets, splits.val.labels[good].astype(np.float32))
+    # Same images, other batch compositions: fp32 CPU convolutions agree to ~1e-7.
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6)
+    assert scores.std(axis=0).min() > 1e-4  # rows that differ, so a duplicated or shifted row shows
 
 
 @needs_dali

@@ -6,9 +6,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 import zipfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,11 +55,10 @@ def test_round_trip_and_record(tmp_path):
     # torch and zipfile read it; the record is the zip comment, the CRC of everything before it.
     assert zipfile.ZipFile(last).testzip() is None
     comment = zipfile.ZipFile(last).comment
-    assert comment.startswith(b"fastmlgan-crc32 ")
-    import zlib
-
+    assert comment.startswith(b"fastmlgan-crc32 ") and len(comment) == 24
     data = last.read_bytes()
-    assert int(comment[-8:], 16) == zlib.crc32(data[: -len(comment) - 2])
+    # As bytes: eight lowercase hex digits (a parse with int(..., 16) would also take 'A' for 'a').
+    assert comment[-8:] == b"%08x" % zlib.crc32(data[: -len(comment) - 2])
     state, used, skipped = ckpt.load_latest_good(tmp_path)
     assert used == last and skipped == []
     assert torch.equal(state["generator"]["fc.weight"], make_state(7)["generator"]["fc.weight"])
@@ -84,6 +86,77 @@ def test_every_single_bit_flip_is_detected(tmp_path):
         os.close(fd)
     assert undetected == [], f"{len(undetected)} of {len(data)} flips undetected, first at byte {undetected[:5]}"
     ckpt.verify(good)
+
+
+HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
+def test_a_record_digit_changed_to_any_other_hex_digit_is_detected(tmp_path):
+    """Each of the record's eight digits replaced by every other hex digit, one at a time: all
+    valid hex, so only a comparison of the digits themselves sees them, and an uppercase copy of a
+    lowercase letter has the same value, so a comparison of parsed values would take it."""
+    # A record holding a letter (probability 1 - (10/16)^8 per file): the case flip needs one.
+    for n in range(1, 40):
+        good = tmp_path / f"good{n}.pt"
+        ckpt.save_atomic({"w": torch.arange(float(n)), "config": {"a": n}}, good)
+        digits = good.read_bytes()[-8:]
+        if any(c in b"abcdef" for c in digits):
+            break
+    else:
+        raise AssertionError("no record with a letter among 39 files")
+    data = good.read_bytes()
+    assert data[-24:-8] == b"fastmlgan-crc32 " and digits == b"%08x" % zlib.crc32(data[:-26])
+    ckpt.verify(good)
+    changed = 0
+    for k in range(8):
+        pos = len(data) - 8 + k
+        for digit in HEX_DIGITS:
+            if digit == data[pos]:
+                continue
+            edited = tmp_path / "edited.pt"
+            edited.write_bytes(data[:pos] + bytes([digit]) + data[pos + 1 :])
+            with pytest.raises(CheckpointError, match="CRC-32 mismatch"):
+                ckpt.verify(edited)
+            changed += 1
+    assert changed == 8 * (len(HEX_DIGITS) - 1)
+
+
+def _draws() -> dict:
+    """A few values from every stream rng_state covers."""
+    out = {
+        "python": [random.random() for _ in range(3)] + [random.gauss(0.0, 1.0)],
+        "numpy": np.random.rand(3).tolist(),
+        "torch": torch.rand(3).tolist(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.rand(3, device="cuda").tolist()
+    return out
+
+
+def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
+    """rng_state() saved in a checkpoint, every stream disturbed, set_rng_state() of the loaded
+    state: the next draws are those that followed the capture (python random, with the cached
+    second Gaussian of random.gauss; numpy's global stream; torch CPU; CUDA where present)."""
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0.0, 1.0)  # leaves a cached second value (the state's python_pos)
+    np.random.rand(5)
+    torch.rand(5)
+    state = make_state(4)  # rng=ckpt.rng_state() here
+    expected = _draws()
+    ckpt.save_checkpoint(state, tmp_path, step=4, keep=2)
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)  # also reseeds CUDA
+    disturbed = _draws()
+    assert all(disturbed[k] != expected[k] for k in expected)
+    loaded = ckpt.load(tmp_path)
+    ckpt.set_rng_state(loaded["rng"])
+    assert _draws() == expected
+    # Restoring twice gives the same draws again (the state is a copy, not consumed).
+    ckpt.set_rng_state(loaded["rng"])
+    assert _draws() == expected
 
 
 def test_flipped_bit_in_last_falls_back_to_the_previous_good_checkpoint(tmp_path, caplog):

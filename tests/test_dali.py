@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from extras import import_extra
 
-pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install '.[dali]')")
+import_extra("dali", "nvidia.dali")
 
 from loader_helpers import (  # noqa: E402
     MAX_ABS_TOLERANCE,

@@ -144,6 +144,45 @@ def test_triton_kernels_match_reference(shape, dtype, hard, monkeypatch):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=GRAD_RTOL[dtype], atol=atol)
 
 
+# torch.rand draws from [0, 1) in steps of 2**-24: its extremes, which the clamp to [EPS, 1 - EPS]
+# must keep finite (u = 0 gives log 0 = -inf; u = 1 - 2**-24 gives noise 16.6, past the bound).
+RAND_EXTREMES = [0.0, 1.0 - 2.0**-24]
+
+
+@pytest.mark.parametrize("u", RAND_EXTREMES, ids=["u=0", "u=1-2^-24"])
+def test_torch_path_noise_stays_finite_and_bounded_at_the_ends_of_rand(u, monkeypatch):
+    """The torch path (public call and the op's torch implementation) with torch.rand returning
+    one of its extremes everywhere: finite noise within |log EPS|, samples in (0, 1), finite
+    gradients. Probability 2**-24 per element each; a 256 x 80 batch meets one every ~800 steps."""
+    from fastmlgan.kernels.gumbel_sigmoid import logistic_noise
+
+    monkeypatch.setenv(_dispatch.ENV_VAR, "torch")
+    real_rand = torch.rand
+
+    def rand(*size, generator=None, device=None, dtype=None, **kwargs):
+        out = real_rand(*size, generator=generator, device=device, dtype=dtype, **kwargs)
+        return out.fill_(u)
+
+    monkeypatch.setattr(torch, "rand", rand)
+    bound = -math.log(EPS) + 1e-4
+    for generator in (None, torch.Generator().manual_seed(0)):
+        noise = logistic_noise((64, 80), torch.device("cpu"), generator)
+        assert torch.isfinite(noise).all() and noise.abs().max() <= bound, noise.abs().max()
+        assert (noise < 0).all() if u == 0.0 else (noise > 0).all()  # the clamp keeps the side
+    logits = torch.linspace(-20, 20, 64 * 80).reshape(64, 80).requires_grad_(True)
+    soft = gumbel_sigmoid(logits, 0.9)
+    assert torch.isfinite(soft).all() and ((soft >= 0) & (soft <= 1)).all()
+    (grad,) = torch.autograd.grad(soft.sum(), logits)
+    assert torch.isfinite(grad).all()
+    op = _gumbel_op(logits.detach(), torch.tensor(5, dtype=torch.int64), 0.9, False)  # the op, torch inside
+    assert torch.isfinite(op).all()
+    # At ℓ = 0 the soft sample is σ(β · noise): with the clamp, exactly σ(±β log((1 - EPS) / EPS)).
+    at_zero = gumbel_sigmoid(torch.zeros(1, 1), 0.9).item()
+    clamped = EPS if u == 0.0 else 1.0 - EPS
+    expected = 1.0 / (1.0 + math.exp(-0.9 * (math.log(clamped) - math.log1p(-clamped))))
+    assert at_zero == pytest.approx(expected, rel=1e-4)
+
+
 def test_non_contiguous_logits(backend):
     logits = torch.randn(81, 17, device=DEVICE).t()
     seed = _seed(7)

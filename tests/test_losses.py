@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from fastmlgan.config import build_config
+from fastmlgan.kernels import _dispatch
 from fastmlgan.kernels.gradient_penalty import gradient_penalty as explicit_gradient_penalty
 from fastmlgan.losses import (
     GanSpec,
@@ -213,28 +215,50 @@ def test_discriminator_loss_is_eq4(negative_sampling, penalty):
     assert all(p.grad is not None for p in d.parameters())
 
 
+def _pre_activations(d: Discriminator, labels, images) -> np.ndarray:
+    """The pre-activations of D's two hidden layers, read from the project's module with hooks."""
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: seen.append(o.detach())) for layer in (d.body[0], d.body[2])]
+    try:
+        with torch.no_grad():
+            d(torch.tensor(np.asarray(labels), dtype=torch.float32), torch.tensor(np.asarray(images), dtype=torch.float32))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat([s.reshape(-1) for s in seen]).double().numpy()
+
+
 def test_eq4_inputs_make_the_hand_computation_sensitive():
     # D is piecewise linear, so ∇_y D changes only where a LeakyReLU changes slope: the inputs are
     # chosen (a search over small round values) so that every D evaluation has pre-activations on
-    # both sides of 0, none near it (float32 and float64 take the same branch), and the penalty
-    # changes when y* is built wrongly: ε on the wrong end, or another batch's labels as y.
+    # both sides of 0, none near it (float32 and float64 take the same branch). Read from the
+    # project's D (forward hooks), they equal the hand-written D's.
     batch = _numpy_batch(_eq4_batch())
     fake = 1.0 / (1.0 + np.exp(-np.asarray(EQ4_LOGITS)))
     y_star = [e * y + (1 - e) * f for e, y, f in zip(EQ4_EPSILON, batch["generated_real_y"], fake)]
     labels = [*batch["matched_y"], *fake, *batch["mismatched_y"], *y_star]
     images = [*batch["matched_x"], *batch["generated_x"], *batch["mismatched_x"], *batch["generated_x"]]
-    pre = []
+    by_hand = []
     for y, x in zip(labels, images):
         h0 = np.concatenate([np.dot(W_Y, y) + B_Y, np.dot(W_Z, x) + B_Z])
         a1 = np.dot(W_1, h0) + B_1
-        pre += [*a1, *(np.dot(W_2, _lrelu(a1)) + B_2)]
-    pre = np.asarray(pre)
+        by_hand.append((a1, np.dot(W_2, _lrelu(a1)) + B_2))
+    by_hand = np.concatenate([np.concatenate([a1 for a1, _ in by_hand]), np.concatenate([a2 for _, a2 in by_hand])])
+    pre = _pre_activations(_hand_set_discriminator(), labels, images)
+    np.testing.assert_allclose(pre, by_hand, rtol=1e-5, atol=1e-6)
     assert (pre > 0).sum() >= 4 and (pre < 0).sum() >= 4 and np.abs(pre).min() > 0.05, pre
 
-    _, gp = _eq4_by_hand(batch, fake, EQ4_EPSILON, True, 10.0)
-    swapped = _eq4_by_hand(batch, fake, [1 - e for e in EQ4_EPSILON], True, 10.0)[1]
-    other_y = _eq4_by_hand(dict(batch, generated_real_y=batch["matched_y"]), fake, EQ4_EPSILON, True, 10.0)[1]
-    assert min(abs(gp - swapped), abs(gp - other_y)) > 0.5 * gp
+    # The project's penalty, on these inputs, is far from what y* built wrongly gives (ε on the
+    # wrong end, or another batch's labels as y), so test_discriminator_loss_is_eq4 can see those.
+    spec = GanSpec(gumbel=False)
+    d, g = _hand_set_discriminator(), _FixedGenerator(torch.tensor(EQ4_LOGITS))
+    for penalty in ("autograd", "explicit"):
+        gp = discriminator_loss_from_images(
+            d, g, _IdentityFeatures(), _eq4_batch(), spec, penalty=_fixed_epsilon_penalty(penalty)
+        )["gp"].item()
+        swapped = _eq4_by_hand(batch, fake, [1 - e for e in EQ4_EPSILON], True, 10.0)[1]
+        other_y = _eq4_by_hand(dict(batch, generated_real_y=batch["matched_y"]), fake, EQ4_EPSILON, True, 10.0)[1]
+        assert min(abs(gp - swapped), abs(gp - other_y)) > 0.5 * gp, penalty
 
 
 def test_unconditional_discriminator_ignores_images():
@@ -276,26 +300,99 @@ def test_sampling_switches():
     assert set(hard.unique().tolist()) <= {0.0, 1.0}
 
 
-def test_generator_loss_is_eq2():
-    spec = GanSpec()
-    torch.manual_seed(4)
-    d = Discriminator(C, F_DIM, proj_dim=4, hidden_dim=8, num_layers=2)
-    logits = torch.randn(B, C)
-    g = _FixedGenerator(logits)
-    x, y = torch.randn(B, F_DIM), torch.randint(0, 2, (B, C)).float()
-    torch.manual_seed(9)
-    out = generator_loss_from_images(d, g, _IdentityFeatures(), {"x": x, "y": y}, spec)
-    torch.manual_seed(9)
-    from fastmlgan.kernels.gumbel_sigmoid import gumbel_sigmoid
+# Uniforms the Gumbel noise is made from, for the (2, 3) logits of the hand examples: the torch
+# path's torch.rand is replaced by these, so the sample is σ(β (ℓ + log u − log(1 − u))) by hand.
+FIXED_U = [[0.2, 0.7, 0.5], [0.9, 0.35, 0.6]]
 
-    fake = gumbel_sigmoid(logits, 0.9)
-    expected = -d(fake, x).mean() + 10.0 * logistic_loss(logits, y)
-    assert out["loss_g"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+def _fixed_uniforms(monkeypatch) -> None:
+    """Route the Gumbel sigmoid to its torch path and make its torch.rand return ``FIXED_U``."""
+    monkeypatch.setenv(_dispatch.ENV_VAR, "torch")
+    real_rand = torch.rand
+
+    def rand(*size, generator=None, device=None, dtype=None, **kwargs):
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
+        if shape != (2, 3):
+            return real_rand(*size, generator=generator, device=device, dtype=dtype, **kwargs)
+        return torch.tensor(FIXED_U, dtype=dtype or torch.float32, device=device)
+
+    monkeypatch.setattr(torch, "rand", rand)
+
+
+def _gumbel_by_hand(logits, inv_temperature: float) -> np.ndarray:
+    u = np.asarray(FIXED_U)
+    return 1.0 / (1.0 + np.exp(-inv_temperature * (np.asarray(logits) + np.log(u) - np.log(1.0 - u))))
+
+
+def _bce_by_hand(logits, y) -> float:
+    """Eq. (1), sign restored: −Σ_i [y_i log σ(ℓ_i) + (1 − y_i) log(1 − σ(ℓ_i))], batch mean."""
+    p = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+    y = np.asarray(y, np.float64)
+    return float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p)).sum(axis=1)))
+
+
+def _generator_loss_by_hand(logits, x, y, bce_weight: float, inv_temperature: float) -> float:
+    """Eqs. (2)-(3): −E[D(ŷ, x)] + α L_logistic, ŷ the Gumbel sample of FIXED_U, D the hand-written one."""
+    fake = _gumbel_by_hand(logits, inv_temperature)
+    adversarial = -np.mean([_d_by_hand(f, z)[0] for f, z in zip(fake, np.asarray(x))])
+    return adversarial + bce_weight * _bce_by_hand(logits, y)
+
+
+G_LOGITS = [[1.5, -0.5, 0.25], [-1.0, 2.0, 0.5]]
+G_X = [[0.5, -0.25], [1.0, 1.5]]  # the image features themselves (f_ext = identity)
+G_Y = [[1, 0, 1], [0, 1, 0]]
+
+
+def test_generator_loss_is_eq2(monkeypatch):
+    # The paper's α = 10 and β = 0.9 (§4.1), written here rather than read from GanSpec.
+    _fixed_uniforms(monkeypatch)
+    d = _hand_set_discriminator()
+    g = _FixedGenerator(torch.tensor(G_LOGITS))
+    x, y = torch.tensor(G_X), torch.tensor(G_Y, dtype=torch.float32)
+    out = generator_loss_from_images(d, g, _IdentityFeatures(), {"x": x, "y": y}, GanSpec())
+    expected = _generator_loss_by_hand(G_LOGITS, G_X, G_Y, bce_weight=10.0, inv_temperature=0.9)
+    assert out["loss_g"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["bce"].item() == pytest.approx(_bce_by_hand(G_LOGITS, G_Y), rel=1e-6)
     # D is only a critic here: a full backward leaves its parameters without gradients.
     out["loss_g"].backward(retain_graph=True)
     assert all(p.grad is None for p in d.parameters())
-    g.weight.grad = None
-    # The adversarial term pushes G's logits: its gradient is non-zero and differs from BCE's alone.
-    (grad_full,) = torch.autograd.grad(out["loss_g"], g.weight)
-    (grad_bce,) = torch.autograd.grad(10.0 * logistic_loss(g(x), y), g.weight)
-    assert abs(grad_full.item() - grad_bce.item()) > 1e-6
+    # The adversarial term pushes G: d loss / d w for G's logits w·ℓ, by central differences of the
+    # hand computation (the fixed uniforms make it deterministic), against autograd's.
+    (grad,) = torch.autograd.grad(out["loss_g"], g.weight)
+    h = 1e-4
+    numeric = (
+        _generator_loss_by_hand(np.asarray(G_LOGITS) * (1 + h), G_X, G_Y, 10.0, 0.9)
+        - _generator_loss_by_hand(np.asarray(G_LOGITS) * (1 - h), G_X, G_Y, 10.0, 0.9)
+    ) / (2 * h)
+    bce_only = (_bce_by_hand(np.asarray(G_LOGITS) * (1 + h), G_Y) - _bce_by_hand(np.asarray(G_LOGITS) * (1 - h), G_Y)) / (2 * h)
+    assert grad.item() == pytest.approx(numeric, rel=1e-3)
+    assert abs(numeric - 10.0 * bce_only) > 1e-2  # the adversarial term's share is not negligible
+
+
+def test_config_weights_reach_both_losses(monkeypatch):
+    """α, λ and β from a config, all different (and λ ≠ 1/β), through GanSpec.from_config into
+    L'_G (eqs. 2-3) and L_D (eq. 4), against the hand computations with the numbers written here:
+    swapping any two of them, or using 1/β, moves a loss far outside the tolerance."""
+    alpha, lam, beta = 3.0, 7.0, 0.25
+    cfg = build_config({"gan.bce_weight": "3", "gan.gp_weight": "7", "gan.inv_temperature": "0.25"}, preset="smoke")
+    spec = GanSpec.from_config(cfg.gan)
+    _fixed_uniforms(monkeypatch)
+    d = _hand_set_discriminator()
+
+    g = _FixedGenerator(torch.tensor(G_LOGITS))
+    batch = {"x": torch.tensor(G_X), "y": torch.tensor(G_Y, dtype=torch.float32)}
+    loss_g = generator_loss_from_images(d, g, _IdentityFeatures(), batch, spec)["loss_g"].item()
+    assert loss_g == pytest.approx(_generator_loss_by_hand(G_LOGITS, G_X, G_Y, alpha, beta), rel=1e-5)
+    for wrong_alpha, wrong_beta in ((lam, beta), (alpha, 1 / beta), (beta, alpha), (1 / beta, beta)):
+        assert loss_g != pytest.approx(_generator_loss_by_hand(G_LOGITS, G_X, G_Y, wrong_alpha, wrong_beta), rel=1e-3)
+
+    g = _FixedGenerator(torch.tensor(EQ4_LOGITS))
+    eq4 = _eq4_batch()
+    out = discriminator_loss_from_images(d, g, _IdentityFeatures(), eq4, spec, penalty=_fixed_epsilon_penalty("explicit"))
+    fake = _gumbel_by_hand(EQ4_LOGITS, beta)
+    loss, gp = _eq4_by_hand(_numpy_batch(eq4), fake, EQ4_EPSILON, True, lam)
+    assert out["gp"].item() == pytest.approx(gp, rel=1e-5)
+    assert out["loss_d"].item() == pytest.approx(loss, rel=1e-5)
+    for wrong_lam, wrong_beta in ((alpha, beta), (1 / beta, beta), (lam, 1 / beta)):
+        wrong = _eq4_by_hand(_numpy_batch(eq4), _gumbel_by_hand(EQ4_LOGITS, wrong_beta), EQ4_EPSILON, True, wrong_lam)[0]
+        assert out["loss_d"].item() != pytest.approx(wrong, rel=1e-3)

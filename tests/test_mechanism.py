@@ -11,6 +11,7 @@ import pytest
 from fastmlgan.errors import ConfigError
 from fastmlgan.metrics import (
     PRF_KEYS,
+    THRESHOLD_GRID,
     compute_metrics,
     mechanism_metrics,
     metrics_at_thresholds,
@@ -102,6 +103,51 @@ def test_tune_thresholds_by_hand():
     np.testing.assert_allclose(tune_thresholds(scores, targets), [0.39, 0.39, 0.39])
     with pytest.raises(ConfigError, match="threshold grid"):
         tune_thresholds(scores, targets, grid=[0.0, 0.5])
+
+
+def _mirrored_tie(low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
+    """One class whose F1 over the grid peaks at 2/3 at exactly ``low`` and ``high`` (low < 0.5 <
+    high, mirrored about 0.5), and is lower at every other grid point (steps of 0.01).
+
+    Scores (each 0.005 from a grid point, so no float rounding decides what is predicted):
+    positive p1 = high + 0.005, negative n1 = high - 0.005, positive p2 and negative n2 at
+    low + 0.005, negative n3 = low - 0.005. Predicted sets and F1 = 2 TP / (predicted + 2):
+    t >= high + 0.01: {} -> 0; t = high: {p1} -> 2/3; low < t < high: {p1, n1} -> 1/2;
+    t = low: {p1, n1, p2, n2} -> 4/6; t < low: n3 too -> 4/7."""
+    scores = np.array([high + 0.005, high - 0.005, low + 0.005, low + 0.005, low - 0.005])
+    targets = np.array([1, 0, 1, 0, 0])
+    return scores, targets
+
+
+MIRRORED_PAIRS = [(THRESHOLD_GRID[k - 1], THRESHOLD_GRID[99 - k]) for k in range(1, 50)]  # 0.01/0.99 ... 0.49/0.51
+
+
+def test_the_mirrored_tie_is_a_tie_at_exactly_the_two_thresholds():
+    assert [round(low + high, 9) for low, high in MIRRORED_PAIRS] == [1.0] * 49
+    for low, high in MIRRORED_PAIRS:
+        scores, targets = _mirrored_tie(low, high)
+        f1 = np.array([2 * ((scores > t) & (targets == 1)).sum() / ((scores > t).sum() + 2) for t in THRESHOLD_GRID])
+        assert THRESHOLD_GRID[f1 == f1.max()].tolist() == [low, high] and f1.max() == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("per_class", [True, False], ids=["per-class", "global"])
+def test_ties_at_equal_distance_from_one_half_go_to_the_lower_threshold(per_class):
+    # Every mirrored pair of the grid: F1 ties at the two, and the documented rule (closest to 0.5,
+    # then the lower one) picks the lower. As floats |0.7 - 0.5| < |0.3 - 0.5|: comparing the
+    # distances as floats picked the upper one for 10 of the 49 pairs.
+    columns = [_mirrored_tie(low, high) for low, high in MIRRORED_PAIRS]
+    scores = np.stack([c[0] for c in columns], axis=1)  # (5, 49): one class per pair
+    targets = np.stack([c[1] for c in columns], axis=1)
+    lows = np.array([low for low, _ in MIRRORED_PAIRS])
+    if per_class:
+        np.testing.assert_array_equal(tune_thresholds(scores, targets, per_class=True), lows)
+        # The order in which the grid is given does not matter.
+        reversed_grid = THRESHOLD_GRID[::-1].copy()
+        np.testing.assert_array_equal(tune_thresholds(scores, targets, per_class=True, grid=reversed_grid), lows)
+    else:
+        # One class at a time: with one class, C-F1 is that class's F1.
+        got = [tune_thresholds(scores[:, [c]], targets[:, [c]])[0] for c in range(len(MIRRORED_PAIRS))]
+        np.testing.assert_array_equal(got, lows)
 
 
 def test_tuned_thresholds_maximise_validation_f1():

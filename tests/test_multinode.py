@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed.run as torchrun
+from extras import import_extra
 
 from fastmlgan.config import parse_args
 
@@ -104,7 +105,7 @@ def k8s_expand(text: str, env: dict[str, str]) -> str:
 
 
 def test_pytorchjob_launch():
-    yaml = pytest.importorskip("yaml")
+    yaml = import_extra("dev", "yaml")
     job = yaml.safe_load(PYTORCHJOB.read_text())
     assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
     name = job["metadata"]["name"]

@@ -13,7 +13,7 @@ from torch import nn
 from fastmlgan.config import build_config
 from fastmlgan.distributed import DistInfo
 from fastmlgan.inference import generator_scores
-from fastmlgan.losses import discriminator_loss_from_images, generator_loss_from_images
+from fastmlgan.losses import GanSpec, discriminator_loss_from_images, generator_loss_from_images
 from fastmlgan.models import build_generator
 from fastmlgan.models.chunked_norm import batch_norm_chunks, make_chunkable
 from fastmlgan.stream import BatchStream, IterationLayout
@@ -109,9 +109,10 @@ def _restore(trainer: Trainer, snap) -> None:
         trainer.mismatch_sampler.generator.set_state(snap["mismatch"])
 
 
-def _reference_iteration(trainer: Trainer, batch) -> dict[str, list[float]]:
-    """§4.1 read literally: per D update, G and f_ext run on that update's three batches."""
-    lay, spec = trainer.layout, trainer.spec
+def _reference_iteration(trainer: Trainer, batch, spec: GanSpec) -> dict[str, list[float]]:
+    """§4.1 read literally: per D update, G and f_ext run on that update's three batches. ``spec``
+    is the test's own (from the options it passed), not ``trainer.spec``."""
+    lay = trainer.layout
     x, y = batch["image"], batch["labels"]
     record: dict[str, list[float]] = {"loss_d": [], "gp": [], "loss_g": []}
     for k in range(lay.d_steps):
@@ -166,14 +167,33 @@ def _batched_iteration(trainer: Trainer, batch) -> dict[str, list[float]]:
     return record
 
 
+def _spec_of(overrides: dict[str, str]) -> GanSpec:
+    """The GanSpec the options ask for, with the smoke preset's (the paper's) values otherwise:
+    α = λ = 10, β = 0.9 (§4.1)."""
+    def flag(key: str) -> bool:
+        return overrides.get(key, "true") == "true"
+
+    return GanSpec(
+        bce_weight=float(overrides.get("gan.bce_weight", 10.0)),
+        gp_weight=float(overrides.get("gan.gp_weight", 10.0)),
+        inv_temperature=float(overrides.get("gan.inv_temperature", 0.9)),
+        negative_sampling=flag("gan.negative_sampling"),
+        conditional=flag("gan.conditional"),
+        gumbel=flag("gan.gumbel"),
+        hard_samples=False,
+    )
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
         {},  # conditional D, negative sampling, Gumbel samples
-        {"gan.conditional": "false", "gan.negative_sampling": "false"},  # Table 3 (d)
+        # Table 3 (d), with α, λ and β all different (and λ ≠ 1/β): a swap between them shows.
+        {"gan.conditional": "false", "gan.negative_sampling": "false",
+         "gan.bce_weight": "3", "gan.gp_weight": "7", "gan.inv_temperature": "0.25"},
         {"gan.gumbel": "false", "gan.d_steps": "2"},
     ],
-    ids=["paper", "unconditional", "no-gumbel-2-steps"],
+    ids=["paper", "unconditional-a3-l7-b0.25", "no-gumbel-2-steps"],
 )
 def test_batched_iteration_equals_one_update_at_a_time(smoke_root, tmp_path, overrides):
     """Same losses at every D and G update and the same parameters afterwards. Not bit-identical:
@@ -192,7 +212,7 @@ def test_batched_iteration_equals_one_update_at_a_time(smoke_root, tmp_path, ove
     batched = _batched_iteration(trainer, batch)
     after_batched = _snapshot(trainer)
     _restore(trainer, snap)
-    reference = _reference_iteration(trainer, batch)
+    reference = _reference_iteration(trainer, batch, _spec_of(overrides))
     after_reference = _snapshot(trainer)
     for key in reference:
         torch.testing.assert_close(torch.tensor(batched[key]), torch.tensor(reference[key]), rtol=1e-4, atol=1e-5, msg=key)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from extras import import_extra
 from paper_settings import PAPER_SETTING_IDS, PAPER_SETTINGS, check_setting
 
 from fastmlgan.config import PRESETS, build_config
@@ -168,7 +169,7 @@ def test_results_md_has_the_tables(harness_run):
 
 
 def test_plots_are_written_and_small(harness_run):
-    pytest.importorskip("matplotlib")
+    import_extra("plots", "matplotlib")
     out, _ = harness_run
     results = json.loads((out / "results.json").read_text())
     assert set(results["plots"]) == {"f1", "labels_per_image", "cooccurrence"}

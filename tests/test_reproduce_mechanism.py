@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fastmlgan.errors import ConfigError
-from fastmlgan.metrics import compute_metrics, metrics_at_thresholds, tune_thresholds
 from fastmlgan.reproduce import main, sweep, tables
 from fastmlgan.reproduce.mechanism import mechanism_record, summarize_mechanism
 
@@ -59,6 +59,53 @@ def _records(out: Path) -> dict:
     return {(r["seed"], r["variant"]): r for r in map(json.loads, lines)}
 
 
+# An independent reference of the threshold check, in exact rational arithmetic (so ties are
+# ties): the paper's class-averaged metrics (§4: C-P, C-R averaged over the classes with a positive
+# target, C-F1 their harmonic mean) and the documented choice on the grid 0.01 ... 0.99 (highest
+# C-F1, or each class's highest F1; ties: closest to 0.5, then the lower one).
+GRID_STEPS = range(1, 100)  # threshold k / 100
+
+
+def _ref_class_counts(scores, targets, thresholds):
+    """Per class (true positives, predicted, positives) of score > threshold (per class)."""
+    predicted = np.asarray(scores) > np.asarray(thresholds, dtype=np.float64)
+    truth = np.asarray(targets).astype(bool)
+    return [(int((predicted[:, c] & truth[:, c]).sum()), int(predicted[:, c].sum()), int(truth[:, c].sum()))
+            for c in range(truth.shape[1])]  # fmt: skip
+
+
+def _ref_class_prf(scores, targets, thresholds) -> tuple[Fraction, Fraction, Fraction]:
+    counts = [(tp, pred, pos) for tp, pred, pos in _ref_class_counts(scores, targets, thresholds) if pos > 0]
+    c_p = sum(Fraction(tp, pred) if pred else Fraction(0) for tp, pred, _ in counts) / len(counts)
+    c_r = sum(Fraction(tp, pos) for tp, _, pos in counts) / len(counts)
+    return c_p, c_r, (2 * c_p * c_r / (c_p + c_r) if c_p + c_r else Fraction(0))
+
+
+def _ref_pick(values: dict[int, Fraction]) -> float:
+    """The grid step with the highest value; ties: closest to 50, then the lower one."""
+    best = max(values.values())
+    return min((abs(k - 50), k) for k, v in values.items() if v == best)[1] / 100
+
+
+def _ref_tune(scores, targets, per_class: bool) -> np.ndarray:
+    num_classes = np.asarray(targets).shape[1]
+    if not per_class:
+        c_f1 = {k: _ref_class_prf(scores, targets, [k / 100] * num_classes)[2] for k in GRID_STEPS}
+        return np.full(num_classes, _ref_pick(c_f1))
+    out = []
+    for c in range(num_classes):
+        column_scores, column_targets = np.asarray(scores)[:, [c]], np.asarray(targets)[:, [c]]
+        if not column_targets.any():
+            out.append(0.5)
+            continue
+        f1 = {}
+        for k in GRID_STEPS:
+            ((tp, pred, pos),) = _ref_class_counts(column_scores, column_targets, [k / 100])
+            f1[k] = Fraction(2 * tp, pred + pos)
+        out.append(_ref_pick(f1))
+    return np.array(out)
+
+
 def test_thresholds_come_from_the_validation_scores_and_apply_to_the_test_scores(labelsets_run):
     out = labelsets_run["out"]
     for (seed, name), record in _records(out).items():
@@ -67,16 +114,23 @@ def test_thresholds_come_from_the_validation_scores_and_apply_to_the_test_scores
         assert len(val["targets"]) == 32 and len(test["targets"]) == 80  # 20% of 160; the test list
         mech = record["mechanism"]
         for mode, per_class in (("tuned_global", False), ("tuned_per_class", True)):
-            t = tune_thresholds(val["scores"], val["targets"], per_class=per_class)
-            expected = metrics_at_thresholds(test["scores"], test["targets"], t)
-            assert mech[mode]["C-F1"] == pytest.approx(expected["C-F1"], abs=1e-12)
-            assert mech[mode]["threshold_mean"] == pytest.approx(float(np.mean(t)))
+            t = _ref_tune(val["scores"], val["targets"], per_class)
+            c_p, c_r, c_f1 = _ref_class_prf(test["scores"], test["targets"], t)
+            assert mech[mode]["C-F1"] == pytest.approx(100 * float(c_f1), abs=1e-9), (seed, name, mode)
+            assert (mech[mode]["C-P"], mech[mode]["C-R"]) == (pytest.approx(100 * float(c_p)), pytest.approx(100 * float(c_r)))
+            assert mech[mode]["threshold_mean"] == pytest.approx(float(np.mean(t)), abs=1e-12)
+            labels = (test["scores"] > t).sum(axis=1).mean()
+            assert mech[mode]["avg_labels"] == pytest.approx(labels)
+        assert mech["tuned_global"]["threshold"] == pytest.approx(_ref_tune(val["scores"], val["targets"], False)[0])
         # The hidden label (label1) and the visible ones, at 0.5.
-        hidden = compute_metrics(test["scores"][:, [1]], test["targets"][:, [1]])
-        visible = compute_metrics(test["scores"][:, [0, 2, 3, 4]], test["targets"][:, [0, 2, 3, 4]])
-        assert mech["subsets"]["hidden"]["C-R"] == pytest.approx(hidden["C-R"])
-        assert mech["subsets"]["visible"]["C-F1"] == pytest.approx(visible["C-F1"])
-        assert mech["at_0.5"]["avg_labels"] == pytest.approx(record["test"]["avg_labels"])
+        ((tp, _, pos),) = _ref_class_counts(test["scores"][:, [1]], test["targets"][:, [1]], [0.5])
+        visible = [0, 2, 3, 4]
+        assert mech["subsets"]["hidden"]["C-R"] == pytest.approx(100 * tp / pos)
+        visible_f1 = _ref_class_prf(test["scores"][:, visible], test["targets"][:, visible], [0.5] * 4)[2]
+        assert mech["subsets"]["visible"]["C-F1"] == pytest.approx(100 * float(visible_f1))
+        assert mech["subsets"]["hidden"]["true_labels"] == pytest.approx(test["targets"][:, 1].mean())
+        labels = (test["scores"] > 0.5).sum(axis=1).mean()
+        assert mech["at_0.5"]["avg_labels"] == pytest.approx(labels) == record["test"]["avg_labels"]
         assert record["fit_s"] > 0
 
 
@@ -196,4 +250,6 @@ def test_mechanism_record_without_hidden_labels():
     y = (rng.random((50, 3)) < 0.4).astype(int)
     s = np.clip(0.5 * y + 0.5 * rng.random((50, 3)), 0, 1)
     m = mechanism_record(s, y, s, y)
-    assert "subsets" not in m and m["tuned_global"]["threshold"] == pytest.approx(float(tune_thresholds(s, y)[0]))
+    assert "subsets" not in m and m["tuned_global"]["threshold"] == _ref_tune(s, y, per_class=False)[0]
+    assert m["tuned_per_class"]["threshold_mean"] == pytest.approx(_ref_tune(s, y, per_class=True).mean(), abs=1e-12)
+    assert m["tuned_global"]["C-F1"] == pytest.approx(100 * float(_ref_class_prf(s, y, _ref_tune(s, y, False))[2]))

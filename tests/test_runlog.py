@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from extras import import_extra
 
 from fastmlgan import runlog
 from fastmlgan.errors import ConfigError, DataError
@@ -152,7 +153,7 @@ def test_scalar_tags():
 
 
 def test_tensorboard_scalars_match_metrics_jsonl(tmp_path, monkeypatch):
-    pytest.importorskip("tensorboard")
+    import_extra("tb", "tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log = RunLog(tmp_path, tensorboard=True, start_step=0)
@@ -210,7 +211,7 @@ RECORDS = [
 
 
 def test_curves_plot_the_logged_values(tmp_path):
-    pytest.importorskip("matplotlib")
+    import_extra("plots", "matplotlib")
     import matplotlib.image
 
     series = plot_curves(RECORDS, tmp_path / "curves.png")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from extras import import_extra
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -197,8 +198,7 @@ def test_img_per_s_in_every_log_step(smoke_run):
 
 
 def test_curves_png(smoke_run):
-    if not _installed("matplotlib"):
-        pytest.skip("matplotlib is not installed (the plots extra): no curves.png")
+    import_extra("plots", "matplotlib")  # without it the run writes no curves.png
     import matplotlib.image
 
     tmp, run, _ = smoke_run
@@ -206,8 +206,7 @@ def test_curves_png(smoke_run):
 
 
 def test_tensorboard_scalars(smoke_run):
-    if not _installed("tensorboard"):
-        pytest.skip("tensorboard is not installed (the tb extra)")
+    import_extra("tb", "tensorboard")  # without it the run was started without --log.tensorboard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tmp, run, _ = smoke_run
