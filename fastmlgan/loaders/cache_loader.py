@@ -126,7 +126,7 @@ class CacheLoader(BatchPlan):
         self.pixels_per_batch = pixels_per_batch
         self._labels = torch.from_numpy(cache.labels.astype(np.float32))
         self._pin = torch.cuda.is_available()
-        self._gpu_pixels: torch.Tensor | None = gpu_pixels if cache_device == "cuda" else None
+        self._gpu_pixels: torch.Tensor | None = gpu_pixels
         if cache_device == "cuda" and gpu_pixels is None:
             self._load_to_gpu()
         self._pool: ThreadPoolExecutor | None = None
