@@ -16,7 +16,7 @@ EXTRAS ?= dev,plots,tb
 endif
 ARGS ?=
 
-.PHONY: install train test test-faults bench lint docker-lint clean FORCE
+.PHONY: install train test test-faults gpu-check-dry bench lint docker-lint clean FORCE
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,14 @@ test: install
 # The long fault-injection runs (CI runs them after `make test`).
 test-faults: install
 	$(PY) -m pytest -q -m faults $(ARGS)
+
+# The GPU check's CPU dry run: bench/gpu_check.sh's every step in order on tiny sizes (~3 min on 2
+# cores), then the checker on its one-archive bundle (CI runs it after `make test`).
+GPU_CHECK_OUT ?= $(shell mktemp -d 2>/dev/null || echo /tmp/fastmlgan-gpu-check-dry)
+
+gpu-check-dry: install
+	GPU_CHECK_DEVICE=cpu OUT=$(GPU_CHECK_OUT) PYTHON=$(PY) bash bench/gpu_check.sh; \
+	$(PY) bench/gpu_bundle.py check $(GPU_CHECK_OUT) --require-passed
 
 bench: install
 	$(PY) bench/kernels.py

@@ -378,6 +378,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "busy neighbour every parallel region waited ~16 ms for the descheduled thread (measured)",
     )
     parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        choices=("inductor", "aot_eager"),
+        help="aot_eager: trace the compiled rows with dynamo + AOTAutograd but run them eagerly (the GPU check's CPU "
+        "dry run: its timings mean nothing, its code paths are the real ones)",
+    )
+    parser.add_argument(
         "--write-dispatch",
         type=Path,
         nargs="+",
@@ -403,6 +410,15 @@ def run_benchmarks(args: argparse.Namespace, argv=None) -> dict:
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile_backend != "inductor":
+        real_compile = torch.compile
+
+        def compile_with(fn=None, **kwargs):  # as bench/train.py's use_compile_backend
+            kwargs.pop("mode", None)
+            kwargs["backend"] = args.compile_backend
+            return real_compile(fn, **kwargs) if fn is not None else (lambda f: real_compile(f, **kwargs))
+
+        torch.compile = compile_with
     batches = args.batch or ([64] if args.quick else [64, 128, 256])
     repeats = args.repeats or (5 if args.quick else 20)
     warmup = 2 if args.quick else 3
@@ -501,6 +517,7 @@ def run_benchmarks(args: argparse.Namespace, argv=None) -> dict:
         "command": _command(argv),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch_threads": torch.get_num_threads(),
+        "compile_backend": args.compile_backend,
         # On a shared machine the neighbours' load moves every row; compare rows of one run only.
         "load_average_1_5_15min": {"start": list(load_before), "end": list(os.getloadavg())},
         "timer": "triton.testing.do_bench median"

@@ -19,9 +19,15 @@ Backends (``--backend``, comma-separated, default all available on the device):
   cache-gpu        (``--device cuda`` only) the same with the whole cache in GPU memory
 
 Datasets (``--dataset``): ``embedded`` (generated 320 px JPEGs), ``coco128x8`` (a COCO JSON that
-lists the 126 labelled coco128 images of ``../shared/data`` 8 times under new ids: 1,008 real
-JPEG entries, written to a temporary folder; skipped with a message when the data is absent),
-or ``coco`` (your own files).
+lists the 126 labelled coco128 images 8 times under new ids: 1,008 real JPEG entries, written to
+a temporary folder; the images come from ``--coco128`` (default ``../shared/data/coco128``; the
+GPU check carries a copy in ``.gpu-check/coco128``); skipped with a message when absent), or
+``coco`` (your own files).
+
+Every timed epoch holds at least ``--min-batches`` batches (default: twice ``--threads``): a
+smaller listing is repeated until it does. An epoch of a few batches against eight workers
+measures the pipeline filling up, not its throughput (the GPU check's embedded epochs were 4 and
+2 batches of 128 against 8 workers).
 
 Each backend runs its training loader (random five-crop, shuffled) and evaluation loader
 (whole-image resize) for whole epochs: one warm-up epoch, then ``--repeats`` timed epochs; the
@@ -49,13 +55,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fastmlgan.loaders.base import LabeledImages  # noqa: E402
 from fastmlgan.loaders.coco import read_coco  # noqa: E402
 from fastmlgan.loaders.dali import dali_available  # noqa: E402
 from fastmlgan.loaders.torch_loader import set_epoch  # noqa: E402
-from fastmlgan.runinfo import cpu_model, device_slug, git_revision, versions  # noqa: E402
+from fastmlgan.runinfo import device_name, device_slug, git_revision, versions  # noqa: E402
 
 ALL_BACKENDS = ("torch", "dali", "dali-roi", "torchvision-gpu", "cache", "cache-gpu")
 SHARED_DATA = REPO / ".." / "shared" / "data"
@@ -85,9 +92,18 @@ def cpu_seconds() -> float:
     return sum(times.get(pid, 0.0) for pid in ours)
 
 
-def coco128_repeated(copies: int, workdir: Path) -> tuple[Path, Path] | None:
+def repeat_to(images: LabeledImages, min_images: int) -> LabeledImages:
+    """``images`` listed as many whole times as it takes to hold at least ``min_images`` entries."""
+    copies = max(1, -(-min_images // max(1, len(images))))
+    if copies == 1:
+        return images
+    return LabeledImages(f"{images.name}x{copies}", list(images.paths) * copies, np.tile(images.labels, (copies, 1)),
+                         list(images.class_names))
+
+
+def coco128_repeated(copies: int, workdir: Path, root: Path | None = None) -> tuple[Path, Path] | None:
     """A COCO JSON listing coco128's images ``copies`` times under new ids (None when absent)."""
-    root = SHARED_DATA / "coco128"
+    root = Path(root) if root else SHARED_DATA / "coco128"
     ann = root / "instances_coco128.json"
     if not ann.is_file():
         return None
@@ -114,14 +130,16 @@ def load_data(args) -> tuple[LabeledImages, LabeledImages, str]:
         val = read_coco(paths.val_ann, paths.val_images)
         return train, val, f"embedded ({n_train} train + {n_val} val synthetic JPEGs, {size}x{size})"
     if args.dataset == "auto":
-        args.dataset = "coco128x8" if (SHARED_DATA / "coco128").is_dir() else "embedded"
+        args.dataset = "coco128x8" if (Path(args.coco128) / "instances_coco128.json").is_file() else "embedded"
+        if args.dataset == "embedded":
+            print(f"--dataset auto: no coco128 at {Path(args.coco128).resolve()}: the embedded set instead", flush=True)
         return load_data(args)
     if args.dataset == "coco128x8":
-        made = coco128_repeated(8, Path(args.workdir))
+        made = coco128_repeated(args.copies, Path(args.workdir), Path(args.coco128))
         if made is None:
-            sys.exit(f"skipping --dataset coco128x8: {SHARED_DATA.resolve() / 'coco128'} is absent (see ../shared/data/README.md)")
-        train = read_coco(*made, name="coco128x8")
-        return train, train, f"coco128x8 ({len(train)} entries: coco128's labelled JPEGs listed 8 times, train and eval)"
+            sys.exit(f"skipping --dataset coco128x8: {Path(args.coco128).resolve()} is absent (see ../shared/data/README.md)")
+        train = read_coco(*made, name=f"coco128x{args.copies}")
+        return train, train, f"coco128x{args.copies} ({len(train)} entries: coco128's labelled JPEGs listed {args.copies} times, train and eval)"
     if not (args.train_annotations and args.train_images):
         sys.exit("--dataset coco needs --data.train_annotations and --data.train_images")
     train = read_coco(args.train_annotations, args.train_images)
@@ -218,6 +236,28 @@ def measure(backend: str, split: str, images, args, device, cache=None) -> dict:
     }
 
 
+def record(device: torch.device, args, description: str, command: str, load_before, speedups: dict, rows: list) -> dict:
+    """The results file's content."""
+    return {
+        "benchmark": "loader",
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu_count": os.cpu_count(),
+        "dataset": description,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "image_size": args.image_size,
+        "repeats": args.repeats,
+        "versions": versions(),
+        "git_revision": git_revision() or "unknown",
+        "command": command,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "speedups": speedups,
+        "results": rows,
+    }
+
+
 def available_backends(device: torch.device) -> list[str]:
     out = ["torch"]
     if dali_available():
@@ -248,6 +288,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller dataset and 3 repeats")
     parser.add_argument("--out", default="", help="JSON output (default bench/results/loader-<device>.json)")
     parser.add_argument("--cache-dir", default="", help="where the cache backend's caches are built (default: a temporary folder)")
+    parser.add_argument("--coco128", default=str(SHARED_DATA / "coco128"), help="the coco128 folder of --dataset coco128x8/auto")
+    parser.add_argument("--limit", type=int, default=0, help="keep the first N entries of each split (the CPU dry run)")
+    parser.add_argument("--copies", type=int, default=8, help="--dataset coco128x8: how many times coco128 is listed")
+    parser.add_argument("--min-batches", type=int, default=0,
+                        help="batches per timed epoch at least (a smaller listing is repeated; default 2 x --threads)")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
     workdir = tempfile.TemporaryDirectory(prefix="fastmlgan-bench-")
@@ -267,6 +312,13 @@ def main(argv=None) -> int:
     if "cache-gpu" in backends and device.type != "cuda":
         sys.exit("cache-gpu keeps the cache in GPU memory: it needs --device cuda")
     train, val, description = load_data(args)
+    if args.limit:
+        train, val = train.subset(range(min(args.limit, len(train)))), val.subset(range(min(args.limit, len(val))))
+        description += f"; the first {args.limit} entries"
+    min_images = args.batch_size * (args.min_batches or 2 * args.threads)
+    if len(train) < min_images or len(val) < min_images:
+        train, val = repeat_to(train, min_images), repeat_to(val, min_images)
+        description += f"; listed until each epoch holds >= {min_images} images ({len(train)} train, {len(val)} eval entries)"
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else "bench/loader.py " + " ".join(argv)
     print(f"device {device} ({device_slug(device)}), {description}, batch {args.batch_size}, "
           f"{args.threads} threads, image size {args.image_size}, {args.repeats} repeats", flush=True)
@@ -305,24 +357,7 @@ def main(argv=None) -> int:
             speedups[f"torch/cache {split} CPU time per image"] = round(cpu["torch"] / cpu["cache"], 2)
     if speedups:
         print("\n" + ", ".join(f"{k}: {v}x" for k, v in speedups.items()))
-    result = {
-        "benchmark": "loader",
-        "device": str(device),
-        "device_name": torch.cuda.get_device_slug(device) if device.type == "cuda" else cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "dataset": description,
-        "batch_size": args.batch_size,
-        "threads": args.threads,
-        "image_size": args.image_size,
-        "repeats": args.repeats,
-        "versions": versions(),
-        "git_revision": git_revision() or "unknown",
-        "command": command,
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "speedups": speedups,
-        "results": rows,
-    }
+    result = record(device, args, description, command, load_before, speedups, rows)
     out = Path(args.out or REPO / "bench" / "results" / f"loader-{device_slug(device)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

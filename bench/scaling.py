@@ -86,6 +86,23 @@ def model(args) -> int:
     return 0
 
 
+def time_allreduce(dist, x: torch.Tensor, repeats: int, sync, warmup: int = 3) -> list[float]:
+    """Seconds of ``repeats`` all-reduces of ``x`` after ``warmup`` untimed ones. Every rank starts
+    its clock after a barrier: without it a rank that arrived early timed its wait for the others
+    as transfer time, and the bus bandwidth came out low."""
+    times = []
+    for i in range(repeats + warmup):
+        sync()
+        dist.barrier()
+        sync()  # the barrier itself is a collective on the GPU under NCCL
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def measure(args) -> int:
     """All-reduce bus bandwidth of S bytes across this job's ranks (run under torchrun)."""
     import torch.distributed as dist
@@ -96,17 +113,8 @@ def measure(args) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     x = torch.zeros(int(args.bytes) // 4, device=device)
-    times = []
-    for i in range(args.repeats + 3):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dist.all_reduce(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    t = statistics.median(times)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t = statistics.median(time_allreduce(dist, x, args.repeats, sync))
     bus = 2 * (world - 1) / world * args.bytes / t
     if rank == 0:
         print(json.dumps({"ranks": world, "bytes": args.bytes, "allreduce_ms": round(t * 1e3, 3), "bus_gbps": round(bus / 1e9, 2)}))

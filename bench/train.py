@@ -28,6 +28,29 @@ feature extractor is pretrained (``--pretrained`` a torchvision state-dict file;
 ``--make-weights PATH`` writes a randomly initialised one, which costs the same FLOPs) or, without
 one, G's own trunk frozen.
 
+``--real-data DIR`` (a coco128 folder; the GPU check carries one in ``.gpu-check/coco128``) makes
+the trainer's data set that folder's labelled JPEGs listed ``--real-copies`` times, and after each
+configuration's synthetic timing ``--loader-steps`` more steps run on the real loader (``--backend``)
+in the same, already compiled trainer: the data-wait share of both phases with real JPEGs, at no
+extra compilation (same shapes).
+
+Time: ``--time-budget S`` skips (records, never starts) a configuration that cannot finish in what
+is left: its estimate is the warm-up its mode took last in this run (``--compile-estimate`` for the
+first compiled one), plus the timed steps. Rows are written after each configuration, so a run
+stopped from outside keeps what it measured.
+
+Profiles (``--profile N``) count GPU work from the device's own rows only (kernels, copies; not the
+launching API call, the operator that issued it, or annotations): ``kernels_per_step`` is what the
+GPU ran, ``host_launches_per_step`` the launch calls the host made (``cudaLaunchKernel`` and
+friends, one ``cudaGraphLaunch`` per replayed graph): CUDA graphs lower the second, not the first.
+``cudagraphs`` records, for ``--mode cudagraphs``, the skips inductor reported (it falls back to
+plain launches silently otherwise) and, when profiled, the graph launches seen: ``ran`` is true only
+with no skip and graph launches observed.
+
+``--compile-backend aot_eager`` (the GPU check's CPU dry run) traces every step with dynamo and
+AOTAutograd like inductor does but runs the traced graphs eagerly: seconds, not minutes, of
+compilation on a CPU; the mode (CUDA graphs) is then ignored and recorded as such.
+
 Results: a table on stdout and JSON with the device, versions, git revision and the command.
 """
 
@@ -35,6 +58,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import resource
 import statistics
 import sys
@@ -101,6 +126,17 @@ def synthetic_splits(num_images: int, num_labels: int) -> Splits:
     return Splits(LabeledImages("synthetic-train", paths, labels, names), LabeledImages("synthetic-val", paths[:64], labels[:64], names))
 
 
+def synthetic_images(rows: int, size: int, device: torch.device, memory_format, seed: int) -> torch.Tensor:
+    """Random images made on ``device`` itself. Made on the host and copied, phase 2's pool at
+    batch 256 (3 x 2560 x 3 x 224 x 224 floats) took about 30 s per configuration before anything
+    was timed."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (rows, 3, size, size)
+    if memory_format == torch.channels_last:
+        return torch.randn((rows, size, size, 3), generator=g, device=device).permute(0, 3, 1, 2)
+    return torch.randn(shape, generator=g, device=device)
+
+
 class SyntheticStream:
     """A few pre-made batches on the device, handed out in turn (no host work in the timed loop
     beyond what the trainer itself does)."""
@@ -112,9 +148,8 @@ class SyntheticStream:
         pixel_rows = rows if (phase == "bce" or trainer.feature_cache is None) else lay.pixel_rows
         size, c = trainer.cfg.data.image_size, len(trainer.class_names)
         self.batches = []
-        for _ in range(pool):
-            images = torch.randn(pixel_rows, 3, size, size, generator=g).to(trainer.device)
-            images = images.contiguous(memory_format=trainer.memory_format)
+        for k in range(pool):
+            images = synthetic_images(pixel_rows, size, trainer.device, trainer.memory_format, seed=1 + k)
             labels = (torch.rand(rows, c, generator=g) < 3 / c).float()
             if trainer.device.type == "cuda":
                 labels = labels.pin_memory()
@@ -159,37 +194,110 @@ def count_flops(trainer: Trainer, phase: str, batch) -> float:
         trainer.discriminator.load_state_dict(d_state)
 
 
-def profile_steps(trainer: Trainer, phase: str, stream, args) -> dict:
-    """Where a step's time goes: host (Python and launch) time against device time, kernel
-    launches per step, and the most expensive operators. Answers "why is mode X slower at this
-    batch" (launch-bound when the host time per step approaches the step time)."""
-    from torch.profiler import ProfilerActivity, profile
+# Host calls that put work on a GPU stream: one per kernel outside a graph, one per graph replay.
+KERNEL_LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                       "cudaLaunchCooperativeKernel")
+GRAPH_LAUNCH_CALLS = ("cudaGraphLaunch", "cuGraphLaunch")
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
+
+def summarize_profile(events, steps: int) -> dict:
+    """Per-step GPU work from a profiler's events (``prof.events()``).
+
+    Only the device's own rows count as GPU work (kernels, copies, memsets): a kernel also shows
+    up as the API call that launched it and inside the operator and annotation ranges around it,
+    and summing every row with device time counted it two or three times. Launches are the host's
+    launch calls, so that under CUDA graphs (kernels replayed inside one ``cudaGraphLaunch``) they
+    show what the graphs saved while ``kernels_per_step`` stays the work the GPU did."""
+    from torch.autograd import DeviceType
+
+    device = [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    kernel_calls = sum(e.name in KERNEL_LAUNCH_CALLS for e in host)
+    graph_calls = sum(e.name in GRAPH_LAUNCH_CALLS for e in host)
+    by_name: dict[str, list[float]] = {}
+    for e in device:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    top = sorted(by_name.items(), key=lambda kv: sum(kv[1]), reverse=True)[:12]
+    return {
+        "device_ms_per_step": round(sum(sum(v) for v in by_name.values()) / 1e3 / steps, 3),
+        "kernels_per_step": round(len(device) / steps, 1),
+        "host_launches_per_step": round((kernel_calls + graph_calls) / steps, 1),
+        "graph_launches_per_step": round(graph_calls / steps, 1),
+        "top_device": [{"name": name[:80], "count": len(v), "device_ms": round(sum(v) / 1e3, 3)} for name, v in top],
+    }
+
+
+def profile_steps(trainer: Trainer, phase: str, stream, args, profiler=None) -> dict:
+    """Where a step's time goes: host (Python and launch) time against device time, kernels and
+    launches per step, and the most expensive kernels. Answers "why is mode X slower at this
+    batch" (launch-bound when the host time per step approaches the step time). The wall time
+    ends at the device sync, inside the profiler: its teardown (seconds of event processing) is
+    not a step's time."""
+    if profiler is None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
+        profiler = profile(activities=activities)
     sync(args.device)
-    with profile(activities=activities) as prof:
+    with profiler as prof:
         t0 = time.perf_counter()
         for _ in range(args.profile):
             step(trainer, phase, stream.next())
         host_s = time.perf_counter() - t0
         sync(args.device)
-    wall_s = time.perf_counter() - t0
-    events = prof.key_averages()
-    device_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    kernels = [e for e in events if getattr(e, device_attr, 0) > 0]
-    top = sorted(events, key=lambda e: getattr(e, device_attr, 0) or e.self_cpu_time_total, reverse=True)[:12]
+        wall_s = time.perf_counter() - t0
     return {
         "steps": args.profile,
         "wall_ms_per_step": round(wall_s * 1e3 / args.profile, 3),
         "host_ms_per_step": round(host_s * 1e3 / args.profile, 3),
-        "device_ms_per_step": round(sum(getattr(e, device_attr, 0) for e in kernels) / 1e3 / args.profile, 3),
-        "kernel_launches_per_step": round(sum(e.count for e in kernels) / args.profile, 1),
-        "top": [
-            {"name": e.key[:80], "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
-             "self_device_ms": round(getattr(e, device_attr, 0) / 1e3, 3)}
-            for e in top
-        ],
+        **summarize_profile(prof.events(), args.profile),
     }
+
+
+class CudagraphSkips(logging.Handler):
+    """Collects the reasons inductor gives when it does not use CUDA graphs for a graph
+    (``log_cudagraph_skip_and_bump_counter``: a warning, and the run goes on without graphs)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reasons: list[str] = []
+        self.logger = None
+
+    def emit(self, record) -> None:
+        self.reasons.append(record.getMessage()[:300])
+
+    def __enter__(self):
+        from torch._inductor import cudagraph_utils
+
+        self.logger = cudagraph_utils.cudagraphs_log
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+
+
+def cudagraph_record(args, skips: list[str], profile: dict | None) -> dict:
+    """Whether CUDA graphs ran in a ``--mode cudagraphs`` configuration, and the evidence."""
+    launches = profile.get("graph_launches_per_step") if profile else None
+    if args.device.type != "cuda":
+        ran, why = False, f"no CUDA graphs on {args.device.type}"
+    elif args.compile_backend != "inductor":
+        ran, why = False, f"compile backend {args.compile_backend}: no CUDA graphs"
+    elif skips:
+        ran, why = False, "inductor skipped CUDA graphs: " + "; ".join(skips[:3])
+    elif launches is None:
+        ran, why = None, "no skip reported; not profiled, so no graph launches were seen (use --profile)"
+    else:
+        ran = launches > 0
+        why = f"{launches} graph launches per step" if ran else "no skip reported, but no graph launch was seen"
+    return {"ran": ran, "why": why, "skips": len(skips), "skip_reasons": skips[:10], "graph_launches_per_step": launches}
+
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
 def step(trainer: Trainer, phase: str, batch):
@@ -229,6 +337,44 @@ def build_trainer(args, mode: str, batch: int, phase: str, cache: bool, workdir:
     return trainer
 
 
+def timed_blocks(trainer: Trainer, phase: str, stream, steps: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds per step of each block of ``steps`` steps, and the share of it spent waiting for data."""
+    device = trainer.device
+    blocks, waits = [], []
+    for _ in range(repeats):
+        stream.wait_s = 0.0
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(trainer, phase, stream.next())
+        sync(device)
+        blocks.append((time.perf_counter() - t0) / steps)
+        waits.append(stream.wait_s / (steps * blocks[-1]))
+    return blocks, waits
+
+
+def rates(phase: str, batch: int, sec: float, layout) -> dict:
+    if phase == "bce":
+        return {"img_per_s": round(batch / sec, 1)}
+    return {"g_updates_per_s": round(1 / sec, 3), "g_img_per_s": round(batch / sec, 1),
+            "images_consumed_per_s": round(layout.size / sec, 1)}
+
+
+def measure_real_loader(trainer: Trainer, phase: str, batch: int, args) -> dict:
+    """``--loader-steps`` steps on the real loader in this (already compiled) trainer: same shapes,
+    so no recompilation; two untimed steps start the loader's workers and prefetch first."""
+    loader = trainer.train_loader if phase == "bce" else trainer.build_gan_loader()
+    stream = BatchStream(loader, data_epoch=1)
+    try:
+        for _ in range(2):
+            step(trainer, phase, stream.next())
+        blocks, waits = timed_blocks(trainer, phase, stream, args.loader_steps, 1)
+    finally:
+        stream.close()
+    return {"loader": type(loader).__name__, "steps": args.loader_steps, "ms_per_step": round(blocks[0] * 1e3, 3),
+            **rates(phase, batch, blocks[0], trainer.layout), "data_wait_frac": round(waits[0], 4)}
+
+
 def measure(args, mode: str, batch: int, phase: str, cache: bool, splits, workdir: Path) -> dict:
     device = args.device
     trainer = build_trainer(args, mode, batch, phase, cache, workdir, splits)
@@ -242,24 +388,17 @@ def measure(args, mode: str, batch: int, phase: str, cache: bool, splits, workdi
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        step(trainer, phase, stream.next())
-    sync(device)
-    warmup_s = time.perf_counter() - t0
-    blocks, waits = [], []
-    for _ in range(args.repeats):
-        stream.wait_s = 0.0
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
+    with CudagraphSkips() as skipped:
+        for _ in range(args.warmup):
             step(trainer, phase, stream.next())
         sync(device)
-        blocks.append((time.perf_counter() - t0) / args.steps)
-        waits.append(stream.wait_s / (args.steps * blocks[-1]))
-    profile = profile_steps(trainer, phase, stream, args) if args.profile else None
+        warmup_s = time.perf_counter() - t0
+        blocks, waits = timed_blocks(trainer, phase, stream, args.steps, args.repeats)
+        # The training steps' peak, before the profiled steps and the eager FLOP count add theirs.
+        memory = peak_memory(device)
+        profile = profile_steps(trainer, phase, stream, args) if args.profile else None
     flops = count_flops(trainer, phase, stream.next()) if args.flops else None
     sec = statistics.median(blocks)
-    lay = trainer.layout
     row = {
         "mode": mode,
         "batch": batch,
@@ -270,13 +409,10 @@ def measure(args, mode: str, batch: int, phase: str, cache: bool, splits, workdi
         "warmup_s": round(warmup_s, 2),
         "block_ms": [round(b * 1e3, 3) for b in blocks],
         "data_wait_frac": round(statistics.median(waits), 4) if args.data == "loader" else 0.0,
+        **rates(phase, batch, sec, trainer.layout),
     }
-    if phase == "bce":
-        row["img_per_s"] = round(batch / sec, 1)
-    else:
-        row["g_updates_per_s"] = round(1 / sec, 3)
-        row["g_img_per_s"] = round(batch / sec, 1)
-        row["images_consumed_per_s"] = round(lay.size / sec, 1)
+    if mode != "eager" and args.compile_backend != "inductor":
+        row["compile_backend"] = args.compile_backend
     if flops is not None:
         row["flops_per_step"] = flops
         peak = peak_flops(device)
@@ -284,10 +420,14 @@ def measure(args, mode: str, batch: int, phase: str, cache: bool, splits, workdi
         row["mfu"] = round(flops / sec / peak, 4) if peak else None
     if profile is not None:
         row["profile"] = profile
-    if device.type == "cuda":
-        row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    else:
-        row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    if mode == "cudagraphs":
+        row["cudagraphs"] = cudagraph_record(args, skipped.reasons, profile)
+    row.update(memory)
+    if args.loader_steps and args._real_splits is not None:
+        try:
+            row["real_loader"] = measure_real_loader(trainer, phase, batch, args)
+        except Exception as e:  # noqa: BLE001 - the synthetic numbers stand; say what failed
+            row["real_loader"] = {"error": f"{type(e).__name__}: {e}"[:500]}
     del trainer, stream
     return row
 
@@ -317,7 +457,7 @@ def table(rows: list[dict]) -> str:
             f"{r['mode']:<11}{r['batch']:>6} {r['phase']:<5}{str(r['feature_cache'] or '-'):>6}{r['ms_per_step']:>10.1f}"
             f"{r.get('img_per_s', r.get('g_img_per_s', 0)):>10.1f}{r.get('g_updates_per_s', r['steps_per_s']):>9.2f}"
             f"{r.get('images_consumed_per_s', r.get('img_per_s', 0)):>11.1f}{r.get('ratio_to_bce', float('nan')):>7.3f}"
-            f"{(r.get('mfu') or float('nan')):>7.3f}{r['data_wait_frac']:>6.2f}"
+            f"{(r.get('mfu') or float('nan')):>7.3f}{r.get('real_loader', {}).get('data_wait_frac', r['data_wait_frac']):>6.2f}"
         )
     return "\n".join(lines)
 
@@ -350,45 +490,139 @@ def main(argv=None) -> int:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile STEPS steps per configuration (host vs device time, launches, top operators)")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count (MFU)")
+    p.add_argument("--plan", nargs="+", default=None, metavar="MODE/PHASE[/CACHE]",
+                   help="the configurations in this order (e.g. compile/bce eager/bce compile/gan/on) instead of "
+                        "--mode x --phase x --feature-cache: the most wanted first, as --time-budget cuts the end")
+    p.add_argument("--real-data", default="", metavar="DIR",
+                   help="a coco128 folder: the trainer's data set, and --loader-steps on its real loader")
+    p.add_argument("--real-copies", type=int, default=8, help="--real-data listed this many times")
+    p.add_argument("--loader-steps", type=int, default=0, help="steps timed on the real loader per configuration")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="skip configurations that cannot finish within S seconds of the start (default: the GPU "
+                        "check step's limit, $GPU_CHECK_STEP_LIMIT_S, less 15 s; else no limit)")
+    p.add_argument("--compile-estimate", type=float, default=120.0, metavar="S",
+                   help="warm-up assumed for the first compiled configuration under --time-budget")
+    p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager"),
+                   help="aot_eager: dynamo + AOTAutograd without inductor (the CPU dry run)")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
+    start = time.perf_counter()
+    if args.time_budget is None:
+        limit = os.environ.get("GPU_CHECK_STEP_LIMIT_S")
+        args.time_budget = max(1.0, float(limit) - 15) if limit else 0.0
+    try:
+        plan = parse_plan(args)
+    except ValueError as e:
+        p.error(str(e))
     args.device = torch.device(args.device)
+    if args.compile_backend != "inductor":
+        use_compile_backend(args.compile_backend)
     if args.make_weights:
-        make_weights(args.backbone, Path(args.make_weights))
+        if not Path(args.make_weights).is_file():  # the same seed writes the same weights: reuse them
+            make_weights(args.backbone, Path(args.make_weights))
         args.pretrained = args.make_weights
     if args.device.type == "cpu":
         torch.set_num_threads(torch.get_num_threads())
-    splits = synthetic_splits(args.num_images, args.num_labels) if args.data == "synthetic" else None
     rows: list[dict] = []
     out = Path(args.out or REPO / "bench" / "results" / f"train-{device_slug(args.device)}.json")
     with tempfile.TemporaryDirectory(prefix="fastmlgan-bench-train-") as tmp:
-        for mode in args.mode:
-            for batch in args.batch:
-                for phase in args.phase:
-                    for cache in (args.feature_cache if phase == "gan" else ["off"]):
-                        workdir = Path(tmp) / f"{mode}-{batch}-{phase}-{cache}"
-                        workdir.mkdir()
-                        torch._dynamo.reset()
-                        print(f"measuring {mode} batch {batch} {phase}{' feature cache' if cache == 'on' else ''} ...", flush=True)
-                        try:
-                            rows.append(measure(args, mode, batch, phase, cache == "on", splits, workdir))
-                        except Exception as e:  # noqa: BLE001 - record it and measure the rest
-                            rows.append({"mode": mode, "batch": batch, "phase": phase, "feature_cache": cache == "on",
-                                         "error": f"{type(e).__name__}: {e}"[:500]})
-                            print(f"  failed: {rows[-1]['error']}", flush=True)
-                        # Written after every row: a time limit that stops the run keeps what was measured.
-                        write(args, rows, out)
-    print(table([r for r in rows if "error" not in r]))
+        args._real_splits = real_splits(args, Path(tmp)) if args.real_data else None
+        if args._real_splits is not None:
+            splits = args._real_splits
+        else:
+            splits = synthetic_splits(args.num_images, args.num_labels) if args.data == "synthetic" else None
+        seen: dict[str, float] = {}
+        for batch in args.batch:
+            for mode, phase, cache in plan:
+                label = f"{mode} batch {batch} {phase}{' feature cache' if cache == 'on' else ''}"
+                head = {"mode": mode, "batch": batch, "phase": phase, "feature_cache": cache == "on" if phase == "gan" else None}
+                reason = over_budget(args, mode, seen, time.perf_counter() - start)
+                if reason:
+                    rows.append({**head, "skipped": reason})
+                    print(f"skipping {label}: {reason}", flush=True)
+                    write(args, rows, out)
+                    continue
+                workdir = Path(tmp) / f"{mode}-{batch}-{phase}-{cache}"
+                workdir.mkdir()
+                torch._dynamo.reset()
+                print(f"measuring {label} ...", flush=True)
+                t0 = time.perf_counter()
+                try:
+                    rows.append(measure(args, mode, batch, phase, cache == "on", splits, workdir))
+                except Exception as e:  # noqa: BLE001 - record it and measure the rest
+                    rows.append({**head, "error": f"{type(e).__name__}: {e}"[:500]})
+                    print(f"  failed: {rows[-1]['error']}", flush=True)
+                seen[mode + " total"] = time.perf_counter() - t0
+                # Written after every row: a time limit that stops the run keeps what was measured.
+                write(args, rows, out)
+    print(table([r for r in rows if "error" not in r and "skipped" not in r]))
     print(f"wrote {out}")
     return 1 if any("error" in r for r in rows) else 0
 
 
+def parse_plan(args) -> list[tuple[str, str, str]]:
+    """(mode, phase, feature cache) in the order to measure them."""
+    if not args.plan:
+        return [(m, ph, c) for m in args.mode for ph in args.phase for c in (args.feature_cache if ph == "gan" else ["off"])]
+    plan = []
+    for item in args.plan:
+        parts = item.split("/")
+        mode, phase, cache = (parts + ["off"])[:3] if len(parts) in (2, 3) else ("", "", "")
+        if mode not in MODES or phase not in ("bce", "gan") or cache not in ("on", "off") or (phase == "bce" and cache == "on"):
+            raise ValueError(f"--plan {item!r}: expected MODE/bce or MODE/gan/on|off with MODE one of {', '.join(MODES)}")
+        plan.append((mode, phase, cache))
+    return plan
+
+
+def over_budget(args, mode: str, seen: dict, elapsed: float) -> str:
+    """Why a configuration of ``mode`` cannot finish in the time left ('' when it can): its
+    estimate is the last whole configuration of that mode in this run, else the compile estimate
+    (compiled modes) and the last configuration's time."""
+    if not args.time_budget:
+        return ""
+    if mode + " total" in seen:
+        need = seen[mode + " total"]
+    else:
+        need = (args.compile_estimate if mode != "eager" else 0.0) + max(
+            [v for k, v in seen.items() if k.endswith(" total")] or [0.0])
+    left = args.time_budget - elapsed
+    return "" if need <= left else f"needs about {need:.0f} s, {left:.0f} s left of --time-budget {args.time_budget:.0f}"
+
+
+def real_splits(args, workdir: Path):
+    """coco128's labelled JPEGs listed ``--real-copies`` times (None with a line when absent)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from loader import coco128_repeated
+
+    from fastmlgan.loaders.coco import read_coco
+
+    made = coco128_repeated(args.real_copies, workdir, Path(args.real_data))
+    if made is None:
+        print(f"--real-data: no coco128 at {Path(args.real_data).resolve()}: synthetic batches only, no real-loader rows",
+              flush=True)
+        return None
+    train = read_coco(*made, name=f"coco128x{args.real_copies}")
+    return Splits(train, train.subset(range(min(64, len(train))), name="coco128-eval"))
+
+
+def use_compile_backend(backend: str) -> None:
+    """Make every ``torch.compile`` of this process use ``backend`` (modes are inductor's: dropped)."""
+    real = torch.compile
+
+    def compile_with(model=None, **kwargs):
+        kwargs.pop("mode", None)
+        kwargs["backend"] = backend
+        return real(model, **kwargs) if model is not None else (lambda m: real(m, **kwargs))
+
+    torch.compile = compile_with
+
+
 def write(args, rows: list[dict], out: Path) -> None:
-    add_ratios([r for r in rows if "error" not in r])
+    add_ratios([r for r in rows if "error" not in r and "skipped" not in r])
     result = {
         "benchmark": "train",
         **environment(args.device),
-        "config": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
+        "config": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items() if not k.startswith("_")},
         "rows": rows,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,12 +18,21 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+REVISION_FILE = Path(".gpu-check") / "revision"
+"""Written beside the code where no ``.git`` travels with it (``bash bench/gpu_check.sh prepare``
+writes it before the GPU check's call; the GPU machine gets the work tree without ``.git``)."""
+
+
 def git_revision(root: Path = REPO) -> str | None:
     """HEAD of the checkout holding this package, with ``-dirty`` when tracked files differ from
-    it or the package has files git does not track; None outside a checkout (an installed package,
-    the Docker image)."""
+    it or the package has files git does not track; without ``.git``, the revision recorded in
+    ``REVISION_FILE``; else None (an installed package, the Docker image)."""
     if not (root / ".git").exists():
-        return None
+        try:
+            recorded = (root / REVISION_FILE).read_text().strip()
+        except OSError:
+            return None
+        return recorded or None
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)

@@ -243,10 +243,15 @@ class Trainer:
     def build_gan_loader(self):
         """Phase 2's loader: each batch is one whole iteration (``IterationLayout``). With a
         frozen-feature cache only its leading images (G's) are decoded."""
+        from fastmlgan.loaders.cache_loader import CacheLoader
         from fastmlgan.loaders.registry import build_train_loader
 
         if self.gan_loader is None:
             pixels = self.layout.pixel_rows if self.feature_cache is not None else None
+            if isinstance(self.train_loader, CacheLoader):
+                # Same cache, same GPU copy (--data.cache_device cuda): never a second one.
+                self.gan_loader = self.train_loader.with_batch(self.layout.size, pixels_per_batch=pixels)
+                return self.gan_loader
             self.gan_loader = build_train_loader(
                 self.cfg.data, self.splits, self.info, self.cfg.train.seed, self.layout.size,
                 self.channels_last, pixels_per_batch=pixels,

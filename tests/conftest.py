@@ -55,3 +55,18 @@ def embedded_small(tmp_path_factory):
     from fastmlgan.loaders.embedded import generate
 
     return generate(tmp_path_factory.mktemp("embedded") / "data", num_train=2000, num_val=200, image_size=32, seed=0)
+
+
+# What bench/gpu_check.sh's GPU-tests step selects besides the ``gpu`` tests (``-m "gpu or
+# gpucheck"``): the Triton path of the kernel tests (compiled for the GPU there, interpreted on a
+# CPU) and the DALI tests. The rest of the suite is CI's: on the GPU machine ``-m "gpu or not
+# slow"`` ran some 200 CPU tests first and the step was stopped before reaching these.
+_TRITON_TEST_FILES = ("test_gumbel_sigmoid.py", "test_gradient_penalty.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        ids = item.callspec.id if hasattr(item, "callspec") else ""
+        if (name in _TRITON_TEST_FILES and "triton" in ids) or name == "test_dali.py" or "dali" in item.name:
+            item.add_marker(pytest.mark.gpucheck)

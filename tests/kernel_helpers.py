@@ -39,21 +39,23 @@ if HAS_TRITON:
     from fastmlgan.kernels.gradient_penalty import _row_norms
 
     @triton.jit
-    def _row_norms_kernel(grad_ptr, out_ptr, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    def _row_norms_kernel(
+        grad_ptr, out_ptr, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, COL_BLOCKS: tl.constexpr
+    ):
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        norms = _row_norms(grad_ptr, rows, num_rows, num_cols, BLOCK_ROWS, BLOCK_COLS)
+        norms = _row_norms(grad_ptr, rows, num_rows, num_cols, BLOCK_ROWS, BLOCK_COLS, COL_BLOCKS)
         tl.store(out_ptr + rows, norms, mask=rows < num_rows)
 
 
 def triton_row_norms(grad: torch.Tensor) -> torch.Tensor:
     """‖g_i‖₂ per row as the penalty kernels compute it (their ``_row_norms``), fp32."""
-    from fastmlgan.kernels.gradient_penalty import BLOCK_ROWS, _block_cols
+    from fastmlgan.kernels.gradient_penalty import BLOCK_ROWS, _blocks
 
     grad = grad.contiguous()
     num_rows, num_cols = grad.shape
     out = torch.empty(num_rows, dtype=torch.float32, device=grad.device)
     _row_norms_kernel[(triton.cdiv(num_rows, BLOCK_ROWS),)](
-        grad, out, num_rows, num_cols, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=_block_cols(num_cols)
+        grad, out, num_rows, num_cols, BLOCK_ROWS=BLOCK_ROWS, **_blocks(num_cols)
     )
     return out
 

@@ -26,7 +26,7 @@ from fastmlgan.loaders import cache as cache_mod
 from fastmlgan.loaders import cache_decode
 from fastmlgan.loaders.base import LabeledImages
 from fastmlgan.loaders.cache import CacheError, Geometry, ImageCache, build_cache, cache_path, ensure_cache
-from fastmlgan.loaders.cache_loader import CacheLoader, check_gpu_fit
+from fastmlgan.loaders.cache_loader import CacheLoader, check_gpu_fit, usable_gpu_memory
 from fastmlgan.loaders.coco import read_coco
 from fastmlgan.loaders.dali import dali_available
 from fastmlgan.loaders.embedded import generate
@@ -466,3 +466,45 @@ def test_cli_build_info_verify(tmp_path, capsys):
     assert "fail their checksum" in capsys.readouterr().err
     assert cache_mod.main(["build", "--preset", "reproduce-mulan"]) == 2
     assert "feature vectors" in capsys.readouterr().err
+
+
+def test_usable_gpu_memory_counts_reserved_but_unused_memory(monkeypatch):
+    # 20 GiB free for the driver, 50 GiB reserved by PyTorch of which 10 GiB hold tensors: a new
+    # allocation gets the 40 GiB the caching allocator keeps plus the 20 GiB free.
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * gib)
+    free, total = usable_gpu_memory("cuda:0")
+    assert (free, total) == (60 * gib, 80 * gib)
+    check_gpu_fit(45 * gib, free, total, what="x", device="cuda:0")  # refused when reserved counted as used
+
+
+def test_phase2_loader_shares_the_cache_and_its_gpu_copy(splits, built):
+    train_cache, _ = built
+    loader = CacheLoader(train_cache, SIZE, 4, 0, 1, train=True, seed=3)
+    loader._gpu_pixels = torch.from_numpy(np.asarray(train_cache.pixels))  # stands for the GPU copy
+    wide = loader.with_batch(20, pixels_per_batch=8)
+    assert wide._gpu_pixels is loader._gpu_pixels and wide.cache is loader.cache
+    assert (wide.batch_size, wide.pixels_per_batch, wide.seed) == (20, 8, 3)
+    with pytest.raises(ConfigError, match="a batch of 60 per rank needs 60 training images"):
+        loader.with_batch(60)
+
+
+def test_trainer_builds_phase2_from_the_phase1_cache_loader(splits, tmp_path, monkeypatch):
+    from fastmlgan.loaders import registry
+    from fastmlgan.trainer import Trainer
+
+    images = copy_images(splits.train, tmp_path / "train")
+    both = Splits(images, copy_images(splits.val, tmp_path / "val"))
+    cfg = build_config({"data.backend": "cache", "data.cache_dir": str(tmp_path / "caches"), "data.image_size": str(SIZE),
+                        "data.batch_size": "4", "model.backbone": "smallcnn", "out": str(tmp_path)}, preset="smoke")
+    trainer = Trainer(cfg, DistInfo(0, 1, 0, CPU), tmp_path, splits=both)
+    assert isinstance(trainer.train_loader, CacheLoader)
+
+    def second_cache(*args, **kwargs):
+        raise AssertionError("phase 2 built a second cache loader (with --data.cache_device cuda: a second GPU copy)")
+
+    monkeypatch.setattr(registry, "build_train_loader", second_cache)
+    gan = trainer.build_gan_loader()
+    assert gan.cache is trainer.train_loader.cache and gan.batch_size == trainer.layout.size

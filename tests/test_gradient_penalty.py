@@ -145,14 +145,14 @@ from triton.compiler import ASTSource
 
 gp = importlib.import_module("fastmlgan.kernels.gradient_penalty")  # the package rebinds the name
 
-constexprs = {"BLOCK_ROWS": gp.BLOCK_ROWS, "BLOCK_COLS": 128}
 kernels = {
-    "_gp_norm_penalty_fwd_kernel": ["grad_ptr", "out_ptr"],
-    "_gp_norm_penalty_bwd_kernel": ["grad_out_ptr", "grad_ptr", "grad_grad_ptr"],
+    "_gp_norm_penalty_fwd_kernel": (["grad_ptr", "out_ptr"], {"ROW_BLOCKS": 4}),
+    "_gp_norm_penalty_bwd_kernel": (["grad_out_ptr", "grad_ptr", "grad_grad_ptr"], {}),
 }
-for name, pointers in kernels.items():
+for name, (pointers, extra) in kernels.items():
+    constexprs = {"BLOCK_ROWS": gp.BLOCK_ROWS, "BLOCK_COLS": 128, "COL_BLOCKS": 1, **extra}
     signature = {p: "*fp32" for p in pointers}
-    signature.update(num_rows="i32", num_cols="i32", BLOCK_ROWS="constexpr", BLOCK_COLS="constexpr")
+    signature.update(num_rows="i32", num_cols="i32", **{k: "constexpr" for k in constexprs})
     source = ASTSource(fn=getattr(gp, name), signature=signature, constexprs=constexprs)
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     print(name, sorted({line.split()[0] for line in ptx.splitlines() if "sqrt" in line}))

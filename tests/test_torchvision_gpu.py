@@ -179,3 +179,39 @@ def test_gpu_decode_and_crop_match_the_cpu_run(generated):
         diff = (denormalize(x["image"]) - denormalize(y["image"])).abs().float()
         assert diff.mean(dim=(1, 2, 3)).max() <= 2 * MEAN_ABS_TOLERANCE
     assert np.array_equal(torch.cat([b["index"] for b in ev_gpu]).numpy(), np.arange(len(val)))
+
+
+def test_batch_assembly_copies_nothing_from_the_host():
+    # On a GPU, torch.tensor(mean, device="cuda") and out[python_list] = ... are pageable
+    # host-to-device copies: the host waits for the GPU inside BatchStream.next, and the wait counted
+    # as data wait. Recorded on CPU tensors: no tensor made from Python data, no list indexing.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastmlgan.loaders.five_crop import base_size
+    from fastmlgan.loaders.torchvision_gpu import five_crop_batch, normalize_batch, resize_all
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, shape, dtype=torch.uint8, generator=g) for shape in [(3, 40, 50), (3, 30, 20), (3, 40, 50)]]
+    crops = torch.tensor([[0, 1], [2, 3], [1, 1]])
+    with Ops() as ops:
+        out = normalize_batch(five_crop_batch(resize_all(images, base_size(32)), crops, 32))
+    host_copies = [name for name in ops.seen if name.startswith(("lift_fresh", "index_put", "index.", "_local_scalar"))]
+    assert not host_copies
+    # and the result is the one the per-image path gives
+    from fastmlgan.loaders.five_crop import crop_window
+    from fastmlgan.loaders.torchvision_gpu import _resize
+
+    for i, image in enumerate(images):
+        base = _resize(image, base_size(32))
+        top, left, side = crop_window(int(crops[i, 0]), int(crops[i, 1]), 32)
+        expected = normalize_batch(_resize(base[:, top : top + side, left : left + side][None], 32))
+        assert torch.equal(out[i], expected[0])

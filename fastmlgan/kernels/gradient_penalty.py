@@ -160,12 +160,13 @@ if HAS_TRITON:
         num_cols,
         BLOCK_ROWS: tl.constexpr,
         BLOCK_COLS: tl.constexpr,
+        COL_BLOCKS: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         # One ε per sample (eq. 5): the Philox counter is the row index.
         eps = tl.rand(tl.load(seed_ptr), rows)[:, None]
-        for col_start in range(0, num_cols, BLOCK_COLS):
-            cols = col_start + tl.arange(0, BLOCK_COLS)
+        for col_block in range(COL_BLOCKS):
+            cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
             mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
             offsets = rows[:, None] * num_cols + cols[None, :]
             real = tl.load(real_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -174,10 +175,12 @@ if HAS_TRITON:
             tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _row_norms(grad_ptr, rows, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    def _row_norms(
+        grad_ptr, rows, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, COL_BLOCKS: tl.constexpr
+    ):
         sum_sq = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
-        for col_start in range(0, num_cols, BLOCK_COLS):
-            cols = col_start + tl.arange(0, BLOCK_COLS)
+        for col_block in range(COL_BLOCKS):
+            cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
             mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
             g = tl.load(grad_ptr + rows[:, None] * num_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             sum_sq += tl.sum(g * g, axis=1)
@@ -186,14 +189,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _gp_norm_penalty_fwd_kernel(
-        grad_ptr, out_ptr, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr
+        grad_ptr,
+        out_ptr,
+        num_rows,
+        num_cols,
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_COLS: tl.constexpr,
+        COL_BLOCKS: tl.constexpr,
+        ROW_BLOCKS: tl.constexpr,
     ):
         # One program walks all rows: the D batch is small (64–256 rows of |S| ≈ 80), and a fixed
         # summation order keeps the penalty deterministic (no atomics).
         total = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
-        for row_start in range(0, num_rows, BLOCK_ROWS):
-            rows = row_start + tl.arange(0, BLOCK_ROWS)
-            deviation = _row_norms(grad_ptr, rows, num_rows, num_cols, BLOCK_ROWS, BLOCK_COLS) - 1.0
+        for row_block in range(ROW_BLOCKS):
+            rows = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            deviation = _row_norms(grad_ptr, rows, num_rows, num_cols, BLOCK_ROWS, BLOCK_COLS, COL_BLOCKS) - 1.0
             total += tl.where(rows < num_rows, deviation * deviation, 0.0)
         tl.store(out_ptr, tl.sum(total, axis=0) / num_rows)
 
@@ -206,16 +216,17 @@ if HAS_TRITON:
         num_cols,
         BLOCK_ROWS: tl.constexpr,
         BLOCK_COLS: tl.constexpr,
+        COL_BLOCKS: tl.constexpr,
     ):
         # d/dg_i mean_j (‖g_j‖ − 1)² = 2 (‖g_i‖ − 1) g_i / (B ‖g_i‖), and 0 at g_i = 0 as torch's
         # norm backward gives.
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        norms = _row_norms(grad_ptr, rows, num_rows, num_cols, BLOCK_ROWS, BLOCK_COLS)
+        norms = _row_norms(grad_ptr, rows, num_rows, num_cols, BLOCK_ROWS, BLOCK_COLS, COL_BLOCKS)
         grad_out = tl.load(grad_out_ptr).to(tl.float32)
         safe = tl.where(norms > 0.0, norms, 1.0)
         scale = tl.where(norms > 0.0, grad_out * 2.0 * (norms - 1.0) / (safe * num_rows), 0.0)[:, None]
-        for col_start in range(0, num_cols, BLOCK_COLS):
-            cols = col_start + tl.arange(0, BLOCK_COLS)
+        for col_block in range(COL_BLOCKS):
+            cols = col_block * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
             mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
             offsets = rows[:, None] * num_cols + cols[None, :]
             g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -224,6 +235,20 @@ if HAS_TRITON:
 
 def _block_cols(num_cols: int) -> int:
     return min(triton.next_power_of_2(max(num_cols, 1)), MAX_BLOCK_COLS)
+
+
+def _blocks(num_cols: int, num_rows: int | None = None) -> dict[str, int]:
+    """The kernels' loop trip counts, as constexprs. Triton 3.6's interpreter hands a scalar
+    argument to the kernel as a one-element NumPy array, and ``range(0, num_cols, BLOCK)`` over it
+    fails under NumPy 2.5 ("only 0-dimensional arrays can be converted to Python scalars": 27 kernel
+    tests, torch 2.11 / Triton 3.6 / Python 3.12). A constexpr count is a Python int everywhere; on
+    a GPU it specialises the kernel per count: 1 column block for |S| <= 128, one row count per D
+    batch size."""
+    block_cols = _block_cols(num_cols)
+    out = {"BLOCK_COLS": block_cols, "COL_BLOCKS": triton.cdiv(num_cols, block_cols)}
+    if num_rows is not None:
+        out["ROW_BLOCKS"] = triton.cdiv(num_rows, BLOCK_ROWS)
+    return out
 
 
 def _check_rows(name: str, tensor: torch.Tensor) -> None:
@@ -245,7 +270,7 @@ def _gp_interpolate_op(real: torch.Tensor, fake: torch.Tensor, seed: torch.Tenso
         num_rows, num_cols = real.shape
         if out.numel():
             _gp_interpolate_fwd_kernel[(triton.cdiv(num_rows, BLOCK_ROWS),)](
-                real, fake, out, seed, num_rows, num_cols, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=_block_cols(num_cols)
+                real, fake, out, seed, num_rows, num_cols, BLOCK_ROWS=BLOCK_ROWS, **_blocks(num_cols)
             )
         return out
     epsilon = torch.rand(real.shape[0], dtype=torch.float32, device=real.device, generator=torch_generator(seed))
@@ -271,7 +296,7 @@ def _gp_norm_penalty_op(grad: torch.Tensor) -> torch.Tensor:
         out = torch.empty((), dtype=torch.float32, device=grad.device)
         num_rows, num_cols = grad.shape
         _gp_norm_penalty_fwd_kernel[(1,)](
-            grad, out, num_rows, num_cols, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=_block_cols(num_cols)
+            grad, out, num_rows, num_cols, BLOCK_ROWS=BLOCK_ROWS, **_blocks(num_cols, num_rows)
         )
         return out
     return norm_penalty_reference(grad)
@@ -291,7 +316,7 @@ def _gp_norm_penalty_backward_op(grad_out: torch.Tensor, grad: torch.Tensor) -> 
         num_rows, num_cols = grad.shape
         if grad.numel():
             _gp_norm_penalty_bwd_kernel[(triton.cdiv(num_rows, BLOCK_ROWS),)](
-                grad_out, grad, grad_grad, num_rows, num_cols, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=_block_cols(num_cols)
+                grad_out, grad, grad_grad, num_rows, num_cols, BLOCK_ROWS=BLOCK_ROWS, **_blocks(num_cols)
             )
         return grad_grad
     g = grad.float()

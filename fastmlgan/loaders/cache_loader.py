@@ -55,6 +55,17 @@ _MEAN = [float(v) for v in torch.tensor(IMAGENET_MEAN, dtype=torch.float32) * 25
 _STD = [float(v) for v in torch.tensor(IMAGENET_STD, dtype=torch.float32) * 255.0]
 
 
+def usable_gpu_memory(device) -> tuple[int, int]:
+    """(bytes this process can still allocate on ``device``, the device's total bytes).
+
+    ``torch.cuda.mem_get_info``'s free bytes leave out what PyTorch's caching allocator holds
+    reserved but unused (freed tensors it keeps for reuse), which a new allocation gets first:
+    counting it as used refused caches that fit after, say, a model was built and freed."""
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + max(0, cached), total
+
+
 def check_gpu_fit(nbytes: int, free: int, total: int, what: str, device) -> None:
     """``ConfigError`` when ``nbytes`` would leave less than ``GPU_HEADROOM`` of the GPU free."""
     headroom = int(total * GPU_HEADROOM)
@@ -86,7 +97,9 @@ class CacheLoader(BatchPlan):
         prefetch: int = 2,
         cache_device: str = "cpu",
         pixels_per_batch: int | None = None,
+        gpu_pixels: torch.Tensor | None = None,
     ):
+        """``gpu_pixels``: the GPU copy of another loader over the same cache (``with_batch``)."""
         super().__init__(len(cache), batch_size, rank, world_size, train, seed)
         expected = Geometry("train" if train else "eval", int(image_size))
         if cache.geometry != expected:
@@ -113,16 +126,35 @@ class CacheLoader(BatchPlan):
         self.pixels_per_batch = pixels_per_batch
         self._labels = torch.from_numpy(cache.labels.astype(np.float32))
         self._pin = torch.cuda.is_available()
-        self._gpu_pixels: torch.Tensor | None = None
-        if cache_device == "cuda":
+        self._gpu_pixels: torch.Tensor | None = gpu_pixels
+        if cache_device == "cuda" and gpu_pixels is None:
             self._load_to_gpu()
         self._pool: ThreadPoolExecutor | None = None
+
+    def with_batch(self, batch_size: int, pixels_per_batch: int | None = None) -> CacheLoader:
+        """A training loader over the same cache with another batch size (phase 2's whole
+        iterations) that shares this one's GPU copy: with ``--data.cache_device cuda`` a second
+        loader built from scratch put the training cache in GPU memory twice (2 x 15 GiB for COCO
+        at 224)."""
+        if not self.train:
+            raise ValueError("with_batch: only a training loader's batch can change")
+        if len(self.cache) < batch_size * self.world_size:
+            raise ConfigError(
+                f"a batch of {batch_size} per rank needs {batch_size * self.world_size} training images, "
+                f"but the cache {self.cache.path.name} holds {len(self.cache)}: lower --data.batch_size"
+            )
+        return CacheLoader(
+            self.cache, self.image_size, batch_size, self.rank, self.world_size, train=True, seed=self.seed,
+            device=self.device, num_threads=self.num_threads, dtype=self.dtype, channels_last=self.channels_last,
+            prefetch=self.prefetch, cache_device=self.cache_device, pixels_per_batch=pixels_per_batch,
+            gpu_pixels=self._gpu_pixels,
+        )
 
     def _load_to_gpu(self) -> None:
         # Training needs every row (each epoch's shard is another draw); evaluation only this rank's.
         rows = np.arange(len(self.cache)) if self.train else np.arange(self.rank, len(self.cache), self.world_size)
         nbytes = len(rows) * self.side * self.side * 3
-        free, total = torch.cuda.mem_get_info(self.device)
+        free, total = usable_gpu_memory(self.device)
         check_gpu_fit(nbytes, free, total, f"the {self.cache.geometry.purpose} cache {self.cache.path.name}", self.device)
         pixels = torch.empty((len(rows), self.side, self.side, 3), dtype=torch.uint8, device=self.device)
         step = max(1, 2**28 // (self.side * self.side * 3))

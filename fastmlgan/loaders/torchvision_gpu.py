@@ -47,6 +47,9 @@ from fastmlgan.loaders.torch_loader import (
 logger = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+# The torch loader's float32 constants, as Python floats that are exactly those float32 values.
+_MEAN = [float(v) for v in torch.tensor(IMAGENET_MEAN, dtype=torch.float32) * 255.0]
+_STD = [float(v) for v in torch.tensor(IMAGENET_STD, dtype=torch.float32) * 255.0]
 
 
 def _resize(images: torch.Tensor, side: int) -> torch.Tensor:
@@ -54,15 +57,29 @@ def _resize(images: torch.Tensor, side: int) -> torch.Tensor:
     return TF.resize(images, [side, side], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
+def _in_order(groups: list[tuple[list[int], torch.Tensor]], n: int) -> torch.Tensor:
+    """Rows of each group's result (``members[k]`` -> ``result[k]``) stacked back in batch order.
+
+    No index tensor: ``out[members] = result`` with a Python list builds the index on the host and
+    copies it to the GPU (pageable memory: the host waits for the stream) once per group and batch,
+    and that wait inside ``BatchStream.next`` counted GPU compute as data wait. Stacking views is
+    one kernel and no transfer."""
+    if len(groups) == 1 and groups[0][0] == list(range(n)):
+        return groups[0][1]
+    rows: list = [None] * n
+    for members, result in groups:
+        for k, i in enumerate(members):
+            rows[i] = result[k]
+    return torch.stack(rows)
+
+
 def resize_all(images: list[torch.Tensor], side: int) -> torch.Tensor:
     """A list of uint8 (3, H_i, W_i) images -> uint8 (B, 3, side, side), one resize call per distinct size."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, image in enumerate(images):
         groups[tuple(image.shape[-2:])].append(i)
-    out = torch.empty((len(images), 3, side, side), dtype=torch.uint8, device=images[0].device)
-    for members in groups.values():
-        out[members] = _resize(torch.stack([images[i] for i in members]), side)
-    return out
+    done = [(members, _resize(torch.stack([images[i] for i in members]), side)) for members in groups.values()]
+    return _in_order(done, len(images))
 
 
 def five_crop_batch(base_images: torch.Tensor, crops: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -73,25 +90,31 @@ def five_crop_batch(base_images: torch.Tensor, crops: torch.Tensor, image_size: 
     base = base_size(image_size)
     if base_images.shape[-2:] != (base, base):
         raise ValueError(f"expected images of {base}x{base} for image_size {image_size}, got {tuple(base_images.shape)}")
-    out = torch.empty((len(base_images), 3, image_size, image_size), dtype=torch.uint8, device=base_images.device)
     by_size: dict[int, list[int]] = defaultdict(list)
-    crops_list = crops.tolist()
+    crops_list = crops.tolist()  # a host tensor: the loaders make the crops on the CPU
     for i, (_, size_index) in enumerate(crops_list):
         by_size[size_index].append(i)
+    done = []
     for members in by_size.values():
         patches = []
         for i in members:
             top, left, side = crop_window(crops_list[i][0], crops_list[i][1], image_size)
             patches.append(base_images[i, :, top : top + side, left : left + side])
-        out[members] = _resize(torch.stack(patches), image_size)
-    return out
+        done.append((members, _resize(torch.stack(patches), image_size)))
+    return _in_order(done, len(base_images))
 
 
 def normalize_batch(images: torch.Tensor, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> ImageNet-normalised ``dtype``, optionally in channels_last memory format."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
-    out = ((images.to(torch.float32) - mean) / std).to(dtype)
+    """uint8 (B, 3, S, S) -> ImageNet-normalised ``dtype``, optionally in channels_last memory format.
+
+    Channel by channel with Python-float constants (the float32 values of mean·255 and std·255, so
+    the result equals the broadcast ``(x - mean) / std`` bit for bit): a ``torch.tensor(mean,
+    device="cuda")`` per batch was a pageable host-to-device copy, on which the host waits for the
+    GPU, inside ``BatchStream.next``."""
+    out = images.to(torch.float32, copy=True)  # never normalise the caller's tensor in place
+    for c in range(3):
+        out[:, c].sub_(_MEAN[c]).div_(_STD[c])
+    out = out.to(dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
