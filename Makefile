@@ -54,11 +54,14 @@ test-faults: install
 
 # The GPU check's CPU dry run: bench/gpu_check.sh's every step in order on tiny sizes (~3 min on 2
 # cores), then the checker on its one-archive bundle (CI runs it after `make test`).
-GPU_CHECK_OUT ?= $(shell mktemp -d 2>/dev/null || echo /tmp/fastmlgan-gpu-check-dry)
+# One folder for both commands (GPU_CHECK_OUT, else a fresh temporary one), chosen in the recipe:
+# a make variable holding $(shell mktemp -d) would make a new folder at each use.
+GPU_CHECK_OUT ?=
 
 gpu-check-dry: install
-	GPU_CHECK_DEVICE=cpu OUT=$(GPU_CHECK_OUT) PYTHON=$(PY) bash bench/gpu_check.sh; \
-	$(PY) bench/gpu_bundle.py check $(GPU_CHECK_OUT) --require-passed
+	out="$(GPU_CHECK_OUT)"; out="$${out:-$$(mktemp -d)}"; \
+	GPU_CHECK_DEVICE=cpu OUT="$$out" PYTHON=$(PY) bash bench/gpu_check.sh; \
+	$(PY) bench/gpu_bundle.py check "$$out" --require-passed
 
 bench: install
 	$(PY) bench/kernels.py

@@ -302,6 +302,24 @@ def test_the_scripts_planted_failure_shows_as_that_steps_status(tmp_path):
     assert checked.returncode == 1 and "step env: failed, exit 3" in checked.stderr
 
 
+def test_make_gpu_check_dry_checks_the_bundle_the_script_wrote(tmp_path):
+    # CI's command: the Makefile must hand the checker the folder the script wrote to (a make
+    # variable holding $(shell mktemp -d) made a new folder at each use: the checker then found no
+    # bundle and a passing run failed). A failure planted in the env step must come back as that
+    # step's status, read from the script's own bundle.
+    # No GPU_CHECK_OUT: the default folder (mktemp, here under TMPDIR) is the case that broke.
+    env = {**os.environ, "GPU_CHECK_STEPS": "env", "GPU_CHECK_PLANT_FAIL": "env", "TMPDIR": str(tmp_path)}
+    env.pop("GPU_CHECK_OUT", None)
+    done = subprocess.run(
+        ["make", "-s", "-C", str(REPO), "-o", ".venv/.installed", "-o", ".venv/.install-spec", "gpu-check-dry",
+         f"PY={sys.executable}"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "step env: failed, exit 3" in done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+    bundles = list(tmp_path.glob("*/gpu-check.tar.gz"))
+    assert len(bundles) == 1 and [p.name for p in bundles[0].parent.iterdir()] == ["gpu-check.tar.gz"]
+
+
 def test_the_scripts_budget_header_adds_up():
     text = (BENCH / "gpu_check.sh").read_text()
     header = {line.split()[1]: int(line.split()[2]) for line in text.splitlines()
