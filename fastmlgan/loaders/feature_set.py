@@ -71,12 +71,9 @@ class FeatureSet:
 
 def read_text(path: Path) -> str:
     """The file as UTF-8 text; a DataError names the line of the first byte that is not."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e}") from None
+    from fastmlgan.safeio import read_bytes
+
+    raw = read_bytes(path, "data file")  # a FIFO, a device or a folder: one line, never a wait
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
