@@ -182,7 +182,9 @@ def launch_torchrun(nproc: int, args: Sequence[str]) -> int:
 def _torchrun_exit_code(e: Exception) -> int:
     failures = getattr(e, "failures", None)
     if failures:
-        exitcode = failures[min(failures)].exitcode
+        # A rank's own exit status first; the others were often stopped by torchrun (SIGTERM) after it.
+        codes = [failures[rank].exitcode for rank in sorted(failures)]
+        exitcode = next((c for c in codes if c > 0), codes[0])
         return exitcode if exitcode > 0 else 128 - exitcode  # killed by a signal: 128 + its number
     sigval = getattr(e, "sigval", None)
     if sigval is not None:

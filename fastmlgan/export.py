@@ -82,7 +82,7 @@ def _prepare_out_dir(out: Path, overwrite: bool, checkpoint: Path, writes: list[
     folder) or a file the earlier export did not write (a user's model.onnx) is refused, never
     deleted. Nothing in ``out`` changes before the new export is complete."""
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is not a folder; give a folder")
+        raise ConfigError(f"--out {out} is a {'file' if out.is_file() else 'special file'}; give a folder")
     content = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     earlier: set[str] = set()
     if content:

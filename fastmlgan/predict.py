@@ -74,7 +74,10 @@ def _read_list(list_file: str) -> list[str]:
     if list_file == "-":
         lines, base = sys.stdin.read().splitlines(), Path(".")
     else:
-        lines = read_text(list_file, "--list").splitlines()  # a FIFO or a device: refused, not waited on
+        try:  # a FIFO or a device: refused, not waited on
+            lines = read_text(list_file, "--list").splitlines()
+        except DataError as e:
+            raise DataError(f"--list {list_file}: cannot read it ({str(e).removeprefix(f'--list {list_file}').strip(': ')})") from None
         base = Path(list_file).parent
     out = []
     for line in lines:
@@ -151,15 +154,16 @@ def check_out(out: str, inputs: list[str], model_files: list[str]) -> None:
         raise ConfigError(f"--out {out}: cannot write rows there ({why})")
     if not os.path.exists(out):
         if not Path(out).resolve().parent.is_dir():
-            raise ConfigError(f"--out {out}: its folder does not exist")
+            raise ConfigError(f"--out {out}: cannot write it (its folder does not exist)")
         return
     target = os.stat(out)
     for path in [*model_files, *inputs]:
         try:
-            if os.path.samestat(os.stat(path), target):
-                raise ConfigError(f"--out {out} is {path}, an input of this command: give another --out")
-        except (OSError, ValueError):
+            same = os.path.samestat(os.stat(path), target)
+        except (OSError, ValueError):  # a missing input (its row will say so), a NUL in its name
             continue
+        if same:
+            raise ConfigError(f"--out {out} is {path}, an input of this command: give another --out")
     for folder in Path(out).resolve().parents:
         if is_run_dir(folder) or (folder / SIDECAR).is_file():
             raise ConfigError(

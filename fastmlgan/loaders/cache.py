@@ -372,8 +372,9 @@ def build_cache(
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - closed by the with below
     except OSError as e:  # a file where the folder should be, a read-only folder
+        why = "it is not a folder" if e.errno in (errno.EEXIST, errno.ENOTDIR) else describe_os_error(e)
         raise CacheError(
-            f"--data.cache_dir {path.parent}: cannot build the cache there ({describe_os_error(e)}); "
+            f"--data.cache_dir {path.parent}: cannot build the cache there ({why}); "
             "point --data.cache_dir (or $FASTMLGAN_CACHE) at a writable folder"
         ) from None
     with lock:

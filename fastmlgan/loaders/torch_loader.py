@@ -14,6 +14,7 @@ and ranks take the same number of steps. Evaluation keeps every image exactly on
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import logging
 from collections.abc import Iterator
@@ -57,6 +58,17 @@ def decode_rgb(path) -> torch.Tensor:
 
 
 _ORIENTATION = 0x0112  # the EXIF tag
+
+
+def rotated_jpeg(data: bytes) -> bool:
+    """Whether JPEG bytes carry an EXIF orientation other than upright (nvJPEG cannot apply it)."""
+    if b"Exif\x00\x00" not in data[:65536]:  # EXIF lives in an APP1 segment before the image data
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the headers only
+            return img.getexif().get(_ORIENTATION, 1) != 1
+    except Exception:  # noqa: BLE001 - unreadable headers: the decoder will say what is wrong
+        return False
 # PIL modes of 16-bit grey (PNG, TIFF); ``convert("RGB")`` clips them at 255 (a near-white image).
 _MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 

@@ -103,15 +103,14 @@ def _split_harness_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def _parse_seeds(text: str) -> list[int]:
     try:
-        if "," in text:
-            seeds = [int(s) for s in text.split(",") if s.strip()]
-        else:
-            count = int(text)
-            if count > MAX_SEEDS:  # before range(): --seeds 10**12 would fill the memory
-                raise ConfigError(f"--seeds {count}: at most {MAX_SEEDS} seeds (each is a full set of training runs)")
-            seeds = list(range(count))
+        numbers = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds: expected a count N or a list S1,S2,..., got {text!r}") from None
+    if "," not in text and numbers:
+        if numbers[0] > MAX_SEEDS:  # before range(): --seeds 10**12 would fill the memory
+            raise ConfigError(f"--seeds {numbers[0]}: at most {MAX_SEEDS} seeds (each is a full set of training runs)")
+        numbers = list(range(numbers[0]))
+    seeds = numbers
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > 2**32 - 1 or len(seeds) > MAX_SEEDS:
         raise ConfigError(
             f"--seeds: need 1 to {MAX_SEEDS} seeds in [0, 4294967295], no repeats; got {text[:60]!r}"
