@@ -495,7 +495,8 @@ def load_latest_good(
     given, without fallback. No good file: a one-line ``CheckpointError``."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found")
+        loop = os.path.lexists(path)
+        raise CheckpointError(f"checkpoint {path} {'is a symbolic link loop' if loop else 'not found'}")
     files, fallback = _candidates(path)
     if not files:
         raise CheckpointError(f"checkpoint {path} not found (no {LAST} or step-*.pt in it)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +130,7 @@ def locate(path: str | Path) -> tuple[str, Path]:
         return "checkpoint", p / ckpt.CHECKPOINT_DIR / ckpt.LAST
     if p.is_file():
         return "checkpoint", p
-    what = "does not exist" if not p.exists() else (
+    what = "does not exist" if not os.path.lexists(p) else "is a symbolic link loop" if not p.exists() else (
         "is a folder without fastmlgan.json or checkpoints/last.pt" if p.is_dir() else "is not a regular file (a FIFO or a device?)"
     )
     raise ConfigError(
@@ -170,7 +171,8 @@ def _load_export(folder: Path) -> Classifier:
     sidecar = read_json(sidecar_path, "model sidecar", ConfigError)
     if not isinstance(sidecar, dict) or sidecar.get("format") != EXPORT_FORMAT:
         raise ConfigError(f"{sidecar_path}: not a fastmlgan export (its \"format\" is not {EXPORT_FORMAT!r})")
-    if sidecar.get("format_version") not in (1, EXPORT_VERSION):
+    version = sidecar.get("format_version")
+    if isinstance(version, bool) or version not in (1, EXPORT_VERSION):  # true == 1 in Python
         raise ConfigError(
             f"{sidecar_path}: format_version {sidecar.get('format_version')!r}; this fastmlgan reads "
             f"version {EXPORT_VERSION}: export the checkpoint again with this version"

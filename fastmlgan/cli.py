@@ -74,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(version_text())
         return 0
     command, args = argv[0], argv[1:]
+    from fastmlgan.safeio import nul_argument
+
+    if nul_argument(argv):
+        print(nul_argument(argv), file=sys.stderr)
+        return 2
     if command not in COMMANDS:
         close = difflib.get_close_matches(command, COMMANDS, n=2)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""

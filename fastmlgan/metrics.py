@@ -424,6 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--logits", action="store_true", help="scores are logits: apply a sigmoid first")
     parser.add_argument("--per-class", action="store_true", help="add per_class: P, R, F1, AP of every class")
     parser.add_argument("--class-names", help="text file, one class name a line, in column order (with --per-class)")
+    from fastmlgan.safeio import nul_argument
+
+    if nul_argument(argv or []):
+        print(nul_argument(argv), file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help

@@ -309,6 +309,15 @@ def stdout_failed(e: OSError) -> str:
     return f"error: cannot write to standard output ({describe_os_error(e)})"
 
 
+def nul_argument(argv) -> str | None:
+    """The one-line error for a command-line argument holding a NUL character (no file name can;
+    only a caller in Python can pass one, the operating system cannot), or None."""
+    for arg in argv:
+        if "\x00" in str(arg):
+            return f"error: argument {str(arg)!r} contains a NUL character"
+    return None
+
+
 def one_line(e: BaseException) -> str:
     """The message of ``e`` on one line. A DataLoader worker re-raises an error in the main process
     as ``Caught DataError in DataLoader worker process 0.\\nOriginal Traceback ...`` (20 lines): its

@@ -114,7 +114,7 @@ def check_run_dir(cfg: Config, out_dir: Path) -> str | None:
     if cfg.resume or not out_dir.exists():
         return None
     if not out_dir.is_dir():
-        return f"--out {out_dir} is a file, not a directory"
+        return f"--out {out_dir} is {'a file' if out_dir.is_file() else 'not a regular file'}, not a directory"
     content = sorted(p.name for p in out_dir.iterdir())
     if not content:
         return None

@@ -63,7 +63,7 @@ from fastmlgan.errors import ConfigError, DataError, FastMLGANError
 from fastmlgan.loaders.base import LabeledImages
 from fastmlgan.loaders.cache_decode import DaliFailed, rows_cpu, rows_dali, rows_torchvision
 from fastmlgan.loaders.five_crop import base_size
-from fastmlgan.safeio import describe_os_error, open_regular
+from fastmlgan.safeio import describe_os_error, nul_argument, open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -179,19 +179,13 @@ class ImageCache:
         self.geometry = Geometry(g["purpose"], int(g["image_size"]))
         n, side = int(header["num_images"]), self.geometry.side
         px = header["sections"]["pixels"]
-        # mode "c" (copy-on-write), for inspection: loaders use read_rows (pread: no SIGBUS when truncated).
+        # mode "c" (copy-on-write), for inspection: loaders use cache_read.read_rows (pread: no SIGBUS when truncated).
         self.pixels = np.memmap(self.path, dtype=np.uint8, mode="c", offset=int(px["offset"]), shape=(n, side, side, 3))
         self._offset, self._row_bytes = int(px["offset"]), side * side * 3
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def __del__(self):
         os.close(self._fd) if getattr(self, "_fd", None) is not None else None
-
-    def read_rows(self, rows, out: np.ndarray) -> None:
-        """Copy pixel rows ``rows`` into ``out`` (k, side, side, 3) uint8, one ``pread`` each."""
-        from fastmlgan.loaders.cache_read import read_rows
-
-        read_rows(self, rows, out)
 
     def __len__(self) -> int:
         return int(self.header["num_images"])
@@ -247,10 +241,8 @@ class ImageCache:
         return None
 
     def verify(self, num_threads: int = 1) -> None:
-        """Check every pixel chunk's CRC-32 (reads the whole file, on ``num_threads`` threads);
-        ``CacheError`` naming the first bad rows."""
+        """Check every pixel chunk's CRC-32 on ``num_threads`` threads; ``CacheError`` naming the first bad rows."""
         from fastmlgan.loaders.cache_read import verify_pixels
-
         verify_pixels(self, num_threads)
 
 
@@ -624,10 +616,17 @@ def main(argv: list[str] | None = None) -> int:
     from fastmlgan.progress import setup_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("build", "info", "verify"):
+    if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 0
+    if not argv or argv[0] not in ("build", "info", "verify"):
+        print(f"{USAGE}\nerror: {'unknown command ' + repr(argv[0]) if argv else 'no command'}: give build, info or verify",
+              file=sys.stderr)
+        return 2
     command, rest = argv[0], argv[1:]
+    if nul_argument(rest):
+        print(nul_argument(rest), file=sys.stderr)
+        return 2
     setup_logging(True)
     try:
         if command == "verify":

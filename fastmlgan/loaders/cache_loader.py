@@ -36,6 +36,7 @@ import torch
 
 from fastmlgan.errors import ConfigError
 from fastmlgan.loaders.cache import CacheError, Geometry, ImageCache
+from fastmlgan.loaders.cache_read import read_rows
 from fastmlgan.loaders.five_crop import NUM_SIZES, crop_window
 from fastmlgan.loaders.torch_loader import (
     IMAGENET_MEAN,
@@ -128,7 +129,7 @@ class CacheLoader(BatchPlan):
         step = max(1, 2**28 // (self.side * self.side * 3))
         for a in range(0, len(rows), step):
             block = np.empty((len(rows[a : a + step]), self.side, self.side, 3), dtype=np.uint8)
-            self.cache.read_rows(rows[a : a + step], block)  # pread: a truncated file is an error, not SIGBUS
+            read_rows(self.cache, rows[a : a + step], block)  # pread: a truncated file is an error, not SIGBUS
             pixels[a : a + step].copy_(torch.from_numpy(block))
         self._gpu_pixels = pixels
         logger.info("cache %s: %d rows in GPU memory (%.2f GiB)", self.cache.path.name, len(rows), nbytes / 2**30)
@@ -165,7 +166,7 @@ class CacheLoader(BatchPlan):
             part["rows"] = torch.from_numpy(local).pin_memory()
             return part
         staged = torch.empty((k, self.side, self.side, 3), dtype=torch.uint8, pin_memory=self._pin and self.device.type == "cuda")
-        self.cache.read_rows(rows.tolist(), staged.numpy())  # one pread of a contiguous row each
+        read_rows(self.cache, rows.tolist(), staged.numpy())  # one pread of a contiguous row each
         part["staged"] = staged
         if self.device.type == "cpu":
             part["image"] = self._images(part.pop("staged"), part["order"], groups)

@@ -34,7 +34,7 @@ _STRING_FIELDS = {"images": ("file_name",), "categories": ("name",), "annotation
 
 
 def _load_json(annotation_file: Path) -> dict:
-    if not annotation_file.exists():
+    if not os.path.lexists(annotation_file):  # a symbolic link loop is named by open_regular
         raise DataError(f"{annotation_file}: annotation file not found")
     try:
         with open_regular(annotation_file, "annotation file") as f:  # not a FIFO, a device or a folder

@@ -41,7 +41,7 @@ from PIL import Image
 
 from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.progress import setup_logging
-from fastmlgan.safeio import read_text
+from fastmlgan.safeio import nul_argument, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -465,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=_PARAM_DEFAULTS["seed"])
     parser.add_argument("--force", action="store_true", help="regenerate even when the folder matches")
     parser.add_argument("--describe", action="store_true", help="print the dataset's structure")
+    if nul_argument(argv or []):
+        print(nul_argument(argv), file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(argv)
         setup_logging(stream="stderr", fmt="%(message)s")

@@ -29,6 +29,7 @@ import csv
 import io
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,7 @@ def _lines(text: str) -> list[str]:
 def read_label_names(path) -> list[str]:
     """Class names, one a line, in file order."""
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):  # a symbolic link loop is named by read_bytes
         raise DataError(f"{path}: label-names file not found")
     names, first_line = [], {}
     for lineno, line in enumerate(_lines(_read_utf8(path)), 1):
@@ -155,7 +156,7 @@ def scan_list(list_file, class_names: list[str], image_root=None, allow_outside_
     """Parse a list file, collecting (not raising on) malformed rows, unknown label names and
     paths outside ``image_root``."""
     list_file = Path(list_file)
-    if not list_file.exists():
+    if not os.path.lexists(list_file):
         raise DataError(f"{list_file}: list file not found")
     root = Path(image_root) if image_root else list_file.parent
     column = {name: c for c, name in enumerate(class_names)}

@@ -129,10 +129,14 @@ def _resolve_weights(backbone: str, name: str):
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
-        raise ConfigError(f"--model.pretrained {path}: cannot read it as a torch state dict ({e})") from None
+    from fastmlgan.safeio import open_regular
+
+    with open_regular(path, "--model.pretrained", ConfigError) as f:  # a FIFO or a device: refused, not waited on
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"--model.pretrained {path}: cannot read it as a torch state dict ({first})") from None
     for key in ("state_dict", "model", "generator"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -153,8 +157,8 @@ def _torchvision_model(backbone: str, pretrained: str) -> nn.Module:
         kwargs = {"aux_logits": False, "init_weights": True, **inception} if inception else {}
         return torchvision.models.get_model(backbone, weights=None, **kwargs)
     path = Path(os.path.expanduser(pretrained))
-    if path.suffix in (".pth", ".pt", ".bin") or path.exists():
-        if not path.is_file():
+    if path.suffix in (".pth", ".pt", ".bin") or os.path.lexists(path):
+        if not os.path.lexists(path):
             raise ConfigError(f"--model.pretrained {pretrained}: file not found")
         kwargs = {"aux_logits": True, "init_weights": False, **inception} if inception else {}
         model = torchvision.models.get_model(backbone, weights=None, **kwargs)
