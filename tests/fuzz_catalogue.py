@@ -482,7 +482,7 @@ class SidecarEdit:
         for part in parents:
             holder = holder[part]
         if self.value == "<drop>":
-            del holder[last]
+            holder.pop(last, None)
         else:
             holder[last] = self.value
         return json.dumps(sidecar)
