@@ -177,7 +177,7 @@ except Exception as e:
 # 4. resume compatibility
 
 
-@pytest.mark.parametrize("key", [k for k in ckpt.SHAPE_AND_DATA_OPTIONS if k.startswith("data.labelsets_")])
+@pytest.mark.parametrize("key", [f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.name.startswith("labelsets_")])
 def test_a_resume_that_changes_the_labelsets_data_is_refused(key):
     saved = build_config(preset="smoke")
     changed = saved.to_dict()
