@@ -65,6 +65,44 @@ def memmap_rows(cache, rows, out):  # the reading before issue 18
         out[j] = cache.pixels[r]
 
 
+def measure(data, purpose: str, folder: Path, repeats: int) -> dict:
+    import fastmlgan.loaders.cache_loader as cl
+
+    geometry = Geometry(purpose, 224)
+    cache = ensure_cache(data, geometry, folder, num_threads=2, progress=False)
+    size = cache.path.stat().st_size
+    row: dict = {"file_bytes": size}
+    for threads in (1, 2, 4):
+        row[f"verify_s_{threads}_threads"] = median_time(lambda t=threads: cache.verify(t), repeats)
+    row["gb_per_s_2_threads"] = size / row["verify_s_2_threads"] / 1e9
+    row["open_s_without_verify"] = median_time(lambda: ImageCache.open(cache.path, geometry).stale_reason(data), repeats)
+    row["open_s_with_verify_2_threads"] = row["open_s_without_verify"] + row["verify_s_2_threads"]
+    order = np.arange(len(cache))
+    staged = np.empty((64, geometry.side, geometry.side, 3), np.uint8)
+
+    def copy_all(read):
+        for a in range(0, len(order), 64):
+            rows = order[a : a + 64].tolist()
+            read(cache, rows, staged[: len(rows)])
+
+    row["rows_s_memmap"] = median_time(lambda: copy_all(memmap_rows), repeats)
+    row["rows_s_pread"] = median_time(lambda: copy_all(cache_read.read_rows), repeats)
+    loader = CacheLoader(cache, 224, 32, 0, 1, train=purpose == "train", num_threads=2)
+
+    def epoch():
+        for _ in loader:
+            pass
+
+    row["epoch_img_per_s_pread"] = len(loader) * 32 / median_time(epoch, repeats)
+    cl.read_rows, original = memmap_rows, cl.read_rows
+    try:
+        row["epoch_img_per_s_memmap"] = len(loader) * 32 / median_time(epoch, repeats)
+    finally:
+        cl.read_rows = original
+    loader.close()
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -76,42 +114,8 @@ def main() -> int:
         name, data = images(Path(tmp))
         results["dataset"], results["images"] = name, len(data)
         for purpose in ("train", "eval"):
-            cache = ensure_cache(data, Geometry(purpose, 224), Path(tmp) / "c", num_threads=2, progress=False)
-            size = cache.path.stat().st_size
-            row = {"file_bytes": size}
-            for threads in (1, 2, 4):
-                row[f"verify_s_{threads}_threads"] = median_time(lambda t=threads: cache.verify(t), args.repeats)
-            row["gb_per_s_2_threads"] = size / row["verify_s_2_threads"] / 1e9
-            geometry = Geometry(purpose, 224)
-            row["open_s_without_verify"] = median_time(lambda: ImageCache.open(cache.path, geometry).stale_reason(data), args.repeats)
-            row["open_s_with_verify_2_threads"] = row["open_s_without_verify"] + row["verify_s_2_threads"]
-            order = np.arange(len(cache))
-            staged = np.empty((64, geometry.side, geometry.side, 3), np.uint8)
-
-            def copy_all(read):
-                for a in range(0, len(order), 64):
-                    rows = order[a : a + 64].tolist()
-                    read(cache, rows, staged[: len(rows)])
-
-            row["rows_s_memmap"] = median_time(lambda: copy_all(memmap_rows), args.repeats)
-            row["rows_s_pread"] = median_time(lambda: copy_all(cache_read.read_rows), args.repeats)
-            loader = CacheLoader(cache, 224, 32, 0, 1, train=purpose == "train", num_threads=2)
-
-            def epoch():
-                for _ in loader:
-                    pass
-
-            import fastmlgan.loaders.cache_loader as cl
-
-            row["epoch_img_per_s_pread"] = len(loader) * 32 / median_time(epoch, args.repeats)
-            cl.read_rows, original = memmap_rows, cl.read_rows
-            try:
-                row["epoch_img_per_s_memmap"] = len(loader) * 32 / median_time(epoch, args.repeats)
-            finally:
-                cl.read_rows = original
-            loader.close()
-            results[purpose] = row
-            print(purpose, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+            results[purpose] = measure(data, purpose, Path(tmp) / "c", args.repeats)
+            print(purpose, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[purpose].items()}))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

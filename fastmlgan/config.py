@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -505,6 +506,8 @@ def load_config_file(path: str | Path) -> tuple[str | None, dict[str, Any]]:
     from fastmlgan.safeio import read_json
 
     path = Path(path)
+    if not os.path.lexists(path):
+        raise ConfigError(f"--config {path}: no such file")
     data = read_json(path, "--config", ConfigError)  # a FIFO, a device or 100,000 nested levels: one line
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of sections, got {type(data).__name__}")

@@ -96,7 +96,7 @@ def read_json(path: str | os.PathLike, what: str = "file", error: type[FastMLGAN
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise error(f"{what} {path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise error(f"{what} {path}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except RecursionError:
         raise error(f"{what} {path}: JSON nested too deeply") from None
 

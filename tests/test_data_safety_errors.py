@@ -154,7 +154,7 @@ def test_reproduce_bad_input_is_one_line(tmp_path, capsys, case):
     code, _, err = _in_process(main, argv, capsys)
     assert code == 2
     fragment = {"huge seeds": "--seeds 1000000000000: at most 1000 seeds", "negative threads": "--threads must be in [0, 1024]",
-                "corrupt harness.json": "harness.json: not valid JSON", "results.jsonl rows": "holds results of another configuration",
+                "corrupt harness.json": "harness.json: not JSON (line 1", "results.jsonl rows": "holds results of another configuration",
                 "out is a file": "is not a folder"}[case]
     error_line(err, fragment)
 
