@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{e}" + (f"; continue with --resume {trainer.out_dir}" if e.checkpoint else "")
         if log_file is not None:
             log_file.write_line(message)
-        report(message)
+        if info is None or info.is_main:  # rank 0 wrote the checkpoint; the others know no path to name
+            report(message)
         finished = not isinstance(e, StoppedOutsideTraining)
         return e.exit_code
     except KeyboardInterrupt:

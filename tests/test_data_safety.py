@@ -324,3 +324,26 @@ def test_check_says_training_would_fail_when_nothing_is_usable(tmp_path, smoke_d
         assert main(args) == 1
     report = capsys.readouterr().out
     assert "training would FAIL" in report and "train: no usable image among the 5 listed" in report
+
+
+@pytest.mark.faults
+def test_sigterm_to_train_nproc_stops_every_rank_with_one_line(tmp_path, smoke_data):
+    """``train --nproc`` now runs torchrun in its own process: a SIGTERM to it still reaches the
+    ranks through torchrun's agent, each finishes its step, rank 0 checkpoints, and the one line
+    names the checkpoint; the run resumes."""
+    import time
+
+    out = tmp_path / "run"
+    argv = ["train", "--nproc", "2", *smoke_args(out, smoke_data, "--train.bce_epochs", "30", "--train.log_every", "1")]
+    run = subprocess.Popen([sys.executable, "-m", "fastmlgan", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, env=env())
+    log = out / "metrics.jsonl"
+    while run.poll() is None and not (log.is_file() and log.read_text().strip()):
+        time.sleep(0.2)  # the first logged step: training has begun
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 143 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("SIGTERM: stopped after step")]
+    assert len(lines) == 1 and f"continue with --resume {out}" in lines[0] and "/checkpoints/step-" in lines[0], err[-3000:]
+    done = run_cli(["train", "--nproc", "2", "--resume", str(out), "--train.bce_epochs", "2"], timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
