@@ -364,3 +364,29 @@ def test_a_sidecar_weights_path_outside_the_export_is_not_followed(exported, run
     code, _, err = _predict([str(copy), embedded_val_images(run)[0]], capsys)
     assert code == 2
     error_line(err, "files.weights: path '../x.safetensors' points outside its folder", "must name a file in that folder")
+
+
+def test_dali_applies_exif_orientation_as_decode_rgb_does(tmp_path):
+    """DALI's decoder (its CPU pipeline here) turns an EXIF-rotated JPEG upright like decode_rgb;
+    before, ``adjust_orientation=False`` fed the stored, sideways pixels."""
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install '.[dali]')")
+    from loader_helpers import MAX_ABS_TOLERANCE, MEAN_ABS_TOLERANCE, denormalize
+
+    from fastmlgan.loaders.base import LabeledImages
+    from fastmlgan.loaders.dali import build_dali_eval_loader
+    from fastmlgan.loaders.torch_loader import decode_rgb, eval_resize
+
+    upright = np.zeros((48, 64, 3), np.uint8)
+    upright[:, :16] = 255  # a white band on the left
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = stored.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    stored.save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+    assert decode_rgb(tmp_path / "r.jpg").shape == (3, 48, 64)
+    images = LabeledImages(name="r", paths=[str(tmp_path / "r.jpg")] * 2, labels=np.ones((2, 1), np.uint8), class_names=["a"])
+    image = next(iter(build_dali_eval_loader(images, 32, 2, 0, 1)))["image"][0]
+    want = eval_resize(decode_rgb(tmp_path / "r.jpg"), 32).long()
+    diff = (denormalize(image) - want).abs()
+    assert diff.float().mean() <= MEAN_ABS_TOLERANCE and diff.max() <= MAX_ABS_TOLERANCE
+    sideways = eval_resize(torch.from_numpy(np.asarray(stored)).permute(2, 0, 1).contiguous(), 32).long()
+    assert (denormalize(image) - sideways).abs().float().mean() > 20  # the stored pixels are far from it
