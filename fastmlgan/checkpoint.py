@@ -150,13 +150,18 @@ class _RecordingWriter:
         self.crc = 0
         self.size = 0
         self.tail = b""
+        self.error: OSError | None = None  # torch's zip writer turns it into a RuntimeError
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         n = len(view)
         done = 0
-        while done < n:
-            done += os.write(self.fd, view[done:])
+        try:
+            while done < n:
+                done += os.write(self.fd, view[done:])
+        except OSError as e:
+            self.error = e
+            raise
         if n >= 2:
             self.crc = zlib.crc32(view[:-2], zlib.crc32(self.tail, self.crc))
             self.tail = bytes(view[-2:])
@@ -220,6 +225,11 @@ def _tensors(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
 def _write_error(e: OSError, path: Path, needed: int) -> CheckpointError:
     folder = path.parent
     intact = f"; {_last_good(path)} (untouched)" if path.is_file() or (folder / LAST).is_file() else ""
+    if e.errno == errno.EFBIG:
+        return CheckpointError(
+            f"cannot write {path.name} in {folder}: the file size limit of this process (ulimit -f) is below the "
+            f"about {needed:,} bytes ({needed / 2**20:.1f} MiB) it needs; raise the limit{intact}"
+        )
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
             free = f", {shutil.disk_usage(folder).free:,} bytes free"
@@ -263,7 +273,14 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> int:
         fd, tmp = _mkstemp(path)
         try:
             writer = _RecordingWriter(fd)
-            torch.save(obj, writer)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                # torch's zip writer reports a failed write as "[enforce fail at inline_container.cc]
+                # ... unexpected pos"; the OSError behind it (ENOSPC, EFBIG under ulimit -f) is the news.
+                if writer.error is None:
+                    raise
+                raise writer.error from None
             writer.finish()
             os.fsync(fd)
         finally:
@@ -440,9 +457,16 @@ def _candidates(path: Path) -> tuple[list[Path], bool]:
     last = folder / LAST
     files = [last] if last.is_file() else []
     for _, p in step_files(folder):
-        if not (files and os.path.samefile(p, last)):
-            files.append(p)
+        if not (files and _samefile(p, last)):
+            files.append(p)  # a dangling link among them fails its read, named, like a damaged file
     return files, True
+
+
+def _samefile(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
@@ -471,7 +495,8 @@ def load_latest_good(
     given, without fallback. No good file: a one-line ``CheckpointError``."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found")
+        loop = os.path.lexists(path)
+        raise CheckpointError(f"checkpoint {path} {'is a symbolic link loop' if loop else 'not found'}")
     files, fallback = _candidates(path)
     if not files:
         raise CheckpointError(f"checkpoint {path} not found (no {LAST} or step-*.pt in it)")
@@ -522,6 +547,15 @@ SHAPE_AND_DATA_OPTIONS: tuple[str, ...] = (
     "data.list_train", "data.list_val", "data.label_names", "data.image_root",
     "data.embedded_num_train", "data.embedded_num_val", "data.embedded_image_size", "data.embedded_seed",
     "data.features_train", "data.features_test", "data.features_xml",
+    "data.labelsets_train", "data.labelsets_test", "data.labelsets_names", "data.labelsets_evidence",
+    "data.labelsets_hidden_fraction", "data.labelsets_hidden", "data.labelsets_hidden_evidence", "data.labelsets_seed",
+)  # fmt: skip
+# The data options a resume may change: how the same images are read and served, not which.
+# Every data.* option is in one list or the other (tests/test_data_safety.py checks it).
+DATA_OPTIONS_A_RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "data.batch_size", "data.eval_batch_size", "data.num_workers", "data.on_bad_image", "data.backend",
+    "data.num_threads", "data.cache_dir", "data.cache_device", "data.dali_decode", "data.dali_hw_decoder_load",
+    "data.allow_outside_root",
 )  # fmt: skip
 
 

@@ -9,7 +9,10 @@ always built with ``pretrained=""`` and then given the saved weights, so nothing
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +22,16 @@ import torch
 from torch import nn
 
 from fastmlgan import checkpoint as ckpt
-from fastmlgan.config import Config, config_from_dict
+from fastmlgan.config import BACKBONES, Config, config_from_dict
 from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.models import Generator, build_generator
+from fastmlgan.safeio import inside_root, open_regular, read_bytes, read_json
+
+logger = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "fastmlgan-classifier"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
+"""2: ``files.weights_sha256`` (1 had no checksum; still read, with a warning)."""
 SIDECAR = "fastmlgan.json"
 WEIGHTS = "model.safetensors"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -123,7 +130,9 @@ def locate(path: str | Path) -> tuple[str, Path]:
         return "checkpoint", p / ckpt.CHECKPOINT_DIR / ckpt.LAST
     if p.is_file():
         return "checkpoint", p
-    what = "does not exist" if not p.exists() else "is a folder without fastmlgan.json or checkpoints/last.pt"
+    what = "does not exist" if not os.path.lexists(p) else "is a symbolic link loop" if not p.exists() else (
+        "is a folder without fastmlgan.json or checkpoints/last.pt" if p.is_dir() else "is not a regular file (a FIFO or a device?)"
+    )
     raise ConfigError(
         f"model {path} {what}: give an exported model folder (fastmlgan export), a run directory or a checkpoint file"
     )
@@ -131,7 +140,9 @@ def locate(path: str | Path) -> tuple[str, Path]:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A training checkpoint's dict; a one-line error for any other file."""
-    if not zipfile.is_zipfile(path):  # every torch.save file since torch 1.6 is a zip archive
+    with open_regular(path, "checkpoint", ConfigError) as f:  # not a FIFO: is_zipfile would wait on it
+        is_zip = zipfile.is_zipfile(f)
+    if not is_zip:  # every torch.save file since torch 1.6 is a zip archive
         raise ConfigError(f"{path} is not a fastmlgan checkpoint (not a file written by torch.save)")
     try:
         state = ckpt.load(path)
@@ -157,28 +168,87 @@ def load_model(path: str | Path) -> Classifier:
 
 def _load_export(folder: Path) -> Classifier:
     sidecar_path = folder / SIDECAR
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{sidecar_path}: cannot read it as JSON ({e})") from None
+    sidecar = read_json(sidecar_path, "model sidecar", ConfigError)
     if not isinstance(sidecar, dict) or sidecar.get("format") != EXPORT_FORMAT:
         raise ConfigError(f"{sidecar_path}: not a fastmlgan export (its \"format\" is not {EXPORT_FORMAT!r})")
-    if sidecar.get("format_version") != EXPORT_VERSION:
+    version = sidecar.get("format_version")
+    if isinstance(version, bool) or version not in (1, EXPORT_VERSION):  # true == 1 in Python
         raise ConfigError(
             f"{sidecar_path}: format_version {sidecar.get('format_version')!r}; this fastmlgan reads "
             f"version {EXPORT_VERSION}: export the checkpoint again with this version"
         )
+    check_sidecar(sidecar, sidecar_path)
     try:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
     except ImportError:
         raise ConfigError("exported models need the safetensors package: pip install safetensors") from None
-    weights = folder / sidecar["files"]["weights"]
+    # The weights file sits in the export folder: a sidecar naming ../x or /x is not followed.
+    weights = inside_root(folder, sidecar["files"]["weights"], f"{sidecar_path}: files.weights", None)
+    data = read_bytes(weights, "model weights", ConfigError)
+    expected = sidecar["files"].get("weights_sha256")
+    if expected is None:
+        logger.warning("%s: an export of format_version 1 has no weights checksum; export it again to get one", sidecar_path)
+    elif hashlib.sha256(data).hexdigest() != expected:
+        raise ConfigError(
+            f"{weights}: its SHA-256 differs from files.weights_sha256 in {SIDECAR}: the weights are corrupt or "
+            "were changed after export; export the checkpoint again"
+        )
     try:
-        state = load_file(weights)
-    except Exception as e:  # noqa: BLE001 - missing, torn or foreign file
-        raise ConfigError(f"{weights}: cannot read the weights ({type(e).__name__}: {e})") from None
+        state = load(data)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file
+        raise ConfigError(f"{weights}: cannot read the weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     generator = build_from_spec(sidecar["model"], state, str(weights))
     return Classifier(generator, list(sidecar["class_names"]), sidecar["preprocessing"], str(folder), sidecar)
+
+
+# fastmlgan.json's fields that loading reads: (path, type, check of the value, what it should be).
+_INT = (int,)
+_SIDECAR_FIELDS = (
+    ("class_names", list, lambda v: v and all(isinstance(n, str) for n in v) and len(set(v)) == len(v),
+     "a non-empty list of distinct class names"),
+    ("model", dict, None, "an object"),
+    ("model.backbone", str, lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}"),
+    ("model.num_labels", _INT, lambda v: v >= 1, "an integer >= 1"),
+    ("model.feature_dim", _INT, lambda v: v >= 1, "an integer >= 1"),
+    ("model.width", _INT, lambda v: 1 <= v <= 2**16, "an integer in [1, 65536]"),
+    ("model.depth", _INT, lambda v: 1 <= v <= 1000, "an integer in [1, 1000]"),
+    ("preprocessing", dict, None, "an object"),
+    ("preprocessing.input", str, lambda v: v in ("image", "features"), "image or features"),
+    ("files", dict, None, "an object"),
+    ("files.weights", str, lambda v: v and "\x00" not in v, "a file name"),
+)
+
+
+def check_sidecar(sidecar: dict[str, Any], path: Path) -> None:
+    """One-line ``ConfigError`` for a sidecar field that is missing or of the wrong type, or class
+    names that do not match the model's outputs (a ragged CSV otherwise)."""
+    for key, typ, ok, what in _SIDECAR_FIELDS:
+        value: Any = sidecar
+        for part in key.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is _MISSING:
+            raise ConfigError(f"{path}: '{key}' is missing; export the checkpoint again")
+        if not isinstance(value, typ) or isinstance(value, bool) or (ok is not None and not ok(value)):
+            raise ConfigError(f"{path}: '{key}' must be {what}, got {json.dumps(value)[:60]}")
+    model, pre = sidecar["model"], sidecar["preprocessing"]
+    if len(sidecar["class_names"]) != model["num_labels"]:
+        raise ConfigError(
+            f"{path}: {len(sidecar['class_names'])} class names for a model of {model['num_labels']} outputs; "
+            "export the checkpoint again"
+        )
+    if pre["input"] == "image":
+        size = pre.get("image_size")
+        if isinstance(size, bool) or not isinstance(size, int) or not 2 <= size <= 4096:
+            raise ConfigError(f"{path}: 'preprocessing.image_size' must be an integer in [2, 4096], got {json.dumps(size)[:60]}")
+    in_dim = model.get("in_dim")
+    if model["backbone"] == "mlp" and (isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1):
+        raise ConfigError(f"{path}: 'model.in_dim' must be an integer >= 1 for an mlp model, got {json.dumps(in_dim)[:60]}")
+    digest = sidecar["files"].get("weights_sha256")
+    if sidecar["format_version"] != 1 and not (isinstance(digest, str) and len(digest) == 64):
+        raise ConfigError(f"{path}: 'files.weights_sha256' must be the 64 hex digits of the weights' SHA-256")
+
+
+_MISSING = object()
 
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, list[str]]:

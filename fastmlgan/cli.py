@@ -74,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(version_text())
         return 0
     command, args = argv[0], argv[1:]
+    from fastmlgan.safeio import nul_argument
+
+    if nul_argument(argv):
+        print(nul_argument(argv), file=sys.stderr)
+        return 2
     if command not in COMMANDS:
         close = difflib.get_close_matches(command, COMMANDS, n=2)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
@@ -147,10 +152,62 @@ def torchrun_command(nproc: int, args: Sequence[str]) -> list[str]:
     ]
 
 
+ERROR_DIR_ENV = "FASTMLGAN_ERROR_DIR"
+"""Set by ``train --nproc``: each rank writes its closing line (an error, a stop) there, not to stderr."""
+
+
 def launch_torchrun(nproc: int, args: Sequence[str]) -> int:
-    command = torchrun_command(nproc, args)
-    os.execv(command[0], command)  # replaces this process: signals reach torchrun directly
-    return 0  # not reached
+    """torchrun (``torch.distributed.run``) in this process, so that a failed worker ends with the
+    kit's own line and exit status, not torchrun's traceback and failure summary. Each rank leaves
+    its closing line in a temporary folder; the distinct lines are printed once, rank 0's first.
+    SIGTERM and Ctrl-C reach torchrun's agent here, which forwards them to the workers as before."""
+    import logging
+    import tempfile
+
+    from torch.distributed.run import get_args_parser, run
+
+    command = torchrun_command(nproc, args)[3:]  # torchrun's own arguments: --standalone ... -m fastmlgan.train ...
+    torchrun_args = get_args_parser().parse_args(command)
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("torch.distributed"):  # its banner, "closing signal" and "failed (exitcode)" lines
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="fastmlgan-ranks-") as folder:
+        os.environ[ERROR_DIR_ENV] = folder
+        try:
+            run(torchrun_args)
+            code = 0
+        except Exception as e:  # noqa: BLE001 - ChildFailedError, SignalException: their text is torchrun's
+            code = _torchrun_exit_code(e)
+        finally:
+            os.environ.pop(ERROR_DIR_ENV, None)
+            _print_rank_lines(Path(folder))
+    return code
+
+
+def _torchrun_exit_code(e: Exception) -> int:
+    failures = getattr(e, "failures", None)
+    if failures:
+        # A rank's own exit status first; the others were often stopped by torchrun (SIGTERM) after it.
+        codes = [failures[rank].exitcode for rank in sorted(failures)]
+        exitcode = next((c for c in codes if c > 0), codes[0])
+        return exitcode if exitcode > 0 else 128 - exitcode  # killed by a signal: 128 + its number
+    sigval = getattr(e, "sigval", None)
+    if sigval is not None:
+        return 128 + int(sigval)
+    print(f"error: torchrun failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})",
+          file=sys.stderr)
+    return 1
+
+
+def _print_rank_lines(folder: Path) -> None:
+    lines: dict[str, list[int]] = {}
+    for path in sorted(folder.glob("rank-*.txt"), key=lambda p: int(p.stem.partition("-")[2] or 0)):
+        rank = int(path.stem.partition("-")[2] or 0)
+        for line in path.read_text().splitlines():
+            lines.setdefault(line, []).append(rank)
+    for line, ranks in lines.items():
+        prefix = "" if len(lines) == 1 or ranks == [0] or 0 in ranks else f"rank {', '.join(map(str, ranks))}: "
+        print(prefix + line, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,8 @@ class DataConfig:
     """list: label-names file, one class name a line (the class order)."""
     image_root: str = ""
     """list: folder the listed paths are relative to ('' = each list file's folder); nuswide: the image folder ('' = <nuswide_root>/Flickr)."""
+    allow_outside_root: bool = False
+    """coco, list, nuswide: accept image paths (from the annotation or list files) that are absolute or climb out of their image folder with '..'."""
     embedded_num_train: int = 2000
     """embedded: number of training images generated."""
     embedded_num_val: int = 500
@@ -124,17 +127,17 @@ class DataConfig:
             )
         _choice("data.dali_decode", self.dali_decode, ("full", "roi"))
         _choice("data.nuswide_split", self.nuswide_split, ("paper", "official"))
-        _positive("data.num_threads", self.num_threads)
+        _integer("data.num_threads", self.num_threads, 1, 1024)
         _positive("data.nuswide_num_train", self.nuswide_num_train)
         _finite("data.dali_hw_decoder_load", self.dali_hw_decoder_load, 0.0, 1.0)
-        _positive("data.image_size", self.image_size)
+        _integer("data.image_size", self.image_size, 2, 4096)  # the five-crop's smallest side is 0 below 2
         _positive("data.batch_size", self.batch_size)
         _positive("data.eval_batch_size", self.eval_batch_size)
-        _integer("data.num_workers", self.num_workers, 0)
+        _integer("data.num_workers", self.num_workers, 0, 256)
         _integer("data.nuswide_seed", self.nuswide_seed, 0)
-        _positive("data.embedded_num_train", self.embedded_num_train)
-        _positive("data.embedded_num_val", self.embedded_num_val)
-        _integer("data.embedded_image_size", self.embedded_image_size, 16)  # loaders.embedded's smallest scene
+        _integer("data.embedded_num_train", self.embedded_num_train, 1, 10**7)
+        _integer("data.embedded_num_val", self.embedded_num_val, 1, 10**7)
+        _integer("data.embedded_image_size", self.embedded_image_size, 16, 4096)  # loaders.embedded's smallest scene
         _integer("data.embedded_seed", self.embedded_seed, 0)
 
 
@@ -153,8 +156,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model.backbone", self.backbone, BACKBONES)
-        _positive("model.width", self.width)
-        _positive("model.depth", self.depth)
+        _integer("model.width", self.width, 1, 2**16)  # the parameter count is checked when G is built
+        _integer("model.depth", self.depth, 1, 1000)
 
 
 @dataclass
@@ -193,10 +196,10 @@ class GanConfig:
     """Most images per f_ext forward in phase 2 (0: all of an iteration's images in one forward)."""
 
     def __post_init__(self) -> None:
-        _positive("gan.d_steps", self.d_steps)
-        _positive("gan.proj_dim", self.proj_dim)
-        _positive("gan.hidden_dim", self.hidden_dim)
-        _positive("gan.num_layers", self.num_layers)
+        _integer("gan.d_steps", self.d_steps, 1, 1000)
+        _integer("gan.proj_dim", self.proj_dim, 1, 2**16)  # D's parameter count is checked when D is built
+        _integer("gan.hidden_dim", self.hidden_dim, 1, 2**16)
+        _integer("gan.num_layers", self.num_layers, 1, 1000)
         _finite("gan.inv_temperature", self.inv_temperature, 0.0, lo_open=True)
         _finite("gan.bce_weight", self.bce_weight, 0.0)
         _finite("gan.gp_weight", self.gp_weight, 0.0)
@@ -228,8 +231,9 @@ class OptimConfig:
     """Adam weight decay (none in the paper)."""
 
     def __post_init__(self) -> None:
+        # Adam's first step is lr / (1 - beta1) <= lr * 9e15; above 1e10 it overflows float32.
         for name in ("bce_lr", "g_lr", "d_lr"):
-            _finite(f"optim.{name}", getattr(self, name), 0.0, lo_open=True)
+            _finite(f"optim.{name}", getattr(self, name), 0.0, 1e10, lo_open=True)
         # torch.optim.Adam's own range; beta = 1 would never forget the first gradient.
         _finite("optim.beta1", self.beta1, 0.0, 1.0, hi_open=True)
         _finite("optim.beta2", self.beta2, 0.0, 1.0, hi_open=True)
@@ -300,7 +304,7 @@ class DistConfig:
     def __post_init__(self) -> None:
         _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
         _integer("dist.timeout_s", self.timeout_s, 1, 2**31 - 1)  # c10d keeps it in milliseconds
-        _finite("dist.bucket_cap_mb", self.bucket_cap_mb, 0.0, lo_open=True)
+        _finite("dist.bucket_cap_mb", self.bucket_cap_mb, 0.0, 2.0**20, lo_open=True)
 
 
 @dataclass
@@ -359,6 +363,9 @@ class Config:
             raise ConfigError(f"data.dataset={self.data.dataset} needs model.backbone=mlp (feature vectors are not images)")
         if self.data.dataset not in FEATURE_DATASETS and self.model.backbone == "mlp":
             raise ConfigError("model.backbone=mlp is for data.dataset=features or labelsets; pick a CNN backbone for images")
+        smallest = {"vgg16": 32, "inception_v3": 75}.get(self.model.backbone, 2)  # 5 poolings; inception's stem
+        if self.data.image_size < smallest:
+            raise ConfigError(f"--data.image_size {self.data.image_size}: {self.model.backbone} needs at least {smallest}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -478,6 +485,8 @@ def build_config(overrides: dict[str, Any] | None = None, preset: str | None = N
         if typ is None:
             raise ConfigError(unknown_option_message(key))
         value = _convert(key, raw, typ)
+        if isinstance(value, str) and "\x00" in value:
+            raise ConfigError(f"--{key}: {value!r} contains a NUL character")
         if key in TOP_LEVEL:
             top[key] = value
         else:
@@ -494,15 +503,12 @@ def load_config_file(path: str | Path) -> tuple[str | None, dict[str, Any]]:
     config.json (``{"data": {...}, "gan": {...}, "preset": ..., "out": ...}``); every key it sets
     must be an option. Its ``run`` record (versions, command line) is ignored, and so are
     ``resume`` and ``overwrite`` (see NOT_FROM_FILE)."""
+    from fastmlgan.safeio import read_json
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--config {path}: cannot read it ({e})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config {path}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not os.path.lexists(path):
+        raise ConfigError(f"--config {path}: no such file")
+    data = read_json(path, "--config", ConfigError)  # a FIFO, a device or 100,000 nested levels: one line
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of sections, got {type(data).__name__}")
     where = f"{path}: "

@@ -20,10 +20,11 @@ from fastmlgan import checkpoint as ckpt
 from fastmlgan.classifier import generator_from_checkpoint
 from fastmlgan.config import build_config, config_from_dict
 from fastmlgan.distributed import DistInfo
-from fastmlgan.errors import FastMLGANError
+from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.inference import amp_dtype, predict
 from fastmlgan.metrics import compute_metrics, format_table
 from fastmlgan.progress import setup_logging
+from fastmlgan.safeio import describe_os_error, one_line, stdout_failed
 
 
 def checkpoint_scores(path: str, data_overrides: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -58,8 +59,26 @@ def evaluate_checkpoint(path: str, data_overrides: dict[str, str], threshold: fl
     return compute_metrics(scores, targets, threshold)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    try:
+        return _main(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except FastMLGANError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # standard output full, or a file of the data changed under the run
+        print(stdout_failed(e) if e.filename is None else f"error: {e.filename}: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = _Parser(
         prog="fastmlgan evaluate",
         description="Re-evaluate a checkpoint's generator. The table goes to stdout; with --json, one JSON "
         "object goes to stdout and the table to stderr. Other data: --data.KEY VALUE (same categories).",
@@ -68,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.5, help="predict a label when its score > threshold")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
     args, rest = parser.parse_known_args(argv)
+    if not 0.0 <= args.threshold <= 1.0:  # NaN fails too
+        raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
     overrides: dict[str, str] = {}
     i = 0
     while i < len(rest):
@@ -83,17 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         i += 1
     # Log lines on stderr: stdout holds the result only.
     setup_logging(stream="stderr")
-    try:
-        metrics = evaluate_checkpoint(args.checkpoint, overrides, args.threshold)
-    except FastMLGANError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    metrics = evaluate_checkpoint(args.checkpoint, overrides, args.threshold)
     table = format_table({"checkpoint": metrics}, title=f"{args.checkpoint} (threshold {args.threshold})")
     if args.json:
         print(table, file=sys.stderr)
-        print(json.dumps(metrics))
+        print(json.dumps(metrics), flush=True)
     else:
-        print(table)
+        print(table, flush=True)
     return 0
 
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.util
 import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from fastmlgan.config import Config, config_from_dict
 from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.models import Generator
 from fastmlgan.progress import setup_logging
+from fastmlgan.safeio import describe_os_error, read_json
 
 logger = logging.getLogger("fastmlgan.export")
 
@@ -56,24 +59,74 @@ TORCH_EXPORT_FILE = "model.pt2"
 CHECK_ATOL = 1e-3
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out} is not empty; pick another folder or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _replace_file(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a failed export never leaves a torn file."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export.save wants the .pt2 suffix
+def _earlier_export(out: Path) -> set[str] | None:
+    """The files an earlier export in ``out`` wrote (its sidecar's list), or None when ``out`` holds
+    no fastmlgan export."""
     try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # safetensors creates its file owner-only; the model is meant to be shared
+        sidecar = read_json(out / SIDECAR, "sidecar", ConfigError)  # a FIFO named fastmlgan.json: not waited on
+    except FastMLGANError:
+        return None
+    if not isinstance(sidecar, dict) or sidecar.get("format") != EXPORT_FORMAT:
+        return None
+    files = sidecar.get("files") if isinstance(sidecar.get("files"), dict) else {}
+    entries = [files.get("weights"), *((e or {}).get("file") for e in (files.get("onnx"), files.get("torch_export")))]
+    return {SIDECAR} | {e for e in entries if isinstance(e, str) and e in (WEIGHTS, ONNX_FILE, TORCH_EXPORT_FILE)}
+
+
+def _prepare_out_dir(out: Path, overwrite: bool, checkpoint: Path, writes: list[str]) -> set[str]:
+    """Refuse an --out whose files this export must not replace; create it. Returns the files of
+    the earlier export it replaces (empty for a new folder).
+
+    ``--overwrite`` replaces an earlier fastmlgan export only (a folder with its fastmlgan.json), and
+    of it only the files that export wrote: a folder without a sidecar (a run folder, a user's
+    folder) or a file the earlier export did not write (a user's model.onnx) is refused, never
+    deleted. Nothing in ``out`` changes before the new export is complete."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a {'file' if out.is_file() else 'special file'}; give a folder")
+    content = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    earlier: set[str] = set()
+    if content:
+        found = _earlier_export(out)
+        if found is None:
+            raise ConfigError(
+                f"--out {out} is not empty and holds no fastmlgan export (no valid {SIDECAR}): it is left alone; "
+                "pick another folder"
+            )
+        if not overwrite:
+            raise ConfigError(f"--out {out} holds an earlier export; pick another folder or pass --overwrite to replace it")
+        earlier = found
+        foreign = [name for name in writes if (out / name).exists() and name not in earlier]
+        if foreign:
+            raise ConfigError(
+                f"--out {out}: {foreign[0]} is not part of the earlier export (its {SIDECAR} does not list it): "
+                "move it away or pick another folder"
+            )
+    for name in writes:
+        target = out / name
+        if target.exists() and checkpoint.exists() and os.path.samefile(target, checkpoint):
+            raise ConfigError(f"--out {out}: {name} is the checkpoint being exported; pick another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return earlier
+
+
+def _stage_file(path: Path, write, staged: list[tuple[Path, Path]]) -> Path:
+    """``write(tmp)`` to a temporary beside ``path`` (renamed over it by ``_commit`` once the whole
+    export is written and checked): a failed export never leaves a torn or a half-replaced export."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)  # .pt2 suffix
+    os.close(fd)
+    tmp = Path(name)
+    staged.append((tmp, path))
+    write(tmp)
+    os.chmod(tmp, 0o644)  # safetensors creates its file owner-only; the model is meant to be shared
+    return tmp
+
+
+def _commit(staged: list[tuple[Path, Path]]) -> None:
+    """Rename the staged files over their names, the sidecar last: until it lands, a reader of the
+    folder finds the earlier export, and a weights file newer than its sidecar fails the checksum."""
+    for tmp, path in sorted(staged, key=lambda item: item[1].name == SIDECAR):
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    staged.clear()
 
 
 def _example_input(spec: dict[str, Any], preprocessing: dict[str, Any], batch: int = 2) -> torch.Tensor:
@@ -95,7 +148,7 @@ def _check(name: str, reference: torch.Tensor, got: torch.Tensor) -> float:
     return diff
 
 
-def _export_onnx(generator: Generator, example: torch.Tensor, path: Path, input_name: str) -> dict[str, Any]:
+def _export_onnx(generator: Generator, example: torch.Tensor, path: Path, input_name: str, staged: list) -> dict[str, Any]:
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(
@@ -117,14 +170,14 @@ def _export_onnx(generator: Generator, example: torch.Tensor, path: Path, input_
             verbose=False,
         )
 
-    _replace_file(path, write)
+    tmp = _stage_file(path, write, staged)
     entry: dict[str, Any] = {"file": path.name, "input": input_name, "output": "logits"}
     if importlib.util.find_spec("onnxruntime") is None:
         logger.warning("onnxruntime is not installed: %s was not run once to check it", path.name)
         return entry
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     check = torch.cat([example, example[:1]])  # another batch size than the traced one
     got = torch.from_numpy(session.run(None, {input_name: check.numpy()})[0])
     with torch.no_grad():
@@ -133,12 +186,12 @@ def _export_onnx(generator: Generator, example: torch.Tensor, path: Path, input_
     return entry
 
 
-def _export_torch(generator: Generator, example: torch.Tensor, path: Path) -> dict[str, Any]:
+def _export_torch(generator: Generator, example: torch.Tensor, path: Path, staged: list) -> dict[str, Any]:
     program = torch.export.export(generator, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    _replace_file(path, lambda tmp: torch.export.save(program, str(tmp)))
+    tmp = _stage_file(path, lambda tmp: torch.export.save(program, str(tmp)), staged)
     check = torch.cat([example, example[:1]])
     with torch.no_grad():
-        diff = _check(path.name, generator(check), torch.export.load(str(path)).module()(check))
+        diff = _check(path.name, generator(check), torch.export.load(str(tmp)).module()(check))
     return {"file": path.name, "output": "logits", "max_abs_diff": diff, "checked_with": f"torch {torch.__version__}"}
 
 
@@ -179,20 +232,28 @@ def export_checkpoint(
     state = read_checkpoint(path)
     out = Path(out)
     created = not out.exists()
-    _prepare_out_dir(out, overwrite)
-    # An earlier export's sidecar goes first: until the new one is written, DIR is no valid export.
-    (out / SIDECAR).unlink(missing_ok=True)
+    writes = [WEIGHTS, SIDECAR] + [ONNX_FILE] * onnx + [TORCH_EXPORT_FILE] * torch_export
+    earlier = _prepare_out_dir(out, overwrite, path, writes)
+    staged: list[tuple[Path, Path]] = []
     try:
-        return _write_export(state, path, out, onnx, torch_export)
-    except BaseException:
-        for name in (WEIGHTS, ONNX_FILE, TORCH_EXPORT_FILE):
-            (out / name).unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
+        sidecar = _write_export(state, path, out, onnx, torch_export, staged)
+        _commit(staged)
+    except OSError as e:
+        raise FastMLGANError(f"--out {out}: cannot write the export ({e.filename or out}: {describe_os_error(e)}); "
+                             "an earlier export there is untouched") from None
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
-        raise
+    for name in earlier - set(writes):  # the earlier export's files this one does not replace: they would not match
+        (out / name).unlink(missing_ok=True)
+    return sidecar
 
 
-def _write_export(state: dict[str, Any], path: Path, out: Path, onnx: bool, torch_export: bool) -> dict[str, Any]:
+def _write_export(
+    state: dict[str, Any], path: Path, out: Path, onnx: bool, torch_export: bool, staged: list
+) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     cfg = config_from_dict(state["config"])
@@ -202,17 +263,15 @@ def _write_export(state: dict[str, Any], path: Path, out: Path, onnx: bool, torc
     if spec["backbone"] == "mlp":
         preprocessing["standardize"] = _feature_standardization(cfg)
     weights = {k: v.detach().contiguous() for k, v in generator.state_dict().items()}
-    _replace_file(out / WEIGHTS, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
-    files: dict[str, Any] = {"weights": WEIGHTS, "onnx": None, "torch_export": None}
+    tmp = _stage_file(out / WEIGHTS, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}), staged)
+    # The integrity record load_classifier and predict check: one flipped bit changes the scores.
+    files: dict[str, Any] = {"weights": WEIGHTS, "weights_sha256": _sha256(tmp), "onnx": None, "torch_export": None}
     example = _example_input(spec, preprocessing)
     if onnx:
         input_name = "features" if spec["backbone"] == "mlp" else "images"
-        files["onnx"] = _export_onnx(generator, example, out / ONNX_FILE, input_name)
+        files["onnx"] = _export_onnx(generator, example, out / ONNX_FILE, input_name, staged)
     if torch_export:
-        files["torch_export"] = _export_torch(generator, example, out / TORCH_EXPORT_FILE)
-    for name, entry in ((ONNX_FILE, files["onnx"]), (TORCH_EXPORT_FILE, files["torch_export"])):
-        if entry is None and (out / name).exists():
-            (out / name).unlink()  # left by an earlier export (--overwrite): it would not match
+        files["torch_export"] = _export_torch(generator, example, out / TORCH_EXPORT_FILE, staged)
 
     sidecar = {
         "format": EXPORT_FORMAT,
@@ -233,9 +292,17 @@ def _write_export(state: dict[str, Any], path: Path, out: Path, onnx: bool, torc
         "versions": _versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    # Written last: a folder with a sidecar is a complete export.
-    _replace_file(out / SIDECAR, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2) + "\n"))
+    # Renamed into place last: a folder with a sidecar is a complete export.
+    _stage_file(out / SIDECAR, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2) + "\n"), staged)
     return sidecar
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -263,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     except FastMLGANError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename or args.out}: {describe_os_error(e)}", file=sys.stderr)
         return 2
     source = sidecar["source"]
     written = [WEIGHTS, SIDECAR] + [e["file"] for e in (sidecar["files"]["onnx"], sidecar["files"]["torch_export"]) if e]

@@ -42,6 +42,7 @@ import torch
 from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.loaders.five_crop import NUM_POSITIONS, NUM_SIZES, base_size, crop_sides
 from fastmlgan.loaders.torch_loader import IMAGENET_MEAN, IMAGENET_STD
+from fastmlgan.safeio import open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +121,12 @@ class FeatureCache:
     def open(cls, path: str | os.PathLike) -> FeatureCache:
         path = Path(path)
         try:
-            with open(path, "rb") as f:
+            with open_regular(path, "--gan.feature_cache") as f:  # a FIFO: refused, not waited on
                 if f.read(len(MAGIC)) != MAGIC:
                     raise DataError(f"--gan.feature_cache {path}: not a fastmlgan feature cache")
                 length = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(length))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
             raise DataError(f"--gan.feature_cache {path}: unreadable header ({e})") from None
         try:
             need = _offsets(length, int(header["num_images"]), int(header["feature_dim"]), int(header["num_classes"]))[-1]

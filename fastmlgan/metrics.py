@@ -51,9 +51,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -393,15 +394,18 @@ def format_per_class(rows: Sequence[Mapping], title: str | None = None) -> str:
 
 
 def _load_npy(path: str, what: str) -> np.ndarray:
+    from fastmlgan.safeio import open_regular
+
+    if not os.path.lexists(path):
+        raise DataError(f"{what} file not found: {path}")
     try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(f"{what} file not found: {path}") from None
-    except (OSError, ValueError, EOFError) as exc:  # corrupt header, pickled object array, directory
+        with open_regular(path, f"{what} file") as f:  # a FIFO or a device: refused, not waited on
+            array = np.load(f, allow_pickle=False)
+            if not isinstance(array, np.ndarray):  # an .npz archive loads as a mapping of arrays
+                array.close()
+                raise DataError(f"{what} file {path} is an .npz archive; expected a single .npy array")
+    except (OSError, ValueError, EOFError) as exc:  # corrupt header, pickled object array
         raise DataError(f"cannot read {what} file {path} as a .npy array: {exc}") from None
-    if not isinstance(array, np.ndarray):  # an .npz archive loads as a mapping of arrays
-        array.close()
-        raise DataError(f"{what} file {path} is an .npz archive; expected a single .npy array")
     return array
 
 
@@ -414,7 +418,7 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: print the metrics of saved scores and targets as one JSON object."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m fastmlgan.metrics",
         description="Multi-label metrics (C-/O-P/R/F1, mAP, top-3, labels per image) as JSON.",
     )
@@ -424,9 +428,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--logits", action="store_true", help="scores are logits: apply a sigmoid first")
     parser.add_argument("--per-class", action="store_true", help="add per_class: P, R, F1, AP of every class")
     parser.add_argument("--class-names", help="text file, one class name a line, in column order (with --per-class)")
-    args = parser.parse_args(argv)
+    from fastmlgan.safeio import nul_argument
 
+    if nul_argument(argv or []):
+        print(nul_argument(argv), file=sys.stderr)
+        return 2
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except FastMLGANError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if not math.isfinite(args.threshold):
+            raise DataError(f"--threshold must be a finite number, got {args.threshold}")
         scores = _load_npy(args.scores, "scores")
         targets = _load_npy(args.targets, "targets")
         if args.logits:
@@ -451,15 +467,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{metrics['num_classes_evaluated']} (O-P, O-R, O-F1 count them); --per-class lists every class",
             file=sys.stderr,
         )
-    print(json.dumps(metrics))
+    try:
+        print(json.dumps(metrics), flush=True)
+    except OSError as exc:  # standard output on a full disk (or /dev/full)
+        from fastmlgan.safeio import stdout_failed
+
+        print(stdout_failed(exc), file=sys.stderr)
+        return 2
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise DataError(f"{message} (see {self.prog} --help)")
+
+
 def _read_class_names(path: str) -> list[str]:
-    try:
-        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError as exc:
-        raise DataError(f"cannot read class names file {path}: {exc}") from None
+    from fastmlgan.safeio import read_text
+
+    return [line.strip() for line in read_text(path, "--class-names").splitlines() if line.strip()]
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ the ``--top-k`` highest; highest score first, joined by ";" in CSV), an error me
 that cannot be read (its scores are empty) and one score, σ(logit), per class. Scores are written
 as the shortest decimals that read back to the exact float32 values.
 
-Rows go to standard output or ``--out``; progress and messages go to standard error only.
+Rows go to standard output or ``--out``; progress and messages go to standard error only. ``--out``
+is written to a temporary file beside it and renamed over it when every row is written, so a failed
+or interrupted run leaves an earlier file as it was; it never replaces one of the input images or
+model files, nor a file inside a run or export folder (``last.pt`` is a hard link to a step file:
+writing into it would destroy the final model).
 Exit status: 0 every image was scored; 1 some images could not be read (each has its row with an
 error, the others are scored); 2 bad arguments or model, nothing written.
 """
@@ -34,10 +38,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fastmlgan.classifier import IMAGE_EXTENSIONS, load_model, preprocess_image
+from fastmlgan.classifier import IMAGE_EXTENSIONS, SIDECAR, WEIGHTS, load_model, preprocess_image
 from fastmlgan.errors import ConfigError, DataError, FastMLGANError
 from fastmlgan.inference import generator_scores
 from fastmlgan.progress import Progress, setup_logging
+from fastmlgan.safeio import describe_os_error, read_text, regular_or_absent, replace_atomically, stdout_failed
+from fastmlgan.train import is_run_dir
 
 logger = logging.getLogger("fastmlgan.predict")
 
@@ -68,10 +74,10 @@ def _read_list(list_file: str) -> list[str]:
     if list_file == "-":
         lines, base = sys.stdin.read().splitlines(), Path(".")
     else:
-        try:
-            lines = Path(list_file).read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"--list {list_file}: cannot read it ({e})") from None
+        try:  # a FIFO or a device: refused, not waited on
+            lines = read_text(list_file, "--list").splitlines()
+        except DataError as e:
+            raise DataError(f"--list {list_file}: cannot read it ({str(e).removeprefix(f'--list {list_file}').strip(': ')})") from None
         base = Path(list_file).parent
     out = []
     for line in lines:
@@ -137,6 +143,32 @@ class RowWriter:
                 "error": error or None,
             }
             self.stream.write(json.dumps(record) + "\n")
+
+
+def check_out(out: str, inputs: list[str], model_files: list[str]) -> None:
+    """``ConfigError`` when writing ``--out`` would replace something that must survive: a file
+    that is not a regular file, one of the inputs (an image, a list file, the model), or a file in a
+    run or export folder. A new file is fine anywhere."""
+    why = regular_or_absent(out)
+    if why:
+        raise ConfigError(f"--out {out}: cannot write rows there ({why})")
+    if not os.path.exists(out):
+        if not Path(out).resolve().parent.is_dir():
+            raise ConfigError(f"--out {out}: cannot write it (its folder does not exist)")
+        return
+    target = os.stat(out)
+    for path in [*model_files, *inputs]:
+        try:
+            same = os.path.samestat(os.stat(path), target)
+        except (OSError, ValueError):  # a missing input (its row will say so), a NUL in its name
+            continue
+        if same:
+            raise ConfigError(f"--out {out} is {path}, an input of this command: give another --out")
+    for folder in Path(out).resolve().parents:
+        if is_run_dir(folder) or (folder / SIDECAR).is_file():
+            raise ConfigError(
+                f"--out {out} is a file inside the run or export folder {folder}: it is not replaced; give another --out"
+            )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -215,34 +247,48 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"no image files ({extensions}) found in {' '.join(args.paths + args.list)}")
     for folder in empty:
         logger.warning("%s: no image files (%s) in this folder", folder, extensions)
-    try:
-        out = open(args.out, "w", newline="") if args.out else sys.stdout  # noqa: SIM115 - closed below
-    except OSError as e:
-        raise ConfigError(f"--out {args.out}: cannot write it ({e.strerror})") from None
+    if args.out:
+        check_out(args.out, [*paths, *(f for f in args.list if f != "-")], model_files(args.model))
     logger.info(
         "%s: %s G, %d classes, %d px; %d images on %s",
         model.source, model.generator.backbone, len(model.class_names), image_size, len(paths), device,
     )
-    num_failed = 0
-    try:
-        writer = RowWriter(out, args.format, model.class_names)
-        # One batch has nothing to overlap: worker start-up would only add to it.
-        workers = args.num_workers if len(paths) > args.batch_size else 0
-        rows = predict_rows(model.generator, paths, image_size, device, args.batch_size, workers)
-        for path, scores, error in rows:
-            if scores is None:
-                num_failed += 1
-                logger.warning("%s", error)
-                writer.write(path, [], None, error)
-            else:
-                writer.write(path, select_labels(scores, model.class_names, args.threshold, args.top_k), scores, "")
-    finally:
-        if out is not sys.stdout:
-            out.close()
-        else:
-            out.flush()
+    # One batch has nothing to overlap: worker start-up would only add to it.
+    workers = args.num_workers if len(paths) > args.batch_size else 0
+    rows = predict_rows(model.generator, paths, image_size, device, args.batch_size, workers)
+    if args.out:
+        try:
+            with replace_atomically(args.out) as out:
+                num_failed = write_rows(out, rows, args, model.class_names)
+        except OSError as e:
+            raise ConfigError(f"--out {args.out}: cannot write it ({describe_os_error(e)}); an earlier file there is untouched") from None
+    else:
+        num_failed = write_rows(sys.stdout, rows, args, model.class_names)
+        sys.stdout.flush()
     logger.info("%d images scored, %d unreadable%s", len(paths) - num_failed, num_failed, f"; rows in {args.out}" if args.out else "")
     return 1 if num_failed else 0
+
+
+def write_rows(out: IO[str], rows, args: argparse.Namespace, class_names: list[str]) -> int:
+    """Every row to ``out``; returns how many images could not be read."""
+    num_failed = 0
+    writer = RowWriter(out, args.format, class_names)
+    for path, scores, error in rows:
+        if scores is None:
+            num_failed += 1
+            logger.warning("%s", error)
+            writer.write(path, [], None, error)
+        else:
+            writer.write(path, select_labels(scores, class_names, args.threshold, args.top_k), scores, "")
+    return num_failed
+
+
+def model_files(model: str) -> list[str]:
+    """The files of a MODEL argument that --out must not replace."""
+    p = Path(model)
+    if p.is_dir():
+        return [str(f) for f in (p / SIDECAR, p / WEIGHTS, p / "checkpoints" / "last.pt") if f.exists()]
+    return [model]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,9 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. piped into head: the reader has what it wanted
-        # Point stdout at /dev/null so that the interpreter's final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stdout_failed(BrokenPipeError())  # stdout to /dev/null: the interpreter's final flush must not fail again
         return 0
+    except OSError as e:  # standard output on a full disk (or /dev/full)
+        print(stdout_failed(e), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -36,6 +36,52 @@ class StopRequested(Exception):
         return 128 + self.signum
 
 
+class StoppedOutsideTraining(StopRequested):
+    """SIGTERM/SIGINT before the training loop started or after it ended (``RunSignals``)."""
+
+    def __init__(self, signum: int, message: str, step: int = 0, checkpoint: str | None = None) -> None:
+        Exception.__init__(self, f"{signal.Signals(signum).name}: {message}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class RunSignals:
+    """SIGTERM and SIGINT for the whole of ``fastmlgan.train``: before the training loop (start-up,
+    reading the data, building a cache) and after it (the last evaluation, writing the results)
+    there is no step to finish, so the handler stops the process at once with one line saying what
+    was and was not saved (``StoppedOutsideTraining``, exit 128 + the signal). While ``fit()`` runs,
+    ``StopControl`` takes over the signals and gives them back afterwards."""
+
+    def __init__(self) -> None:
+        # What a stop now means: a function, so that it can name the checkpoint written last.
+        self.describe = lambda: "stopped during start-up, before training began: nothing was trained"
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        raise StoppedOutsideTraining(signum, self.describe())
+
+    def defer(self) -> None:
+        """From now on a signal is only noted (``pending``): the run is ending and cleans up."""
+        self.pending: int | None = None
+
+        def note(signum: int, frame) -> None:
+            self.pending = signum
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous = signal.signal(signum, note)
+                self._previous.setdefault(signum, previous)
+
+
 class StopControl:
     """Signal flags and the ranks' agreement on them; ``poll()`` after every step."""
 

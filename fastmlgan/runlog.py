@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,8 +26,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fastmlgan.errors import ConfigError
+from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.runinfo import git_revision, versions
+from fastmlgan.safeio import describe_os_error, replace_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +89,16 @@ class LogFile(logging.Handler):
 
     def write_line(self, line: str) -> None:
         if self._file is None:
-            self._pending.append(line)
-        else:
+            if self.path is None:
+                self._pending.append(line)
+            return
+        try:
             self._file.write(line + "\n")
             self._file.flush()
+        except OSError as e:  # a full disk: the run goes on (its checkpoint writes will say more)
+            self._file = None
+            print(f"warning: cannot write {self.path} ({describe_os_error(e)}); its lines go to the terminal only",
+                  file=sys.stderr, flush=True)
 
     def open(self, path: Path) -> None:
         self.path = Path(path)
@@ -102,7 +110,8 @@ class LogFile(logging.Handler):
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
         super().close()
 
@@ -152,8 +161,11 @@ class RunLog:
             rate = self._images_per_second(record["step"], epoch_start, images_per_step)
             if rate is not None:
                 record["img_per_s"] = round(rate, 2)
-        with open(self.out_dir / METRICS_LOG, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.out_dir / METRICS_LOG, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise run_folder_error(self.out_dir / METRICS_LOG, e) from None
         if self.log_file is not None and "split" not in record:
             self.log_file.write_line(_step_line(record))
         if self.tensorboard:
@@ -205,9 +217,11 @@ class RunLog:
                 "classes": classes,
             },
         }
-        tmp = self.out_dir / (RESULTS + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(self.out_dir / RESULTS)
+        try:
+            with replace_atomically(self.out_dir / RESULTS) as f:
+                f.write(json.dumps(results, indent=2) + "\n")
+        except OSError as e:
+            raise run_folder_error(self.out_dir / RESULTS, e) from None
         # The title does not repeat the row name: scripts count the summary table's rows in stdout.
         table = format_per_class(classes, title="per class, the final generator (threshold 0.5)")
         print(table, flush=True)
@@ -216,7 +230,10 @@ class RunLog:
                 if text:
                     self.log_file.write_line(text)
         if self.plots:
-            self.draw_curves()
+            try:
+                self.draw_curves()
+            except OSError as e:
+                raise run_folder_error(self.out_dir / CURVES, e) from None
         return results
 
     def draw_curves(self) -> dict[str, dict[str, tuple[list[int], list[float]]]] | None:
@@ -232,6 +249,14 @@ class RunLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def run_folder_error(path: Path, e: OSError) -> FastMLGANError:
+    """A write into the run folder failed mid-run: removed, made read-only or full."""
+    return FastMLGANError(
+        f"cannot write {path} ({describe_os_error(e)}): the run folder was removed, made read-only or filled up "
+        "while the run went on; the checkpoints written so far are in its checkpoints/ folder, if it is still there"
+    )
 
 
 def scalar_tags(record: Mapping[str, Any]) -> dict[str, float]:

@@ -48,6 +48,22 @@ class IterationLayout:
         """Rows of the loader batch of one iteration."""
         return self.num_batches * self.batch_size
 
+    def check_fits(self, num_train: int, world_size: int) -> None:
+        """``ConfigError`` when a rank's share of the training split (``DistributedSampler``,
+        drop_last: floor(N / W)) holds no whole phase-2 iteration, at start-up rather than after phase 1."""
+        from fastmlgan.errors import ConfigError
+
+        per_rank = num_train // world_size
+        if per_rank < self.size:
+            kinds = "3 pair kinds" if self.negative_sampling else "2 pair kinds"
+            fits = per_rank // self.num_batches * world_size
+            raise ConfigError(
+                f"phase 2 draws {self.num_batches} batches per G update (1 + --gan.d_steps {self.d_steps} x {kinds}): "
+                f"{self.size} images per rank with --data.batch_size {self.batch_size * world_size}, but each of the "
+                f"{world_size} rank(s) gets {per_rank} of the {num_train} training images; use "
+                + (f"--data.batch_size {fits} or less, " if fits else "") + "fewer --gan.d_steps, or --train.gan_epochs 0"
+            )
+
     @property
     def pixel_rows(self) -> int:
         """Leading rows whose images G sees: the G update's and the generated pairs'."""

@@ -27,9 +27,10 @@ from fastmlgan import checkpoint as ckpt
 from fastmlgan.config import Config, config_from_dict, parse_args
 from fastmlgan.distributed import barrier, broadcast_object, destroy_distributed, init_distributed
 from fastmlgan.errors import FastMLGANError
-from fastmlgan.preemption import StopRequested
+from fastmlgan.preemption import RunSignals, StoppedOutsideTraining, StopRequested
 from fastmlgan.progress import setup_logging
 from fastmlgan.runlog import METRICS_LOG, TRAIN_LOG, LogFile, RunLog, require_tensorboard, run_record
+from fastmlgan.safeio import RunLock, describe_os_error, one_line
 
 logger = logging.getLogger("fastmlgan.train")
 
@@ -113,7 +114,7 @@ def check_run_dir(cfg: Config, out_dir: Path) -> str | None:
     if cfg.resume or not out_dir.exists():
         return None
     if not out_dir.is_dir():
-        return f"--out {out_dir} is a file, not a directory"
+        return f"--out {out_dir} is {'a file' if out_dir.is_file() else 'not a regular file'}, not a directory"
     content = sorted(p.name for p in out_dir.iterdir())
     if not content:
         return None
@@ -194,14 +195,35 @@ def write_config(path: Path, cfg: Config, argv: list[str], world_size: int) -> N
     tmp.replace(path)
 
 
+def run_folder(cfg: Config) -> Path:
+    """The run folder ``cfg`` writes: the one ``--resume`` continues, else ``--out``."""
+    return ckpt.run_dir_of(cfg.resume) if cfg.resume else Path(cfg.out or f"runs/{cfg.preset}")
+
+
+def report(line: str) -> None:
+    """The run's closing line (an error, a stop) on stderr; under ``fastmlgan train --nproc`` into
+    the launcher's folder instead, which prints each distinct line once (``cli.launch_torchrun``)."""
+    folder = os.environ.get("FASTMLGAN_ERROR_DIR")
+    if folder and os.path.isdir(folder):
+        with open(os.path.join(folder, f"rank-{int(os.environ.get('RANK', '0'))}.txt"), "a") as f:
+            f.write(line + "\n")
+        return
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     info = None
     trainer = None
     log_file = None
     run_dir = None
+    lock = None
     start_step = 0
     finished = False
+    # SIGTERM / Ctrl-C before the training loop (start-up, a cache build) and after it (the final
+    # evaluation and results): one line and exit 143 / 130; fit() handles them between steps.
+    signals = RunSignals()
+    signals.install()
     try:
         cfg = parse_args(argv, prog="fastmlgan train")
         if cfg is None:  # --help
@@ -211,6 +233,17 @@ def main(argv: list[str] | None = None) -> int:
         if info.is_main:
             log_file = LogFile()
             logging.getLogger().addHandler(log_file)
+        # One run per run folder: the lock comes before anything reads or writes it (rank 0 takes
+        # it; its outcome is every rank's).
+        error = None
+        if info.is_main:
+            try:
+                lock = RunLock(run_folder(cfg)).acquire("--resume" if cfg.resume else "--out")
+            except FastMLGANError as e:
+                error = str(e)
+        error = broadcast_object(error, info)
+        if error:
+            raise FastMLGANError(error)
         cfg, out_dir, state, resumed_from = resolve_run(elastic_restart(cfg), argv)
         # Rank 0 decides for everyone: the ranks of other nodes may not see its file system.
         refusal = broadcast_object(check_run_dir(cfg, out_dir) if info.is_main else None, info)
@@ -250,7 +283,13 @@ def main(argv: list[str] | None = None) -> int:
                     cfg.resume, trainer.phase, trainer.epoch, trainer.global_step, dropped,
                 )
             trainer.run_log = RunLog(out_dir, cfg.log.tensorboard, cfg.log.plots, log_file, start_step)
+        signals.describe = lambda t=trainer: (
+            f"stopped after training, while writing the results; the final checkpoint is {t.last_checkpoint}: "
+            f"fastmlgan train --resume {out_dir} writes metrics.json, the per-class table and curves.png again"
+        )
         results = trainer.fit()
+        if trainer.stop_control.signum is not None:  # it came after the last step, during the last evaluation
+            raise StoppedOutsideTraining(trainer.stop_control.signum, signals.describe())
         # The per-class table of the final generator: fit() evaluated it last (a finished run
         # resumed with nothing left to train has to predict once more).
         if trainer.last_predictions is None:
@@ -271,36 +310,48 @@ def main(argv: list[str] | None = None) -> int:
         finished = True
         return 0
     except FastMLGANError as e:
+        message = f"error: {one_line(e)}"
         if log_file is not None:
-            log_file.write_line(f"error: {e}")
-        print(f"error: {e}", file=sys.stderr)
+            log_file.write_line(message)
+        report(message)
+        return 2
+    except OSError as e:  # the run folder or the data changed under the run (removed, read-only, full)
+        message = f"error: {e.filename or 'a file'}: {describe_os_error(e)}" + (
+            f"; the last checkpoint is {trainer.last_checkpoint}" if trainer is not None and trainer.last_checkpoint else ""
+        )
+        report(message)
         return 2
     except StopRequested as e:
-        # SIGTERM / the first Ctrl-C: the trainer finished its step and checkpointed it.
+        # SIGTERM / the first Ctrl-C: the trainer finished its step and checkpointed it (or there
+        # was no step to finish: StoppedOutsideTraining says what was saved).
         message = f"{e}" + (f"; continue with --resume {trainer.out_dir}" if e.checkpoint else "")
         if log_file is not None:
             log_file.write_line(message)
-        print(message, file=sys.stderr)
-        finished = True
+        if info is None or info.is_main:  # rank 0 wrote the checkpoint; the others know no path to name
+            report(message)
+        finished = not isinstance(e, StoppedOutsideTraining)
         return e.exit_code
     except KeyboardInterrupt:
-        # A second Ctrl-C (or one before training started): no checkpoint of this step.
+        # A second Ctrl-C: no checkpoint of this step.
         last = trainer.last_checkpoint if trainer is not None else None
-        print(
-            f"aborted; the last checkpoint is {last}" if last else "aborted before any checkpoint was written",
-            file=sys.stderr,
-        )
+        report(f"aborted; the last checkpoint is {last}" if last else "aborted before any checkpoint was written")
         return 130
     finally:
-        if run_dir is not None and not finished and (trainer is None or trainer.global_step == start_step):
-            run_dir.discard()  # failed before its first step: leave no half-made run behind
-        if trainer is not None and trainer.run_log is not None:
-            trainer.run_log.close()
-        if log_file is not None:
-            logging.getLogger().removeHandler(log_file)
-            log_file.close()
-        trainer = None  # DDP models go before the process group (see destroy_distributed)
-        destroy_distributed()
+        signals.defer()  # a signal now (torchrun stopping the other ranks) must not break the clean-up
+        try:
+            if run_dir is not None and not finished and (trainer is None or trainer.global_step == start_step):
+                run_dir.discard()  # failed before its first step: leave no half-made run behind
+            if trainer is not None and trainer.run_log is not None:
+                trainer.run_log.close()
+            if log_file is not None:
+                logging.getLogger().removeHandler(log_file)
+                log_file.close()
+            trainer = None  # DDP models go before the process group (see destroy_distributed)
+            destroy_distributed()
+        finally:
+            if lock is not None:
+                lock.release()
+            signals.uninstall()
 
 
 def exit_after_distributed_run(code: int) -> None:

@@ -36,6 +36,7 @@ from fastmlgan.models import Discriminator, build_feature_extractor, build_gener
 from fastmlgan.models.chunked_norm import batch_norm_chunks, make_chunkable
 from fastmlgan.preemption import StopControl, StopRequested
 from fastmlgan.progress import Progress
+from fastmlgan.safeio import replace_atomically
 from fastmlgan.stream import BatchStream, IterationLayout
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class Trainer:
         self.layout = IterationLayout(
             per_rank_batch(cfg.data.batch_size, info, "data.batch_size"), cfg.gan.d_steps, cfg.gan.negative_sampling
         )
+        if cfg.gan.enable and cfg.train.gan_epochs > 0:  # before phase 1, not after it
+            self.layout.check_fits(len(self.splits.train), info.world_size)
         self.mismatch_sampler = (
             MismatchedLabelSampler(self.splits.train.labels, seed=cfg.train.seed * 7919 + info.rank)
             if cfg.gan.enable and cfg.gan.negative_sampling
@@ -659,17 +662,21 @@ class Trainer:
                 self.data_epoch = self.stream.data_epoch + 1
                 self.stream, self.stream_state = None, {"data_epoch": self.data_epoch, "position": 0}
                 self.phase, self.epoch, self.epoch_step = ("gan" if self.cfg.gan.enable else "done"), 0, 0
-                self.save_checkpoint()
+                # baseline.pt before the phase-2 step file: a kill between the two resumes from the
+                # end of phase 1 and writes both (the other order resumed in phase 2 without it).
                 self.save_checkpoint(baseline=True)
+                self.save_checkpoint()
             if self.phase == "gan":
-                self.start_gan_phase()
-                self.stream = BatchStream(self.build_gan_loader(), **(self.stream_state or {"data_epoch": self.data_epoch}))
+                if self.epoch < self.cfg.train.gan_epochs:  # --train.gan_epochs 0 needs no phase-2 loader
+                    self.start_gan_phase()
+                    state = self.stream_state or {"data_epoch": self.data_epoch}
+                    self.stream = BatchStream(self.build_gan_loader(), **state)
                 while self.epoch < self.cfg.train.gan_epochs:
                     self._run_epoch(self.stream)
                     self.save_checkpoint()
                 if self.gan_metrics is None:
                     self.gan_metrics = self.evaluate()
-                self.num_bad += self.stream.num_bad
+                self.num_bad += self.stream.num_bad if self.stream is not None else 0
                 self.stream, self.stream_state = None, None
                 self.phase = "done"
                 self.save_checkpoint()
@@ -683,7 +690,8 @@ class Trainer:
             "class_names": list(self.class_names),
         }
         if self.info.is_main:
-            (self.out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+            with replace_atomically(self.out_dir / "metrics.json") as f:  # an OSError: fastmlgan.train names it
+                f.write(json.dumps(results, indent=2) + "\n")
             rows = {self.cfg.model.backbone: self.baseline_metrics}
             if self.gan_metrics is not None:
                 rows["+ WGAN-gp"] = self.gan_metrics

@@ -40,6 +40,18 @@ def _isolated_logging():
     root.setLevel(level)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _isolated_module_logging():
+    """The same for a module's fixtures (test_reproduce's harness run configures the root logger
+    for stdout): without it a later module in the same xdist worker prints its INFO lines to stdout."""
+    root, package = logging.getLogger(), logging.getLogger("fastmlgan")
+    handlers, level, package_level = list(root.handlers), root.level, package.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    package.setLevel(package_level)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real-data folder kept beside the project (``../shared/data``); skips when absent."""

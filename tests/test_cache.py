@@ -101,7 +101,8 @@ def test_list_file_reader(splits, tmp_path):
     rows = [f"{p},{';'.join(n for n, on in zip(splits.train.class_names, lab) if on)}"
             for p, lab in zip(splits.train.paths[:20], splits.train.labels[:20])]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
-    images = read_list(tmp_path / "train.csv", splits.train.class_names, None, True, name="list")
+    # Absolute paths into another folder: allowed by name (issue 18).
+    images = read_list(tmp_path / "train.csv", splits.train.class_names, None, True, name="list", allow_outside_root=True)
     cache = ensure_cache(images, Geometry("train", SIZE), tmp_path / "c", progress=False)
     ours = CacheLoader(cache, SIZE, 4, 0, 1, train=True, seed=1)
     assert assert_same_batches(ours, build_train_loader(FiveCropDataset(images, SIZE, True, seed=1), 4, 0, 1, seed=1)) == 40

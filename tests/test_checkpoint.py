@@ -373,7 +373,8 @@ def test_every_shape_or_data_option_change_is_refused():
         section, _, name = key.partition(".")
         old = getattr(getattr(saved, section), name)
         choices = {"model.backbone": "resnet18", "data.dataset": "coco", "data.nuswide_split": "official"}
-        new_value = choices.get(key, (not old) if isinstance(old, bool) else (old + 1 if isinstance(old, int) else f"{old}x"))
+        new_value = choices.get(key, (not old) if isinstance(old, bool) else (old + 1 if isinstance(old, int) else (
+            round(old * 0.5, 3) or 0.5 if isinstance(old, float) else f"{old}x")))
         d = saved.to_dict()
         d[section][name] = new_value
         if key == "gan.conditional":

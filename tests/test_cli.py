@@ -90,15 +90,12 @@ def test_python_dash_m_fastmlgan(tmp_path):
 
 
 def test_train_nproc_launches_torchrun(monkeypatch):
-    launched = []
-    monkeypatch.setattr(cli.os, "execv", lambda path, argv: launched.append((path, argv)))
-    cli.main(["train", "--preset", "smoke", "--nproc", "4", "--out", "x"])
-    path, argv = launched[0]
-    assert path == sys.executable and argv[0] == sys.executable
     import torch.distributed.run as torchrun
 
-    args = torchrun.get_args_parser().parse_args(argv[3:])  # after "python -m torch.distributed.run"
-    assert argv[1:3] == ["-m", "torch.distributed.run"]
+    launched = []
+    monkeypatch.setattr(torchrun, "run", launched.append)  # torchrun runs in this process (issue 18)
+    assert cli.main(["train", "--preset", "smoke", "--nproc", "4", "--out", "x"]) == 0
+    (args,) = launched
     assert args.standalone and args.nproc_per_node == "4" and args.module and args.training_script == "fastmlgan.train"
     assert args.training_script_args == ["--preset", "smoke", "--out", "x"]
 
@@ -108,7 +105,7 @@ def test_train_nproc_one_runs_in_process_and_bad_values(monkeypatch, capsys):
     fake = types.ModuleType("fastmlgan.train")
     fake.main = lambda argv: seen.append(argv) or 0
     monkeypatch.setitem(sys.modules, "fastmlgan.train", fake)
-    monkeypatch.setattr(cli.os, "execv", lambda *a: pytest.fail("no torchrun for one process"))
+    monkeypatch.setattr(cli, "launch_torchrun", lambda *a: pytest.fail("no torchrun for one process"))
     assert cli.main(["train", "--nproc=1", "--preset", "smoke"]) == 0 and seen == [["--preset", "smoke"]]
     for bad, message in ((["--nproc"], "--nproc needs"), (["--nproc", "two"], "expected a number"), (["--nproc", "0"], ">= 1")):
         assert cli.main(["train", *bad]) == 2

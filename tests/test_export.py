@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def _logits(module, x: torch.Tensor) -> torch.Tensor:
 def test_sidecar_describes_g_and_its_source(run, exported):
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     sidecar = json.loads((exported / "fastmlgan.json").read_text())
-    assert sidecar["format"] == "fastmlgan-classifier" and sidecar["format_version"] == 1
+    assert sidecar["format"] == "fastmlgan-classifier" and sidecar["format_version"] == 2
     assert sidecar["class_names"] == state["class_names"]
     model = state["config"]["model"]
     assert {k: sidecar["model"][k] for k in ("backbone", "num_labels", "width", "feature_dim", "in_dim")} == {
@@ -151,17 +152,31 @@ def _export_error(argv: list[str], capsys) -> str:
 def test_refuses_a_non_empty_folder_unless_overwrite(run, tmp_path, capsys):
     out = tmp_path / "model"
     out.mkdir()
-    (out / "model.onnx").write_text("left by an earlier export")
+    (out / "model.onnx").write_text("the user's own model")
     (out / "notes.txt").write_text("the user's own file")
     ckpt = str(run / "checkpoints" / "baseline.pt")
-    assert "--out " + str(out) + " is not empty; pick another folder or pass --overwrite" in _export_error(
+    # Issue 18: --overwrite replaces an earlier export only; a folder without one is left alone.
+    for extra in ([], ["--overwrite"]):
+        assert f"--out {out} is not empty and holds no fastmlgan export" in _export_error(
+            ["--checkpoint", ckpt, "--out", str(out), *extra], capsys
+        )
+    assert (out / "model.onnx").read_text() == "the user's own model"
+    (out / "model.onnx").unlink()
+    with restored_logging():
+        assert export.main(["--checkpoint", str(run), "--out", str(out / "first")]) == 0
+    shutil.copytree(out / "first", out, dirs_exist_ok=True)  # an earlier export (no ONNX file in it) beside notes.txt
+    shutil.rmtree(out / "first")
+    sidecar = json.loads((out / "fastmlgan.json").read_text())
+    sidecar["files"]["onnx"] = {"file": "model.onnx"}  # as if it had been written with --onnx
+    (out / "fastmlgan.json").write_text(json.dumps(sidecar))
+    (out / "model.onnx").write_text("left by the earlier export")
+    assert "holds an earlier export; pick another folder or pass --overwrite" in _export_error(
         ["--checkpoint", ckpt, "--out", str(out)], capsys
     )
-    assert (out / "model.onnx").read_text() == "left by an earlier export"
     with restored_logging():
         assert export.main(["--checkpoint", ckpt, "--out", str(out), "--overwrite"]) == 0
     sidecar = json.loads((out / "fastmlgan.json").read_text())
-    assert sidecar["files"]["onnx"] is None and not (out / "model.onnx").exists()  # the stale file is gone
+    assert sidecar["files"]["onnx"] is None and not (out / "model.onnx").exists()  # the earlier export's stale file is gone
     assert (out / "notes.txt").exists()
     assert sidecar["source"]["checkpoint"].endswith("baseline.pt")
     # baseline.pt is the end of phase 1: another G than last.pt's
@@ -191,6 +206,11 @@ def test_bad_input_gives_one_line_errors(run, exported, tmp_path, capsys):
     sidecar = json.loads((exported / "fastmlgan.json").read_text())
     (broken / "fastmlgan.json").write_text(json.dumps(sidecar))
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ConfigError, match="model.safetensors: its SHA-256 differs from files.weights_sha256"):
+        fastmlgan.load_classifier(broken)
+    sidecar["format_version"] = 1  # an export from before the checksum: read, and its damage named
+    del sidecar["files"]["weights_sha256"]
+    (broken / "fastmlgan.json").write_text(json.dumps(sidecar))
     with pytest.raises(ConfigError, match="model.safetensors: cannot read the weights"):
         fastmlgan.load_classifier(broken)
 

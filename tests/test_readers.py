@@ -267,8 +267,9 @@ def test_list_files_that_are_not_utf8_name_the_line(tmp_path):
 @pytest.mark.parametrize(
     "name, text, message",
     [
-        # A quoted path spanning two lines: the next row starts on line 4, not "row 3".
-        ("multiline.csv", 'a.jpg,cat\n"b\nc.jpg",dog\nd.jpg,horse\n', r"multiline.csv:4: unknown label 'horse'"),
+        # A quoted path spanning two lines (issue 18: a stray quote swallowed 14 rows silently) is
+        # refused, naming the lines it spans.
+        ("multiline.csv", 'a.jpg,cat\n"b\nc.jpg",dog\nd.jpg,horse\n', r"multiline.csv:2: a quoted field runs from line 2 to line 3"),
         # U+2028 and form feed are not line ends (str.splitlines would make them ones).
         ("sep.csv", "a\u2028b.jpg,cat\nx\x0cy.jpg,cat\nz.jpg,horse\n", r"sep.csv:3: unknown label 'horse'"),
         ("sep.jsonl", '{"path": "a\u2028.jpg", "labels": ["cat"]}\n{"path": "b.jpg", "labels": ["horse"]}\n',

@@ -28,6 +28,7 @@ import numpy as np
 
 from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.loaders.feature_set import MISSING, FeatureSet, check_labels, read_text, to_float
+from fastmlgan.safeio import read_bytes
 
 __all__ = ["ARFF_FORMATS", "load_arff_pair", "read_meka", "read_mulan"]
 
@@ -370,12 +371,9 @@ def _encode(table: _ArffTable, label_idx: list[int], name: str) -> FeatureSet:
 def _read_mulan_labels(xml_path) -> list[tuple[str, int]]:
     """(label name, XML line) in document order; namespaces and nested (hierarchical) labels allowed."""
     path = Path(xml_path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file (the MULAN label XML)") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e}") from None
+    if not path.exists():
+        raise DataError(f"{path}: no such file (the MULAN label XML)")
+    data = read_bytes(path, "MULAN label XML")  # a FIFO, a device or a folder: one line, never a wait
     labels: list[tuple[str, int]] = []
     parser = xml.parsers.expat.ParserCreate(namespace_separator="}")
 

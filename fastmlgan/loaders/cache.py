@@ -25,7 +25,8 @@ File layout (``*.fmlc``, little endian):
 Safety: a cache is written to ``.<name>.<pid>.tmp`` in the same folder, fsync'd and renamed only
 when complete; a builder holds ``<name>.lock`` (flock), so two processes never build one cache at
 once. Opening checks the preamble, the file size against the header, the header's SHA-256, the
-geometry and each section's SHA-256; ``verify`` also checks every pixel chunk's CRC-32. The file
+geometry and each section's SHA-256; ``ensure_cache`` (every training run) and ``verify`` also
+check every pixel chunk's CRC-32 (``cache_read``: pixels are read with pread, never SIGBUS). The file
 name hashes the split's identity (its ordered file list) and the geometry, so a run finds its
 cache without reading anything; the header's fingerprint (file sizes, mtimes, label matrix) says
 whether it is still current. A stale cache is rebuilt (logged, with the reason), never used.
@@ -62,6 +63,7 @@ from fastmlgan.errors import ConfigError, DataError, FastMLGANError
 from fastmlgan.loaders.base import LabeledImages
 from fastmlgan.loaders.cache_decode import DaliFailed, rows_cpu, rows_dali, rows_torchvision
 from fastmlgan.loaders.five_crop import base_size
+from fastmlgan.safeio import describe_os_error, nul_argument, open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +179,13 @@ class ImageCache:
         self.geometry = Geometry(g["purpose"], int(g["image_size"]))
         n, side = int(header["num_images"]), self.geometry.side
         px = header["sections"]["pixels"]
-        # mode "c" (copy-on-write): a writable view for torch.from_numpy that never writes the file.
+        # mode "c" (copy-on-write), for inspection: loaders use cache_read.read_rows (pread: no SIGBUS when truncated).
         self.pixels = np.memmap(self.path, dtype=np.uint8, mode="c", offset=int(px["offset"]), shape=(n, side, side, 3))
+        self._offset, self._row_bytes = int(px["offset"]), side * side * 3
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def __del__(self):
+        os.close(self._fd) if getattr(self, "_fd", None) is not None else None
 
     def __len__(self) -> int:
         return int(self.header["num_images"])
@@ -233,25 +240,18 @@ class ImageCache:
             return f"{len(changed)} file(s) changed since it was built, first {images.paths[i]} ({what}: {s0}/{m0} -> {s1}/{m1})"
         return None
 
-    def verify(self) -> None:
-        """Check every pixel chunk's CRC-32 (reads the whole file); ``CacheError`` naming the rows."""
-        px = self.header["sections"]["pixels"]
-        rows = int(px["chunk_rows"])
-        flat = self.pixels.reshape(len(self), -1)
-        for c, expected in enumerate(px["crc32"]):
-            if zlib.crc32(flat[c * rows : (c + 1) * rows]) != expected:
-                raise CacheError(
-                    f"{self.path}: pixel rows {c * rows}-{min(len(self), (c + 1) * rows) - 1} fail their checksum "
-                    "(corrupt or edited); delete the file to rebuild"
-                )
+    def verify(self, num_threads: int = 1) -> None:
+        """Check every pixel chunk's CRC-32 on ``num_threads`` threads; ``CacheError`` naming the first bad rows."""
+        from fastmlgan.loaders.cache_read import verify_pixels
+        verify_pixels(self, num_threads)
 
 
 def read_header(path) -> dict:
     """The JSON header of a cache file, after checking the preamble, the size and the header checksum."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path, "cache file", CacheError) as f:  # a FIFO: refused, not waited on
+            size = os.fstat(f.fileno()).st_size
             pre = f.read(_PREAMBLE.size)
             if size < PREAMBLE_BYTES or len(pre) < _PREAMBLE.size:
                 raise CacheError(f"{path}: truncated ({size} bytes): not a complete fastmlgan cache; delete it to rebuild")
@@ -272,8 +272,12 @@ def read_header(path) -> dict:
         raise CacheError(f"{path}: cannot read cache file: {e}") from None
     if hashlib.sha256(raw).digest() != digest:
         raise CacheError(f"{path}: header checksum mismatch (edited by hand or corrupt); delete it to rebuild")
-    header = json.loads(raw)
-    header["version"] = version
+    try:
+        header = json.loads(raw)
+        header["version"] = version
+        _ = [header["sections"][k]["offset"] for k in ("pixels", *_SECTIONS)], header["geometry"]["purpose"]
+    except (ValueError, KeyError, TypeError):  # a consistent file of another program
+        raise CacheError(f"{path}: not a fastmlgan cache header; delete it to rebuild") from None
     return header
 
 
@@ -355,9 +359,17 @@ def build_cache(
     if len(images) == 0:
         raise DataError(f"{images.name}: no images to cache")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     decoder = resolve_decoder(decoder, device)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - closed by the with below
+    except OSError as e:  # a file where the folder should be, a read-only folder
+        why = "it is not a folder" if e.errno in (errno.EEXIST, errno.ENOTDIR) else describe_os_error(e)
+        raise CacheError(
+            f"--data.cache_dir {path.parent}: cannot build the cache there ({why}); "
+            "point --data.cache_dir (or $FASTMLGAN_CACHE) at a writable folder"
+        ) from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same cache: wait for it
         for leftover in path.parent.glob(f".{path.name}.*.tmp"):
             logger.info("removing %s, left by an interrupted build", leftover)
@@ -459,7 +471,10 @@ def _build_locked(images, geometry, path, on_bad_image, decoder, device, num_thr
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _no_room(path, needed, None, "the disk filled up while writing") from None
-        raise
+        raise CacheError(
+            f"--data.cache_dir {path.parent}: cannot write the cache {path.name} ({describe_os_error(e)}); "
+            "point --data.cache_dir (or $FASTMLGAN_CACHE) at a writable folder"
+        ) from None
     finally:
         bar.close()
         tmp.unlink(missing_ok=True)
@@ -528,6 +543,8 @@ def ensure_cache(
         reason = cache.stale_reason(images)
         if reason:
             raise CacheError(f"rank {info.rank}: {path} does not match this process's data: {reason}")
+        if info.local_rank == 0:  # the first process of each node checks its node's file; rank 0 did its own
+            cache.verify(num_threads)
     if on_bad_image == "error" and cache.num_bad:
         first = int(np.flatnonzero(cache.bad)[0])
         raise DataError(
@@ -547,7 +564,8 @@ def _open_or_build(images, geometry, path, on_bad_image, decoder, device, num_th
         else:
             reason = cache.stale_reason(images)
             if reason is None:
-                logger.info("using cache %s (%s, %d images)", path, geometry.describe(), len(cache))
+                cache.verify(num_threads)  # an edited pixel is refused here, by name, before any training
+                logger.info("using cache %s (%s, %d images, pixel checksums verified)", path, geometry.describe(), len(cache))
                 return cache
         logger.info("cache %s is stale (%s): rebuilding it", path, reason)
     return build_cache(images, geometry, path, on_bad_image, decoder, device, num_threads, progress)
@@ -598,15 +616,22 @@ def main(argv: list[str] | None = None) -> int:
     from fastmlgan.progress import setup_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("build", "info", "verify"):
+    if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 0
+    if not argv or argv[0] not in ("build", "info", "verify"):
+        print(f"{USAGE}\nerror: {'unknown command ' + repr(argv[0]) if argv else 'no command'}: give build, info or verify",
+              file=sys.stderr)
+        return 2
     command, rest = argv[0], argv[1:]
+    if nul_argument(rest):
+        print(nul_argument(rest), file=sys.stderr)
+        return 2
     setup_logging(True)
     try:
         if command == "verify":
             for name in rest:
-                ImageCache.open(name).verify()
+                ImageCache.open(name).verify(4)
                 print(f"{name}: OK")
             return 0
         if command == "info":

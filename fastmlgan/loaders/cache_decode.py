@@ -72,7 +72,7 @@ def rows_dali(images, side, chunk_rows, num_threads, device):
     def rows():
         jpegs, index = fn.readers.file(files=list(images.paths), labels=list(range(len(images))),
                                        pad_last_batch=True, name="Reader")
-        kwargs = dict(device="mixed" if on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
+        kwargs = dict(device="mixed" if on_gpu else "cpu", output_type=types.RGB, adjust_orientation=True)  # as decode_rgb
         if on_gpu:
             kwargs["hw_decoder_load"] = 0.65
         decoded = fn.decoders.image(jpegs, **kwargs)

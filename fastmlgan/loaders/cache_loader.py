@@ -36,6 +36,7 @@ import torch
 
 from fastmlgan.errors import ConfigError
 from fastmlgan.loaders.cache import CacheError, Geometry, ImageCache
+from fastmlgan.loaders.cache_read import read_rows
 from fastmlgan.loaders.five_crop import NUM_SIZES, crop_window
 from fastmlgan.loaders.torch_loader import (
     IMAGENET_MEAN,
@@ -159,7 +160,9 @@ class CacheLoader(BatchPlan):
         pixels = torch.empty((len(rows), self.side, self.side, 3), dtype=torch.uint8, device=self.device)
         step = max(1, 2**28 // (self.side * self.side * 3))
         for a in range(0, len(rows), step):
-            pixels[a : a + step].copy_(torch.from_numpy(np.ascontiguousarray(self.cache.pixels[rows[a : a + step]])))
+            block = np.empty((len(rows[a : a + step]), self.side, self.side, 3), dtype=np.uint8)
+            read_rows(self.cache, rows[a : a + step], block)  # pread: a truncated file is an error, not SIGBUS
+            pixels[a : a + step].copy_(torch.from_numpy(block))
         self._gpu_pixels = pixels
         logger.info("cache %s: %d rows in GPU memory (%.2f GiB)", self.cache.path.name, len(rows), nbytes / 2**30)
 
@@ -195,9 +198,7 @@ class CacheLoader(BatchPlan):
             part["rows"] = torch.from_numpy(local).pin_memory()
             return part
         staged = torch.empty((k, self.side, self.side, 3), dtype=torch.uint8, pin_memory=self._pin and self.device.type == "cuda")
-        out, pixels = staged.numpy(), self.cache.pixels
-        for j, r in enumerate(rows.tolist()):
-            out[j] = pixels[r]  # one memcpy of a contiguous row
+        read_rows(self.cache, rows.tolist(), staged.numpy())  # one pread of a contiguous row each
         part["staged"] = staged
         if self.device.type == "cpu":
             part["image"] = self._images(part.pop("staged"), part["order"], groups)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,8 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fastmlgan.errors import ConfigError, FastMLGANError
+from fastmlgan.errors import ConfigError, DataError, FastMLGANError
 from fastmlgan.progress import setup_logging
+from fastmlgan.safeio import (
+    describe_os_error,
+    inside_root,
+    read_bytes,
+    regular_or_absent,
+    replace_atomically,
+    stdout_failed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +73,18 @@ class Listing:
 
 
 def inspect_image(path: str, decode: bool = True) -> tuple[str, str] | None:
-    """(kind, detail) of a bad image file, or None for a complete JPEG."""
+    """(kind, detail) of a bad image file, or None for a complete JPEG. A FIFO or a device (say a
+    COCO file_name of /dev/zero) is unreadable, never opened for a blocking or endless read."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        os.stat(path)
     except FileNotFoundError:
         return "missing", "no such file"
-    except OSError as e:
-        return "unreadable", f"cannot read: {e.strerror or e}"
+    except (OSError, ValueError):
+        pass  # open_regular names the problem (a symbolic link loop, a NUL in the name)
+    try:
+        data = read_bytes(path, "image file")
+    except DataError as e:
+        return "unreadable", str(e).removeprefix(f"image file {path}").removeprefix(" ").removeprefix(": ")
     if not data:
         return "unreadable", "empty file"
     if data[:3] == JPEG_SOI:
@@ -81,25 +94,32 @@ def inspect_image(path: str, decode: bool = True) -> tuple[str, str] | None:
         if sos < 0 or eoi < sos:
             return "truncated", "JPEG without end-of-image marker"
         if decode:
-            error = _decode_error(data)
+            error = _decode_error(data, path)
             if error:
                 return "truncated", f"JPEG fails to decode: {error}"
         return None
-    error = _decode_error(data) if decode else _identify_error(data)
+    error = _decode_error(data, path) if decode else _identify_error(data)
     if error:
         return "unreadable", f"not a decodable image: {error}"
     fmt = next((name for magic, name in _MAGIC if data.startswith(magic)), "not JPEG")
     return "non_jpeg", fmt
 
 
-def _decode_error(data: bytes) -> str | None:
+def _decode_error(data: bytes, path: str) -> str | None:
+    """Why training's decoder (``torch_loader.image_to_rgb8``: EXIF, 16-bit and float pixels) would
+    refuse the image, or None."""
     import io
 
     from PIL import Image
 
+    from fastmlgan.loaders.torch_loader import image_to_rgb8
+
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
+            image_to_rgb8(img, path)
+    except DataError as e:
+        return str(e).removeprefix(f"{path}: ")
     except Exception as e:  # PIL raises many types for broken files; any of them means "broken"
         return str(e) or type(e).__name__
     return None
@@ -122,7 +142,7 @@ def _identify_error(data: bytes) -> str | None:
 # Listings: what each dataset kind lists, unlabelled images and unknown labels included.
 
 
-def _coco_listing(split: str, annotation_file, image_root) -> Listing:
+def _coco_listing(split: str, annotation_file, image_root, allow_outside_root: bool = False) -> Listing:
     from fastmlgan.loaders.coco import _load_json
 
     annotation_file = Path(annotation_file)
@@ -138,7 +158,14 @@ def _coco_listing(split: str, annotation_file, image_root) -> Listing:
             unknown.append(f"{annotation_file}: annotations[{i}] refers to image_id {ann['image_id']!r}, not in 'images'")
         else:
             labelled[row[ann["image_id"]]] = True
-    paths = [str(Path(image_root) / str(img["file_name"])) for img in data["images"]]
+    paths = []
+    for i, img in enumerate(data["images"]):
+        if not allow_outside_root:  # training refuses it: a malformed row
+            try:
+                inside_root(image_root, img["file_name"], f"{annotation_file}: images[{i}] 'file_name'", "--data.allow_outside_root")
+            except DataError as e:
+                unknown.append(str(e))
+        paths.append(str(Path(image_root) / str(img["file_name"])))
     return Listing(split, paths, labelled, unknown)
 
 
@@ -165,7 +192,7 @@ def listings(cfg) -> list[Listing]:
                 missing = f"{split}_images" if annotations else f"{split}_annotations"
                 raise ConfigError(f"data.dataset=coco: the {split} split needs --data.{missing} too")
             if annotations:
-                given.append(_coco_listing(split, annotations, images))
+                given.append(_coco_listing(split, annotations, images, cfg.allow_outside_root))
         if not given:
             raise ConfigError(
                 "data.dataset=coco needs --data.train_annotations and --data.train_images (the training split), "
@@ -196,7 +223,7 @@ def listings(cfg) -> list[Listing]:
         for split, list_file in (("train", cfg.list_train), ("val", cfg.list_val)):
             if not list_file:
                 continue
-            scan = scan_list(list_file, names, cfg.image_root or None)
+            scan = scan_list(list_file, names, cfg.image_root or None, cfg.allow_outside_root)
             out.append(Listing(split, scan.paths, scan.labels.any(axis=1), scan.problems))
         return out
     raise ConfigError(f"data.dataset={cfg.dataset!r} has no image files to check")
@@ -248,6 +275,7 @@ def check(cfg, threads: int = 8, decode: bool = True, progress: bool = True) -> 
                 offenders["unlabeled"].append(f"[{listing.split}] {listing.paths[i]}")
             used = listing.labelled if cfg.drop_unlabeled else np.ones(len(listing.paths), dtype=bool)
             fatal_files = 0
+            usable = used.copy()
             for i, result in enumerate(pool.map(lambda p: inspect_image(p, decode), listing.paths, chunksize=64)):
                 bar.update(1)
                 if result is None:
@@ -256,7 +284,16 @@ def check(cfg, threads: int = 8, decode: bool = True, progress: bool = True) -> 
                 n[kind] += 1
                 offenders[kind].append(f"[{listing.split}] {listing.paths[i]}: {detail}")
                 fatal_files += int(bool(used[i]))
+                usable[i] &= kind == "non_jpeg"  # the torch loader decodes PNG, GIF...; DALI is strict below
             counts[listing.split] = n
+            if not usable.any():
+                # Nothing left to train on: every image unlabelled, missing or broken (an image folder
+                # that is a symbolic link loop, say). The readers stop on this; so does training.
+                fatal.append(
+                    f"{listing.split}: no usable image among the {len(listing.paths)} listed ({n['unlabeled']} unlabelled"
+                    f"{' and dropped' if cfg.drop_unlabeled else ''}, {n['missing']} missing, "
+                    f"{n['unreadable'] + n['truncated']} unreadable or truncated)"
+                )
             if n["unknown_label"]:
                 fatal.append(f"{listing.split}: {n['unknown_label']} unknown label(s) or malformed row(s)")
             if strict and fatal_files:
@@ -331,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
                         number = int(value)
                     except ValueError:
                         raise ConfigError(f"{arg}: expected an integer, got {value!r}") from None
+                    lo, hi = (0, 10**9) if arg == "--first" else (1, 1024)
+                    if not lo <= number <= hi:
+                        raise ConfigError(f"{arg} must be in [{lo}, {hi}], got {number}")
                     first, threads = (number, threads) if arg == "--first" else (first, number)
             else:
                 rest.append(arg)
@@ -342,14 +382,25 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(rest, prog="fastmlgan check")
         if cfg is None:
             return 0
+        if json_out is not None:
+            why = regular_or_absent(json_out)
+            if why or not Path(json_out).parent.is_dir():
+                raise ConfigError(f"--json {json_out}: cannot write a report there ({why or 'no such folder'})")
         setup_logging(stream="stderr", level=logging.WARNING, fmt="%(levelname)s %(name)s: %(message)s")
         report = check(cfg.data, threads=threads, decode=decode)
+        print(format_report(report, first), flush=True)
+        if json_out:
+            try:
+                with replace_atomically(json_out) as f:
+                    f.write(json.dumps(dataclasses.asdict(report), indent=1) + "\n")
+            except OSError as e:
+                raise ConfigError(f"--json {json_out}: cannot write it ({describe_os_error(e)})") from None
     except FastMLGANError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_report(report, first))
-    if json_out:
-        Path(json_out).write_text(json.dumps(dataclasses.asdict(report), indent=1) + "\n")
+    except OSError as e:  # standard output full or closed
+        print(stdout_failed(e), file=sys.stderr)
+        return 2
     return 1 if report.fatal else 0
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from fastmlgan.errors import DataError
 from fastmlgan.loaders.base import LabeledImages
+from fastmlgan.safeio import entry_is_file, inside_root, list_folder, open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,10 @@ _STRING_FIELDS = {"images": ("file_name",), "categories": ("name",), "annotation
 
 
 def _load_json(annotation_file: Path) -> dict:
-    if not annotation_file.is_file():
+    if not os.path.lexists(annotation_file):  # a symbolic link loop is named by open_regular
         raise DataError(f"{annotation_file}: annotation file not found")
     try:
-        with open(annotation_file, "rb") as f:
+        with open_regular(annotation_file, "annotation file") as f:  # not a FIFO, a device or a folder
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{annotation_file}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
@@ -106,13 +107,16 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def read_coco(annotation_file, image_root, drop_unlabeled: bool = True, name: str | None = None) -> LabeledImages:
+def read_coco(
+    annotation_file, image_root, drop_unlabeled: bool = True, name: str | None = None, allow_outside_root: bool = False
+) -> LabeledImages:
     """Read a COCO instances JSON into a ``LabeledImages``.
 
     Classes are in category-id order (COCO's official 80-class order for the real files), images
     in the order of the file's ``images`` list. Images without any annotation are dropped (and
     counted) when ``drop_unlabeled``; images absent from ``image_root`` are left out and listed
-    in ``missing``."""
+    in ``missing``. A ``file_name`` that is absolute or climbs out of ``image_root`` is an error
+    unless ``allow_outside_root`` (``--data.allow_outside_root``)."""
     annotation_file = Path(annotation_file)
     image_root = Path(image_root)
     data = _load_json(annotation_file)
@@ -145,11 +149,15 @@ def read_coco(annotation_file, image_root, drop_unlabeled: bool = True, name: st
     num_dropped = int(len(images) - keep.sum())
 
     # One directory listing instead of a stat per image (123k images for COCO 2014).
-    listed = {entry.name for entry in os.scandir(image_root) if entry.is_file()}
+    listed = {entry.name for entry in list_folder(image_root, f"image folder of {annotation_file}") if entry_is_file(entry)}
     paths, rows, missing = [], [], []
     for row in np.flatnonzero(keep):
         file_name = images[row]["file_name"]
-        path = image_root / file_name
+        if allow_outside_root:
+            path = image_root / file_name
+        else:
+            where = f"{annotation_file}: images[{row}] 'file_name'"
+            path = inside_root(image_root, file_name, where, "--data.allow_outside_root")
         present = file_name in listed if os.sep not in file_name and "/" not in file_name else _is_file(path)
         if present:
             paths.append(str(path))

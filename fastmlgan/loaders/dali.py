@@ -37,8 +37,10 @@ Policies (the same as ``torch_loader`` where DALI allows it):
   ``five_crop.crop_window`` by lookup tables, so the geometry is the torch loader's exactly. The
   crops are not the torch loader's ``crop_for(seed, epoch, index)`` draws, and the data order
   after a resume is a fresh sequence, not the interrupted run's.
-* EXIF orientation is ignored (``adjust_orientation=False``) as in the PIL decoder of the torch
-  loader: COCO's labels refer to the stored pixels.
+* EXIF orientation is applied (``adjust_orientation=True``), as the torch loader's decoder
+  (``torch_loader.decode_rgb``) applies it: a phone photo stored sideways is seen upright, and
+  ``roi`` windows are in the upright image's coordinates (checked with DALI 2.4's CPU decoder
+  against PIL's ``exif_transpose``: equal to the pixel, issue 18).
 * Undecodable images: DALI cannot substitute another image, so ``bad`` is always False and a
   broken JPEG stops the run with a ``DataError``. Scan a dataset first with
   ``python -m fastmlgan.loaders.check``.
@@ -146,7 +148,7 @@ def _pipelines():
         )
 
     def decoder_kwargs(on_gpu, hw_decoder_load):
-        kwargs = dict(device="mixed" if on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
+        kwargs = dict(device="mixed" if on_gpu else "cpu", output_type=types.RGB, adjust_orientation=True)
         if on_gpu:
             kwargs["hw_decoder_load"] = hw_decoder_load
         return kwargs

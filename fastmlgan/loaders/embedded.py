@@ -41,6 +41,7 @@ from PIL import Image
 
 from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.progress import setup_logging
+from fastmlgan.safeio import nul_argument, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -356,12 +357,12 @@ def _check_params(params: dict) -> dict:
         if not isinstance(full[key], (int, np.integer)) or isinstance(full[key], bool):
             raise ConfigError(f"embedded dataset: {key} must be an integer, got {full[key]!r}")
         full[key] = int(full[key])
-    if full["num_train"] < 1 or full["num_val"] < 1:
-        raise ConfigError("embedded dataset: num_train and num_val must be >= 1")
-    if full["image_size"] < 16:
-        raise ConfigError(f"embedded dataset: image_size must be >= 16, got {full['image_size']}")
-    if full["seed"] < 0:
-        raise ConfigError(f"embedded dataset: seed must be >= 0, got {full['seed']}")
+    if not (1 <= full["num_train"] <= 10**7 and 1 <= full["num_val"] <= 10**7):
+        raise ConfigError("embedded dataset: num_train and num_val must be in [1, 10000000]")
+    if not 16 <= full["image_size"] <= 4096:
+        raise ConfigError(f"embedded dataset: image_size must be in [16, 4096], got {full['image_size']}")
+    if not 0 <= full["seed"] <= 2**32 - 1:  # numpy's seed range
+        raise ConfigError(f"embedded dataset: seed must be in [0, 4294967295], got {full['seed']}")
     return full
 
 
@@ -383,6 +384,8 @@ def generate(root, num_train: int = 2000, num_val: int = 500, image_size: int = 
     so a crash never leaves a half-written dataset behind."""
     params = _check_params(dict(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed))
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: not a folder; the embedded dataset needs a folder (--data.root)")
     if root.exists() and any(root.iterdir()) and not (root / "dataset.json").is_file():
         raise DataError(
             f"{root}: refusing to replace a non-empty folder that is not an embedded dataset (no dataset.json)"
@@ -433,9 +436,10 @@ def ensure(root, **params) -> EmbeddedPaths:
         reason = "no dataset.json"
     else:
         try:
-            found = json.loads(manifest_file.read_text())
-        except (OSError, ValueError) as e:
+            found = json.loads(read_text(manifest_file, "embedded manifest"))
+        except (DataError, ValueError, RecursionError) as e:
             found, reason = None, f"unreadable dataset.json ({e})"
+        found = found if isinstance(found, dict) else None
         if found is not None:
             expected = _manifest(params)
             diff = [k for k in expected if found.get(k) != expected[k]]
@@ -451,7 +455,7 @@ def ensure(root, **params) -> EmbeddedPaths:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m fastmlgan.loaders.embedded", description="Write the embedded synthetic multi-label dataset."
     )
     parser.add_argument("--out", required=True, help="dataset folder to write")
@@ -461,19 +465,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=_PARAM_DEFAULTS["seed"])
     parser.add_argument("--force", action="store_true", help="regenerate even when the folder matches")
     parser.add_argument("--describe", action="store_true", help="print the dataset's structure")
-    args = parser.parse_args(argv)
-    setup_logging(stream="stderr", fmt="%(message)s")
-    params = dict(num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed)
+    if nul_argument(argv or []):
+        print(nul_argument(argv), file=sys.stderr)
+        return 2
     try:
+        args = parser.parse_args(argv)
+        setup_logging(stream="stderr", fmt="%(message)s")
+        params = dict(num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed)
         paths = generate(args.out, **params) if args.force else ensure(args.out, **params)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full folder
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     if args.describe:
         print(describe())
     for field in ("train_ann", "train_images", "val_ann", "val_images"):
         print(f"{field}: {getattr(paths, field)}")
     return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 if __name__ == "__main__":

@@ -71,12 +71,13 @@ class FeatureSet:
 
 def read_text(path: Path) -> str:
     """The file as UTF-8 text; a DataError names the line of the first byte that is not."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e}") from None
+    import os
+
+    from fastmlgan.safeio import read_bytes
+
+    if not os.path.lexists(path):
+        raise DataError(f"{path}: no such file")
+    raw = read_bytes(path, "data file")  # a FIFO, a device or a folder: one line, never a wait
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

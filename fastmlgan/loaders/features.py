@@ -11,6 +11,7 @@ Every malformed file raises a ``DataError`` naming the file (and the line, for t
 from __future__ import annotations
 
 import csv
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,16 @@ __all__ = [
 
 
 def _read_npz(path: Path, num_labels, label_columns) -> FeatureSet:
+    from fastmlgan.safeio import open_regular
+
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, ValueError) as e:
+        with open_regular(path, "data file") as f:  # a FIFO: never waited on
+            z = np.load(f, allow_pickle=False)
+            if not hasattr(z, "files"):
+                raise ValueError("a single .npy array, not an .npz archive")
+            with z:
+                arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: not a readable .npz archive: {e}") from None
 
     def pick(*keys):

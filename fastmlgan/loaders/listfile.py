@@ -14,11 +14,13 @@ ignored), and one list file per split, either
 
 * JSONL (``.jsonl`` or ``.ndjson``): one object a line, ``{"path": "...", "labels": [...]}``.
 
-Paths are relative to ``image_root`` (default: the list file's folder) unless absolute. Files are
-UTF-8 (a byte-order mark is allowed); lines end at ``\n``, ``\r\n`` or ``\r``. A label name that
-is not in the names file, a malformed row, an empty path or a NUL character is an error naming
-the file and line; images without labels are dropped and counted (``drop_unlabeled``); missing
-image files are listed and left out.
+Paths are relative to ``image_root`` (default: the list file's folder); an absolute path, or one
+climbing out of it with ``..``, is an error unless ``allow_outside_root`` (``--data.allow_outside_root``).
+Files are UTF-8 (a byte-order mark is allowed); lines end at ``\n``, ``\r\n`` or ``\r``, and no
+field may span lines (a stray ``"`` would otherwise swallow the rows up to the next one). A label
+name that is not in the names file, a malformed row, an empty path or a NUL character is an error
+naming the file and line; images without labels are dropped and counted (``drop_unlabeled``);
+missing image files are listed and left out.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import csv
 import io
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,7 @@ import numpy as np
 
 from fastmlgan.errors import DataError
 from fastmlgan.loaders.base import LabeledImages
+from fastmlgan.safeio import inside_root, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +50,12 @@ _NEWLINES = re.compile(r"\r\n|\r|\n")
 
 def _read_utf8(path: Path) -> str:
     """The file's text (a leading UTF-8 byte-order mark dropped); NUL bytes are an error naming the line."""
+    data = read_bytes(path, "list file")  # not a FIFO, a device or a folder
     try:
-        data = path.read_bytes()
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
     if "\x00" in text:
         line = len(_NEWLINES.findall(text[: text.index("\x00")])) + 1
         raise DataError(f"{path}:{line}: NUL character (a binary file, or UTF-16 text?); save the file as UTF-8")
@@ -68,7 +70,7 @@ def _lines(text: str) -> list[str]:
 def read_label_names(path) -> list[str]:
     """Class names, one a line, in file order."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):  # a symbolic link loop is named by read_bytes
         raise DataError(f"{path}: label-names file not found")
     names, first_line = [], {}
     for lineno, line in enumerate(_lines(_read_utf8(path)), 1):
@@ -131,6 +133,12 @@ def _rows(list_file: Path):
             yield lineno, None, f"{e}; the rest of the file is not read"
             return
         start, lineno = lineno, reader.line_num + 1
+        if any("\n" in cell or "\r" in cell for cell in row):
+            yield start, None, (
+                f"a quoted field runs from line {start} to line {lineno - 1} (a stray '\"'?): paths and labels "
+                "cannot span lines"
+            )
+            continue
         if not row or not "".join(row).strip():
             continue
         if first and row[0].strip().lower() == "path":
@@ -144,10 +152,11 @@ def _rows(list_file: Path):
         yield start, row[0].strip(), [x.strip() for x in _SEPARATORS.split(labels) if x.strip()]
 
 
-def scan_list(list_file, class_names: list[str], image_root=None) -> ListScan:
-    """Parse a list file, collecting (not raising on) malformed rows and unknown label names."""
+def scan_list(list_file, class_names: list[str], image_root=None, allow_outside_root: bool = False) -> ListScan:
+    """Parse a list file, collecting (not raising on) malformed rows, unknown label names and
+    paths outside ``image_root``."""
     list_file = Path(list_file)
-    if not list_file.is_file():
+    if not os.path.lexists(list_file):
         raise DataError(f"{list_file}: list file not found")
     root = Path(image_root) if image_root else list_file.parent
     column = {name: c for c, name in enumerate(class_names)}
@@ -162,6 +171,12 @@ def scan_list(list_file, class_names: list[str], image_root=None) -> ListScan:
         if "\x00" in path:
             problems.append(f"{list_file}:{lineno}: the path contains a NUL character")
             continue
+        if not allow_outside_root:
+            try:
+                inside_root(root, path, f"{list_file}:{lineno}", "--data.allow_outside_root")
+            except DataError as e:
+                problems.append(str(e))
+                continue
         row = np.zeros(len(class_names), dtype=np.uint8)
         for name in labels:
             if name in column:
@@ -183,12 +198,15 @@ def _is_file(path: str) -> bool:
         return False
 
 
-def read_list(list_file, label_names, image_root=None, drop_unlabeled: bool = True, name: str | None = None) -> LabeledImages:
+def read_list(
+    list_file, label_names, image_root=None, drop_unlabeled: bool = True, name: str | None = None,
+    allow_outside_root: bool = False,
+) -> LabeledImages:
     """A list file (CSV or JSONL, see the module docstring) as ``LabeledImages``.
 
     ``label_names`` is the label-names file (or the list of names itself)."""
     class_names = label_names if isinstance(label_names, list) else read_label_names(label_names)
-    scan = scan_list(list_file, class_names, image_root)
+    scan = scan_list(list_file, class_names, image_root, allow_outside_root)
     if scan.problems:
         more = f" (and {len(scan.problems) - 1} more problems)" if len(scan.problems) > 1 else ""
         raise DataError(scan.problems[0] + more)

@@ -27,13 +27,13 @@ Splits (``split``):
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.loaders.base import LabeledImages
+from fastmlgan.safeio import entry_is_dir, entry_is_file, inside_root, list_folder, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,9 @@ SPLITS = ("paper", "official")
 def _all_lines(path: Path) -> list[str]:
     """Every line, stripped (blank ones as ''), so that index + 1 is the line number. Lines end at
     \n, \r\n or \r only: str.splitlines would also split at \x0c, U+2028... and shift the numbers."""
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: NUS-WIDE file not found (expected the official layout; see fastmlgan.loaders.nuswide)")
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e}") from None
+    text = read_bytes(path, "NUS-WIDE file").decode("utf-8", errors="replace")  # not a FIFO or a device
     return [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
 
 
@@ -140,11 +137,16 @@ def paper_split(labels: np.ndarray, num_train: int, seed: int) -> tuple[np.ndarr
     return np.sort(perm[:num_train]), np.sort(perm[num_train:])
 
 
-def _build(name: str, entries: list[str], labels: np.ndarray, rows, concepts, image_root: Path, num_dropped: int):
+def _build(name: str, entries: list[str], labels: np.ndarray, rows, concepts, image_root: Path, num_dropped: int,
+           allow_outside_root: bool = False):
     listed = _listed_files(image_root)
     paths, keep, missing = [], [], []
     for row in rows:
-        path = image_root / entries[row]
+        if allow_outside_root:
+            path = image_root / entries[row]
+        else:
+            where = f"NUS-WIDE {name}: image list entry {row + 1}"
+            path = inside_root(image_root, entries[row], where, "--data.allow_outside_root")
         if entries[row] in listed:
             paths.append(str(path))
             keep.append(row)
@@ -173,10 +175,10 @@ def _listed_files(image_root: Path) -> set[str]:
     if not image_root.is_dir():
         raise DataError(f"{image_root}: NUS-WIDE image folder not found (set --data.image_root)")
     found: set[str] = set()
-    for entry in os.scandir(image_root):
-        if entry.is_dir():
-            found.update(f"{entry.name}/{f.name}" for f in os.scandir(entry.path) if f.is_file())
-        elif entry.is_file():
+    for entry in list_folder(image_root, "NUS-WIDE image folder"):
+        if entry_is_dir(entry):
+            found.update(f"{entry.name}/{f.name}" for f in list_folder(entry.path, "NUS-WIDE image folder") if entry_is_file(f))
+        elif entry_is_file(entry):
             found.add(entry.name)
     return found
 
@@ -188,6 +190,7 @@ def read_nuswide(
     seed: int = 0,
     image_root=None,
     drop_unlabeled: bool = True,
+    allow_outside_root: bool = False,
 ) -> tuple[LabeledImages, LabeledImages]:
     """(train, test) of NUS-WIDE's 81 concepts under ``root`` (see the module docstring).
 
@@ -207,8 +210,8 @@ def read_nuswide(
             len(entries), num_dropped, len(concepts), len(train_rows) + len(test_rows),
             len(train_rows), len(test_rows), seed,
         )
-        train = _build("nuswide-train", entries, labels, train_rows, concepts, image_root, num_dropped)
-        test = _build("nuswide-test", entries, labels, test_rows, concepts, image_root, 0)
+        train = _build("nuswide-train", entries, labels, train_rows, concepts, image_root, num_dropped, allow_outside_root)
+        test = _build("nuswide-test", entries, labels, test_rows, concepts, image_root, 0, allow_outside_root)
         return train, test
     out = []
     for which in ("train", "test"):
@@ -217,5 +220,5 @@ def read_nuswide(
         rows = np.flatnonzero(labelled) if drop_unlabeled else np.arange(len(entries))
         num_dropped = int(len(entries) - len(rows))
         logger.info("NUS-WIDE official %s: %d images listed, %d without labels dropped", which, len(entries), num_dropped)
-        out.append(_build(f"nuswide-{which}", entries, labels, rows, concepts, image_root, num_dropped))
+        out.append(_build(f"nuswide-{which}", entries, labels, rows, concepts, image_root, num_dropped, allow_outside_root))
     return out[0], out[1]

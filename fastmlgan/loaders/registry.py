@@ -64,8 +64,9 @@ def build_splits(cfg: DataConfig, info: DistInfo) -> Splits:
         for key in ("train_annotations", "train_images", "val_annotations", "val_images"):
             if not getattr(cfg, key):
                 raise ConfigError(f"data.dataset=coco needs --data.{key}")
-        train = read_coco(cfg.train_annotations, cfg.train_images, cfg.drop_unlabeled, name="train")
-        val = read_coco(cfg.val_annotations, cfg.val_images, cfg.drop_unlabeled, name="val")
+        outside = cfg.allow_outside_root
+        train = read_coco(cfg.train_annotations, cfg.train_images, cfg.drop_unlabeled, "train", outside)
+        val = read_coco(cfg.val_annotations, cfg.val_images, cfg.drop_unlabeled, "val", outside)
     elif cfg.dataset == "nuswide":
         from fastmlgan.loaders.nuswide import read_nuswide
 
@@ -73,7 +74,7 @@ def build_splits(cfg: DataConfig, info: DistInfo) -> Splits:
             raise ConfigError("data.dataset=nuswide needs --data.nuswide_root")
         train, val = read_nuswide(
             cfg.nuswide_root, cfg.nuswide_split, cfg.nuswide_num_train, cfg.nuswide_seed,
-            image_root=cfg.image_root or None, drop_unlabeled=cfg.drop_unlabeled,
+            image_root=cfg.image_root or None, drop_unlabeled=cfg.drop_unlabeled, allow_outside_root=cfg.allow_outside_root,
         )
     elif cfg.dataset == "list":
         from fastmlgan.loaders.listfile import read_label_names, read_list
@@ -82,8 +83,9 @@ def build_splits(cfg: DataConfig, info: DistInfo) -> Splits:
             if not getattr(cfg, key):
                 raise ConfigError(f"data.dataset=list needs --data.{key}")
         names = read_label_names(cfg.label_names)
-        train = read_list(cfg.list_train, names, cfg.image_root or None, cfg.drop_unlabeled, name="train")
-        val = read_list(cfg.list_val, names, cfg.image_root or None, cfg.drop_unlabeled, name="val")
+        root, outside = cfg.image_root or None, cfg.allow_outside_root
+        train = read_list(cfg.list_train, names, root, cfg.drop_unlabeled, name="train", allow_outside_root=outside)
+        val = read_list(cfg.list_val, names, root, cfg.drop_unlabeled, name="val", allow_outside_root=outside)
     else:
         raise ConfigError(f"data.dataset={cfg.dataset!r} has no image reader")
     if train.class_names != val.class_names:

@@ -13,13 +13,15 @@ and ranks take the same number of steps. Evaluation keeps every image exactly on
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import logging
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import InterpolationMode
@@ -28,6 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.loaders.base import LabeledImages
 from fastmlgan.loaders.five_crop import NUM_POSITIONS, NUM_SIZES, base_size, crop_window
+from fastmlgan.safeio import open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +40,63 @@ ON_BAD_IMAGE = ("skip", "error")
 
 
 def decode_rgb(path) -> torch.Tensor:
-    """Decode an image file to a uint8 (3, H, W) RGB tensor; ``DataError`` naming the file on failure."""
+    """Decode an image file to a uint8 (3, H, W) RGB tensor, as it is meant to be seen: EXIF
+    orientation applied, 16-bit and float pixels scaled to 8 bits (``image_to_rgb8``). ``DataError``
+    naming the file on failure; a FIFO or device is refused without being opened for a blocking
+    read. Every backend's CPU decode, the cache build, ``predict`` and ``check`` come through here."""
     try:
-        with Image.open(path) as img:
+        with open_regular(path, "image file") as f, Image.open(f) as img:
             img.load()  # decode now: a truncated file fails here, not later
-            rgb = np.array(img.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
+            rgb = image_to_rgb8(img, path)
+    except DataError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # PIL raises OSError ("image file is truncated"), UnidentifiedImageError (an OSError),
         # SyntaxError or ValueError for broken files, depending on the format and the damage.
         raise DataError(f"{path}: cannot decode image: {e}") from None
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+_ORIENTATION = 0x0112  # the EXIF tag
+
+
+def rotated_jpeg(data: bytes) -> bool:
+    """Whether JPEG bytes carry an EXIF orientation other than upright (nvJPEG cannot apply it)."""
+    if b"Exif\x00\x00" not in data[:65536]:  # EXIF lives in an APP1 segment before the image data
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the headers only
+            return img.getexif().get(_ORIENTATION, 1) != 1
+    except Exception:  # noqa: BLE001 - unreadable headers: the decoder will say what is wrong
+        return False
+# PIL modes of 16-bit grey (PNG, TIFF); ``convert("RGB")`` clips them at 255 (a near-white image).
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def image_to_rgb8(img: Image.Image, path) -> np.ndarray:
+    """(H, W, 3) uint8 of a loaded PIL image. EXIF orientation is applied (a phone photo stored
+    sideways is turned upright, as viewers show it). 16-bit grey (PNG and TIFF) is scaled by
+    255/65535; float pixels (mode F) in [0, 1] by 255; float pixels outside [0, 1] and 32-bit integer
+    pixels (mode I, other than a PNG's 16 bits) have no known white level and are refused by name."""
+    with contextlib.suppress(Exception):  # a damaged EXIF block: the pixels are still good, upright or not
+        if img.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
+            img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode in _MODES_16BIT or (mode == "I" and img.format == "PNG"):
+        grey = np.rint(np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8)
+    elif mode == "F":
+        values = np.asarray(img, dtype=np.float32)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            raise DataError(
+                f"{path}: float pixels (PIL mode F) outside [0, 1] (min {np.nanmin(values):g}, max {np.nanmax(values):g}): "
+                "their white level is unknown; convert the image to 8 or 16 bits"
+            )
+        grey = np.rint(values * 255.0).astype(np.uint8)
+    elif mode in ("I", "I;32", "I;32B", "I;32L"):
+        raise DataError(f"{path}: 32-bit integer pixels (PIL mode {mode}) have no known white level; convert the image to 8 or 16 bits")
+    else:
+        return np.array(img.convert("RGB"))
+    return np.repeat(grey[:, :, None], 3, axis=2)
 
 
 def _resize(image: torch.Tensor, side: int) -> torch.Tensor:

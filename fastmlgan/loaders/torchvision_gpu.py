@@ -42,7 +42,9 @@ from fastmlgan.loaders.torch_loader import (
     BatchPlan,
     crop_for,
     decode_rgb,
+    rotated_jpeg,
 )
+from fastmlgan.safeio import open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def normalize_batch(images: torch.Tensor, dtype: torch.dtype = torch.float32, ch
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
+    with open_regular(path, "image file") as f:  # a FIFO or a device: a DataError, not a wait
         return f.read()
 
 
@@ -178,6 +180,8 @@ class TorchvisionLoader(BatchPlan):
             data = _read(self.images.paths[index])
         except OSError as e:
             return DataError(f"{self.images.paths[index]}: cannot read image file: {e}")
+        except DataError as e:
+            return e
         if self.device.type != "cpu":
             return data
         try:
@@ -187,8 +191,9 @@ class TorchvisionLoader(BatchPlan):
 
     def _decode_cpu(self, index: int, data: bytes) -> torch.Tensor:
         if data[:3] == JPEG_MAGIC:
-            try:
-                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            try:  # EXIF orientation as decode_rgb applies it
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                   apply_exif_orientation=True)
             except RuntimeError:
                 pass  # PIL decides (and names the problem), as in the torch loader
         return decode_rgb(self.images.paths[index])
@@ -199,7 +204,8 @@ class TorchvisionLoader(BatchPlan):
     def _decode_gpu(self, indices: list[int], loaded: list) -> list:
         """Batched nvJPEG decode of the JPEGs among ``loaded`` (bytes or errors); others via PIL."""
         out: list = list(loaded)
-        jpegs = [i for i, x in enumerate(loaded) if isinstance(x, bytes) and x[:3] == JPEG_MAGIC]
+        # nvJPEG cannot apply EXIF orientation (torchvision: "only on CPU"): such files go through decode_rgb.
+        jpegs = [i for i, x in enumerate(loaded) if isinstance(x, bytes) and x[:3] == JPEG_MAGIC and not rotated_jpeg(x)]
         tensors = [torch.frombuffer(bytearray(loaded[i]), dtype=torch.uint8) for i in jpegs]
         try:
             decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device) if tensors else []

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastmlgan.models.generator import check_parameter_count
+
 
 class Discriminator(nn.Module):
     """§4.1: f_ext(x) and the label set are each projected linearly to ``proj_dim`` (256),
@@ -31,6 +33,10 @@ class Discriminator(nn.Module):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        in_dim = 2 * proj_dim if conditional else proj_dim
+        count = (num_labels + feature_dim) * proj_dim + in_dim * hidden_dim + (num_layers - 1) * hidden_dim * hidden_dim
+        options = f"--gan.proj_dim {proj_dim} --gan.hidden_dim {hidden_dim} --gan.num_layers {num_layers}"
+        check_parameter_count(count, "D", options)
         self.num_labels = num_labels
         self.feature_dim = feature_dim
         self.conditional = conditional

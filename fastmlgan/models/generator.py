@@ -16,6 +16,14 @@ from fastmlgan.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet50", "resnet101", "resnet152", "vgg16", "inception_v3")
+MAX_PARAMETERS = 2**31
+"""8 GiB of fp32 weights (and twice that in Adam's moments): larger is a typo, refused before allocating."""
+
+
+def check_parameter_count(count: int, what: str, options: str) -> None:
+    """``ConfigError`` naming ``options`` when a model of ``count`` parameters is too large to build."""
+    if count > MAX_PARAMETERS:
+        raise ConfigError(f"{options}: {what} would have {count:,} parameters (over {MAX_PARAMETERS:,}); use smaller values")
 
 
 class Generator(nn.Module):
@@ -67,6 +75,7 @@ class SmallCNN(nn.Module):
     def __init__(self, width: int = 32) -> None:
         super().__init__()
         chans = [3, width, 2 * width, 4 * width, 8 * width]
+        check_parameter_count(sum(9 * (a * b + b * b) for a, b in zip(chans, chans[1:])), "smallcnn G", f"--model.width {width}")
         layers: list[nn.Module] = []
         for i in range(4):
             layers += [
@@ -90,6 +99,7 @@ class MLPTrunk(nn.Module):
 
     def __init__(self, in_dim: int, width: int, depth: int, dropout: float = 0.0) -> None:
         super().__init__()
+        check_parameter_count(in_dim * width + (depth - 1) * width * width, "the mlp G", f"--model.width {width} --model.depth {depth}")
         layers: list[nn.Module] = []
         for _ in range(depth):
             layers += [nn.Linear(in_dim, width), nn.ReLU(inplace=True)]
@@ -119,10 +129,14 @@ def _resolve_weights(backbone: str, name: str):
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
-        raise ConfigError(f"--model.pretrained {path}: cannot read it as a torch state dict ({e})") from None
+    from fastmlgan.safeio import open_regular
+
+    with open_regular(path, "--model.pretrained", ConfigError) as f:  # a FIFO or a device: refused, not waited on
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"--model.pretrained {path}: cannot read it as a torch state dict ({first})") from None
     for key in ("state_dict", "model", "generator"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -143,8 +157,8 @@ def _torchvision_model(backbone: str, pretrained: str) -> nn.Module:
         kwargs = {"aux_logits": False, "init_weights": True, **inception} if inception else {}
         return torchvision.models.get_model(backbone, weights=None, **kwargs)
     path = Path(os.path.expanduser(pretrained))
-    if path.suffix in (".pth", ".pt", ".bin") or path.exists():
-        if not path.is_file():
+    if path.suffix in (".pth", ".pt", ".bin") or os.path.lexists(path):
+        if not os.path.lexists(path):
             raise ConfigError(f"--model.pretrained {pretrained}: file not found")
         kwargs = {"aux_logits": True, "init_weights": False, **inception} if inception else {}
         model = torchvision.models.get_model(backbone, weights=None, **kwargs)

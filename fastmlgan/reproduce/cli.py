@@ -13,8 +13,10 @@ from fastmlgan.config import Config, help_text, parse_args
 from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.reproduce.protocol import DEFAULT_VARIANTS, SELECTION_RULE, VARIANTS, HarnessOptions
 from fastmlgan.reproduce.runner import Harness
+from fastmlgan.safeio import describe_os_error, one_line, stdout_failed
 
 PROG = "python -m fastmlgan.reproduce"
+MAX_SEEDS = 1000
 
 HARNESS_HELP = f"""usage: {PROG} [--seeds N|S1,S2,...] [--out DIR] [--variants V1,V2,...] [--val-fraction F]
        [--threads N] [--no-plots] [--verbose] [--preset NAME] [--section.key VALUE ...]
@@ -55,11 +57,16 @@ def parse_harness_args(argv: Sequence[str]) -> tuple[HarnessOptions, Config] | N
         raise ConfigError(f"--val-fraction / --threads: {e}") from None
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if not 0 <= threads <= 1024:
+        raise ConfigError(f"--threads must be in [0, 1024] (0: torch's choice), got {threads}")
+    out = Path(values.get("out") or f"runs/reproduce-{cfg.preset}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is not a folder; give a folder")
     if len(variants) > 1 and cfg.train.gan_epochs < 1:
         raise ConfigError("the GAN variants need --train.gan_epochs >= 1 (selection is among epochs 1..gan_epochs)")
     opts = HarnessOptions(
         seeds=seeds,
-        out=Path(values.get("out") or f"runs/reproduce-{cfg.preset}"),
+        out=out,
         variants=variants,
         val_fraction=val_fraction,
         threads=threads,
@@ -96,14 +103,18 @@ def _split_harness_options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def _parse_seeds(text: str) -> list[int]:
     try:
-        if "," in text:
-            seeds = [int(s) for s in text.split(",") if s.strip()]
-        else:
-            seeds = list(range(int(text)))
+        numbers = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds: expected a count N or a list S1,S2,..., got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ConfigError(f"--seeds: need at least one seed, no repeats, none negative; got {text!r}")
+    if "," not in text and numbers:
+        if numbers[0] > MAX_SEEDS:  # before range(): --seeds 10**12 would fill the memory
+            raise ConfigError(f"--seeds {numbers[0]}: at most {MAX_SEEDS} seeds (each is a full set of training runs)")
+        numbers = list(range(numbers[0]))
+    seeds = numbers
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > 2**32 - 1 or len(seeds) > MAX_SEEDS:
+        raise ConfigError(
+            f"--seeds: need 1 to {MAX_SEEDS} seeds in [0, 4294967295], no repeats; got {text[:60]!r}"
+        )
     return seeds
 
 
@@ -133,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results: {opts.out / 'results.json'}, {opts.out / 'results.md'}", flush=True)
         return 0 if results["variants"] else 1
     except FastMLGANError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the results folder removed, read-only or full; standard output full
+        print(stdout_failed(e) if e.filename is None else f"error: {e.filename}: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -29,6 +29,7 @@ from fastmlgan.reproduce.diagnostics import discriminator_diagnostics, summarize
 from fastmlgan.reproduce.mechanism import mechanism_record
 from fastmlgan.reproduce.protocol import VAL_STREAM, VARIANTS, HarnessOptions, seed_splits
 from fastmlgan.reproduce.tables import Records, duration_text, render_markdown, selected_records, summarize
+from fastmlgan.safeio import describe_os_error, read_json, read_text
 from fastmlgan.trainer import Trainer
 
 logger = logging.getLogger("fastmlgan.reproduce")
@@ -180,14 +181,18 @@ class RecordFile:
     def load(self) -> Records:
         """The rows on file; a torn line or a row of a changed variant is left out (it reruns)."""
         records: Records = {}
-        if not self.path.is_file():
+        if not self.path.exists():
             return records
-        for n, line in enumerate(self.path.read_text().splitlines(), 1):
+        for n, line in enumerate(read_text(self.path, "results file").splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+                if not isinstance(record, dict) or not isinstance(record.get("seed"), int) or not isinstance(
+                    record.get("variant"), str
+                ):
+                    raise ValueError("not a row")
+            except (ValueError, RecursionError):
                 logger.warning("%s:%d: unreadable line (an interrupted write?); that row will be rerun", self.path, n)
                 continue
             variant = VARIANTS.get(record.get("variant"))
@@ -226,8 +231,8 @@ def claim_out_dir(out: Path, cfg: Config, opts: HarnessOptions) -> None:
     """Write ``harness.json`` into a new ``out``, or refuse one that holds another configuration's rows."""
     path = out / "harness.json"
     current = _identity(cfg, opts)
-    if path.is_file():
-        saved = json.loads(path.read_text())
+    if path.exists():
+        saved = read_json(path, "harness file", ConfigError)
         if saved != current:
             diff = _dict_diff(saved, current)
             raise ConfigError(
@@ -271,7 +276,10 @@ class Harness:
         self.run_seconds: list[float] = []
 
     def run(self) -> dict[str, Any]:
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--out {self.out}: cannot create the results folder ({describe_os_error(e)})") from None
         claim_out_dir(self.out, self.cfg, self.opts)
         self.cfg = self.shared_feature_cache(self.cfg)
         records = self.record_file.load()
