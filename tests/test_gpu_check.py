@@ -155,7 +155,7 @@ def test_train_bench_skips_what_cannot_finish_and_reads_memory_before_profiling(
     out = tmp_path / "train.json"
     argv = ["--device", "cpu", "--backbone", "smallcnn", "--width", "4", "--image-size", "16", "--batch", "2",
             "--plan", "compile/bce", "eager/bce", "--steps", "1", "--warmup", "1", "--repeats", "1", "--profile", "1",
-            "--num-images", "16", "--time-budget", "300", "--compile-estimate", "1000", "--out", str(out)]
+            "--num-images", "32", "--time-budget", "300", "--compile-estimate", "1000", "--out", str(out)]
     assert bench_train.main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["mode"] == "compile" and "needs about 1000 s" in rows[0]["skipped"]
