@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fastmlgan.errors import DataError
+from fastmlgan.safeio import read_bytes
 
 MISSING = "?"
 """The ARFF token of a missing value (a .csv cell may also be empty)."""
@@ -71,10 +73,6 @@ class FeatureSet:
 
 def read_text(path: Path) -> str:
     """The file as UTF-8 text; a DataError names the line of the first byte that is not."""
-    import os
-
-    from fastmlgan.safeio import read_bytes
-
     if not os.path.lexists(path):
         raise DataError(f"{path}: no such file")
     raw = read_bytes(path, "data file")  # a FIFO, a device or a folder: one line, never a wait

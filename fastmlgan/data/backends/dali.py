@@ -1,5 +1,5 @@
 """The DALI data path: sharded file reading, nvJPEG decoding and the paper's five-crop (§4.1) in a
-DALI pipeline, behind the same loader interface as ``torch_loader``.
+DALI pipeline, behind the ``Loader`` interface of every backend (``data.types``).
 
 Install: DALI is an extra, ``pip install .[dali]`` (the CUDA 13 wheel ``nvidia-dali-cuda130``).
 CUDA 12 users install ``nvidia-dali-cuda120`` from NVIDIA's index instead::
@@ -11,7 +11,7 @@ takes ``hw_decoder_load`` of them) and every later operator runs on the GPU. Wit
 same pipeline runs with every operator on the CPU (``device_id=None``): that is how the tests
 check it against the torch loader.
 
-Policies (the same as ``torch_loader`` where DALI allows it):
+Policies (the same as the torch backend's where DALI allows it):
 
 * Sharding: ``fn.readers.file(shard_id=rank, num_shards=world_size)`` with
   ``shuffle_after_epoch=True``, which permutes the *whole* file list after every epoch (the same
@@ -34,16 +34,16 @@ Policies (the same as ``torch_loader`` where DALI allows it):
   cannot misalign with images.
 * Crops: position and size index are drawn per sample on the CPU (``fn.random.uniform`` over the
   25 pairs, seeded per rank), returned as the ``crop`` output, and turned into the window of
-  ``five_crop.crop_window`` by lookup tables, so the geometry is the torch loader's exactly. The
+  ``geometry.crop_window`` by lookup tables, so the geometry is the torch loader's exactly. The
   crops are not the torch loader's ``crop_for(seed, epoch, index)`` draws, and the data order
   after a resume is a fresh sequence, not the interrupted run's.
 * EXIF orientation is applied (``adjust_orientation=True``), as the torch loader's decoder
-  (``torch_loader.decode_rgb``) applies it: a phone photo stored sideways is seen upright, and
+  (``geometry.decode_rgb``) applies it: a phone photo stored sideways is seen upright, and
   ``roi`` windows are in the upright image's coordinates (checked with DALI 2.4's CPU decoder
   against PIL's ``exif_transpose``: equal to the pixel, issue 18).
 * Undecodable images: DALI cannot substitute another image, so ``bad`` is always False and a
   broken JPEG stops the run with a ``DataError``. Scan a dataset first with
-  ``python -m fastmlgan.loaders.check``.
+  ``fastmlgan check``.
 
 ``decode="roi"`` decodes only the crop window of each JPEG (``fn.decoders.image_slice`` with
 the window as fractions of the image, exact because resizing to base x base is linear) and
@@ -60,16 +60,18 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.base import LabeledImages
-from fastmlgan.loaders.five_crop import (
+from fastmlgan.data.backends.plan import check_batch, check_rank
+from fastmlgan.data.geometry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     NUM_POSITIONS,
     NUM_SIZES,
     base_size,
     crop_window,
     crop_window_normalized,
 )
-from fastmlgan.loaders.torch_loader import IMAGENET_MEAN, IMAGENET_STD, _check_batch, _check_rank
+from fastmlgan.data.types import LabeledImages
+from fastmlgan.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def dali_available() -> bool:
     return True
 
 
-def _require_dali():
+def require_dali():
     if not dali_available():
         raise ConfigError(
             "--data.backend dali needs NVIDIA DALI: pip install '.[dali]' (CUDA 13), or "
@@ -103,7 +105,7 @@ def _require_dali():
 
 def _crop_tables(image_size: int) -> dict[str, list[float]]:
     """For each k = position * NUM_SIZES + size_index: the window in the base x base image and
-    as fractions of the image (both from ``five_crop``, the one place the geometry lives)."""
+    as fractions of the image (both from ``geometry``, the one place the geometry lives)."""
     tables: dict[str, list[float]] = {key: [] for key in ("top", "left", "side", "y0", "x0", "h", "w")}
     for k in range(_NUM_CROPS):
         position, size_index = divmod(k, NUM_SIZES)
@@ -117,7 +119,7 @@ def _crop_tables(image_size: int) -> dict[str, list[float]]:
 def _pipelines():
     """The two ``@pipeline_def`` functions, defined on first use so that importing this module
     does not need DALI."""
-    fn, pipeline_def, types = _require_dali()
+    fn, pipeline_def, types = require_dali()
     mean = [m * 255.0 for m in IMAGENET_MEAN]
     std = [s * 255.0 for s in IMAGENET_STD]
 
@@ -200,7 +202,7 @@ def _pipelines():
     return five_crop_pipeline, eval_pipeline
 
 
-def _device_id(device) -> int | None:
+def device_id(device) -> int | None:
     """DALI's ``device_id``: None (CPU-only pipeline) unless ``device`` is a CUDA device."""
     if device is None:
         return None
@@ -237,8 +239,8 @@ class DALILoader:
         hw_decoder_load: float = 0.65,
         prefetch: int = 2,
     ):
-        _check_rank(rank, world_size)
-        _check_batch(batch_size)
+        check_rank(rank, world_size)
+        check_batch(batch_size)
         if image_size < 1:
             raise ConfigError(f"image_size must be positive, got {image_size}")
         if decode not in DECODE_MODES:
@@ -253,7 +255,7 @@ class DALILoader:
         self.rank, self.world_size = int(rank), int(world_size)
         self.train = bool(train)
         self.seed = int(seed)
-        self.device_id = _device_id(device)
+        self.device_id = device_id(device)
         self.num_threads = max(1, int(num_threads))
         self.decode = decode
         self.dtype = dtype
@@ -290,6 +292,9 @@ class DALILoader:
         start_batch``), so epoch boundaries stay where they were, with a fresh draw of images."""
         self.epoch = int(epoch)
         self.start_batch = int(start_batch)
+
+    def close(self) -> None:
+        """The pipeline is kept for the next pass (another phase reuses it); it goes with the loader."""
 
     def _build(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -335,7 +340,7 @@ class DALILoader:
             raise DataError(
                 f"{self.images.name}: the DALI pipeline failed (a missing, truncated or non-image file?): "
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else e}. DALI cannot skip bad images: "
-                "run python -m fastmlgan.loaders.check with the same --data options, or use --data.backend torch"
+                "run fastmlgan check with the same --data options, or use --data.backend torch"
             ) from e
 
     def _batch(self, out: dict) -> dict:
@@ -436,4 +441,30 @@ def build_dali_eval_loader(
     return DALILoader(
         images, image_size, batch_size, rank, world_size, train=False, device=device,
         num_threads=num_threads, dtype=dtype, channels_last=channels_last, hw_decoder_load=hw_decoder_load,
+    )
+
+
+def _from_config(cfg, info, channels_last: bool) -> dict:
+    return dict(device=info.device, num_threads=cfg.num_threads, channels_last=channels_last,
+                hw_decoder_load=cfg.dali_hw_decoder_load)
+
+
+def train_loader_from_config(cfg, splits, info, seed: int, batch: int, channels_last: bool = False,
+                             pixels_per_batch: int | None = None) -> DALILoader:
+    """``factory.BACKENDS["dali"]``: the training loader of ``cfg`` (a ``DataConfig``); DALI decodes
+    every image of a batch (``pixels_per_batch`` is not honoured: the trainer ignores extra rows)."""
+    if cfg.on_bad_image == "skip" and info.is_main:
+        logger.info(
+            "data.backend dali cannot skip undecodable images (on_bad_image=skip is not honoured): "
+            "check the dataset first with fastmlgan check"
+        )
+    return build_dali_train_loader(
+        splits.train, cfg.image_size, batch, info.rank, info.world_size, seed, decode=cfg.dali_decode,
+        **_from_config(cfg, info, channels_last),
+    )
+
+
+def eval_loader_from_config(cfg, splits, info, seed: int, batch: int, channels_last: bool = False) -> DALILoader:
+    return build_dali_eval_loader(
+        splits.val, cfg.image_size, batch, info.rank, info.world_size, **_from_config(cfg, info, channels_last)
     )

@@ -25,13 +25,11 @@ classes in category-id order are ``OBJECTS``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +37,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastmlgan.data.sources.base import Listing, Source
+from fastmlgan.data.sources.coco import coco_listing, read_coco
+from fastmlgan.data.types import LabeledImages
 from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.progress import setup_logging
-from fastmlgan.safeio import nul_argument, read_text
+from fastmlgan.safeio import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ SCENE_OBJECTS = {
 }
 
 _SPLIT_KEYS = {"train": 0, "val": 1}
-_PARAM_DEFAULTS = {"num_train": 2000, "num_val": 500, "image_size": 64, "seed": 0}
+PARAM_DEFAULTS = {"num_train": 2000, "num_val": 500, "image_size": 64, "seed": 0}
 
 
 @dataclass(frozen=True)
@@ -349,10 +349,10 @@ def _paths(root: Path) -> EmbeddedPaths:
 
 
 def _check_params(params: dict) -> dict:
-    unknown = sorted(set(params) - set(_PARAM_DEFAULTS))
+    unknown = sorted(set(params) - set(PARAM_DEFAULTS))
     if unknown:
-        raise ConfigError(f"embedded dataset: unknown parameter(s) {unknown}; known: {sorted(_PARAM_DEFAULTS)}")
-    full = {**_PARAM_DEFAULTS, **params}
+        raise ConfigError(f"embedded dataset: unknown parameter(s) {unknown}; known: {sorted(PARAM_DEFAULTS)}")
+    full = {**PARAM_DEFAULTS, **params}
     for key in ("num_train", "num_val", "image_size", "seed"):
         if not isinstance(full[key], (int, np.integer)) or isinstance(full[key], bool):
             raise ConfigError(f"embedded dataset: {key} must be an integer, got {full[key]!r}")
@@ -368,6 +368,8 @@ def _check_params(params: dict) -> dict:
 
 def _manifest(params: dict) -> dict:
     return {
+        # The module's name before fastmlgan.data existed: changing it would regenerate every
+        # existing dataset (ensure compares manifests), and the images would be the same.
         "generator": "fastmlgan.loaders.embedded",
         "generator_version": GENERATOR_VERSION,
         "params": params,
@@ -454,44 +456,23 @@ def ensure(root, **params) -> EmbeddedPaths:
     return generate(root, **params)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(
-        prog="python -m fastmlgan.loaders.embedded", description="Write the embedded synthetic multi-label dataset."
-    )
-    parser.add_argument("--out", required=True, help="dataset folder to write")
-    parser.add_argument("--num-train", type=int, default=_PARAM_DEFAULTS["num_train"])
-    parser.add_argument("--num-val", type=int, default=_PARAM_DEFAULTS["num_val"])
-    parser.add_argument("--image-size", type=int, default=_PARAM_DEFAULTS["image_size"])
-    parser.add_argument("--seed", type=int, default=_PARAM_DEFAULTS["seed"])
-    parser.add_argument("--force", action="store_true", help="regenerate even when the folder matches")
-    parser.add_argument("--describe", action="store_true", help="print the dataset's structure")
-    if nul_argument(argv or []):
-        print(nul_argument(argv), file=sys.stderr)
-        return 2
-    try:
-        args = parser.parse_args(argv)
-        setup_logging(stream="stderr", fmt="%(message)s")
-        params = dict(num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed)
-        paths = generate(args.out, **params) if args.force else ensure(args.out, **params)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a read-only or full folder
-        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    if args.describe:
-        print(describe())
-    for field in ("train_ann", "train_images", "val_ann", "val_images"):
-        print(f"{field}: {getattr(paths, field)}")
-    return 0
+class EmbeddedSource(Source):
+    """The embedded synthetic set, generated under ``--data.root`` on first use (``--data.dataset embedded``)."""
 
+    kind = "embedded"
+    prepared_by_rank0 = True
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        raise ConfigError(f"{message} (see {self.prog} --help)")
+    def paths(self, cfg) -> EmbeddedPaths:
+        return ensure(cfg.root, num_train=cfg.embedded_num_train, num_val=cfg.embedded_num_val,
+                      image_size=cfg.embedded_image_size, seed=cfg.embedded_seed)
 
+    def read(self, cfg) -> tuple[LabeledImages, LabeledImages]:
+        paths = self.paths(cfg)
+        train = read_coco(paths.train_ann, paths.train_images, cfg.drop_unlabeled, name="embedded-train")
+        val = read_coco(paths.val_ann, paths.val_images, cfg.drop_unlabeled, name="embedded-val")
+        return train, val
 
-if __name__ == "__main__":
-    sys.exit(main())
+    def listings(self, cfg) -> list[Listing]:
+        paths = self.paths(cfg)
+        return [coco_listing("train", paths.train_ann, paths.train_images),
+                coco_listing("val", paths.val_ann, paths.val_images)]

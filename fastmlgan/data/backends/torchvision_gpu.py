@@ -1,6 +1,6 @@
 """The fallback GPU data path for machines without DALI: nvJPEG decoding through
 ``torchvision.io.decode_jpeg(list, device="cuda")`` and the paper's five-crop (§4.1) as batched
-tensor ops, behind the same loader interface as ``torch_loader``.
+tensor ops, behind the ``Loader`` interface of every backend (``data.types``).
 
 Everything but the decoder is device-agnostic, so the tests run it on CPU tensors
 (``device="cpu"``, where ``decode_jpeg`` uses libjpeg-turbo).
@@ -29,21 +29,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
-from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.base import LabeledImages
-from fastmlgan.loaders.five_crop import base_size, crop_window
-from fastmlgan.loaders.torch_loader import (
+from fastmlgan.data.backends.plan import BatchPlan
+from fastmlgan.data.geometry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ON_BAD_IMAGE,
-    BatchPlan,
+    base_size,
     crop_for,
+    crop_window,
     decode_rgb,
+    resize,
     rotated_jpeg,
 )
+from fastmlgan.data.types import LabeledImages
+from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.safeio import open_regular
 
 logger = logging.getLogger(__name__)
@@ -52,11 +52,6 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 # The torch loader's float32 constants, as Python floats that are exactly those float32 values.
 _MEAN = [float(v) for v in torch.tensor(IMAGENET_MEAN, dtype=torch.float32) * 255.0]
 _STD = [float(v) for v in torch.tensor(IMAGENET_STD, dtype=torch.float32) * 255.0]
-
-
-def _resize(images: torch.Tensor, side: int) -> torch.Tensor:
-    """uint8 (3, H, W) or (B, 3, H, W) -> side x side: the torch loader's resize, batched."""
-    return TF.resize(images, [side, side], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
 def _in_order(groups: list[tuple[list[int], torch.Tensor]], n: int) -> torch.Tensor:
@@ -80,7 +75,7 @@ def resize_all(images: list[torch.Tensor], side: int) -> torch.Tensor:
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, image in enumerate(images):
         groups[tuple(image.shape[-2:])].append(i)
-    done = [(members, _resize(torch.stack([images[i] for i in members]), side)) for members in groups.values()]
+    done = [(members, resize(torch.stack([images[i] for i in members]), side)) for members in groups.values()]
     return _in_order(done, len(images))
 
 
@@ -102,7 +97,7 @@ def five_crop_batch(base_images: torch.Tensor, crops: torch.Tensor, image_size: 
         for i in members:
             top, left, side = crop_window(crops_list[i][0], crops_list[i][1], image_size)
             patches.append(base_images[i, :, top : top + side, left : left + side])
-        done.append((members, _resize(torch.stack(patches), image_size)))
+        done.append((members, resize(torch.stack(patches), image_size)))
     return _in_order(done, len(base_images))
 
 
@@ -174,7 +169,7 @@ class TorchvisionLoader(BatchPlan):
 
     # -- decoding -------------------------------------------------------------------------------
 
-    def _load(self, index: int):
+    def load(self, index: int):
         """Pool task: the file's bytes, or on CPU the decoded image already resized for the batch."""
         try:
             data = _read(self.images.paths[index])
@@ -199,9 +194,9 @@ class TorchvisionLoader(BatchPlan):
         return decode_rgb(self.images.paths[index])
 
     def _resize_first(self, image: torch.Tensor) -> torch.Tensor:
-        return _resize(image, base_size(self.image_size) if self.train else self.image_size)
+        return resize(image, base_size(self.image_size) if self.train else self.image_size)
 
-    def _decode_gpu(self, indices: list[int], loaded: list) -> list:
+    def decode_gpu(self, indices: list[int], loaded: list) -> list:
         """Batched nvJPEG decode of the JPEGs among ``loaded`` (bytes or errors); others via PIL."""
         out: list = list(loaded)
         # nvJPEG cannot apply EXIF orientation (torchvision: "only on CPU"): such files go through decode_rgb.
@@ -238,9 +233,9 @@ class TorchvisionLoader(BatchPlan):
             j = (index + step) % n
             if j in self._known_bad:
                 continue
-            result = self._load(j)
+            result = self.load(j)
             if self.device.type != "cpu" and not isinstance(result, DataError):
-                result = self._decode_gpu([j], [result])[0]
+                result = self.decode_gpu([j], [result])[0]
             if not isinstance(result, DataError):
                 return j, result
             self._known_bad.add(j)
@@ -252,7 +247,7 @@ class TorchvisionLoader(BatchPlan):
         them unless ``pixels_per_batch``), the others get no image."""
         decoded, rest = indices[: len(loaded)], indices[len(loaded) :]
         if self.device.type != "cpu":
-            loaded = self._decode_gpu(decoded, loaded)
+            loaded = self.decode_gpu(decoded, loaded)
         used, bad, pixels = [], [], []
         for index, result in zip(decoded, loaded):
             if isinstance(result, DataError):
@@ -288,13 +283,13 @@ class TorchvisionLoader(BatchPlan):
     def __iter__(self) -> Iterator[dict]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="fastmlgan-read")
-        batches = self._batches()
+        batches = self.batches()
         pending: list[list[Future]] = []
         ahead = 0
         for b, indices in enumerate(batches):
             while ahead < len(batches) and ahead <= b + self.prefetch:
                 decode = batches[ahead][: self.pixels_per_batch] if self.train else batches[ahead]
-                pending.append([self._pool.submit(self._load, i) for i in decode])
+                pending.append([self._pool.submit(self.load, i) for i in decode])
                 ahead += 1
             futures = pending.pop(0)
             yield self._assemble(indices, [f.result() for f in futures])
@@ -349,4 +344,23 @@ def build_torchvision_eval_loader(
     return TorchvisionLoader(
         images, image_size, batch_size, rank, world_size, train=False, device=device,
         num_threads=num_threads, on_bad_image=on_bad_image, dtype=dtype, channels_last=channels_last,
+    )
+
+
+def _from_config(cfg, info, channels_last: bool) -> dict:
+    return dict(device=info.device, num_threads=cfg.num_threads, on_bad_image=cfg.on_bad_image, channels_last=channels_last)
+
+
+def train_loader_from_config(cfg, splits, info, seed: int, batch: int, channels_last: bool = False,
+                             pixels_per_batch: int | None = None) -> TorchvisionLoader:
+    """``factory.BACKENDS["torchvision-gpu"]``: the training loader of ``cfg`` (a ``DataConfig``)."""
+    return build_torchvision_train_loader(
+        splits.train, cfg.image_size, batch, info.rank, info.world_size, seed,
+        pixels_per_batch=pixels_per_batch, **_from_config(cfg, info, channels_last),
+    )
+
+
+def eval_loader_from_config(cfg, splits, info, seed: int, batch: int, channels_last: bool = False) -> TorchvisionLoader:
+    return build_torchvision_eval_loader(
+        splits.val, cfg.image_size, batch, info.rank, info.world_size, **_from_config(cfg, info, channels_last)
     )

@@ -1,4 +1,4 @@
-"""The decoders that fill a decoded-image cache (``cache.py``), fastest first: DALI (nvJPEG and the
+"""The decoders that fill a decoded-image cache (``imagecache.build``), fastest first: DALI (nvJPEG and the
 hardware JPEG decoder on a GPU), torchvision's batched nvJPEG, and CPU threads running the torch
 loader's own decode and resize (so rows built on a CPU equal the torch backend's pixels).
 
@@ -15,6 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from fastmlgan.data.backends.dali import device_id, require_dali
+from fastmlgan.data.backends.torchvision_gpu import TorchvisionLoader
+from fastmlgan.data.geometry import decode_rgb, resize
 from fastmlgan.errors import DataError
 
 
@@ -24,11 +27,9 @@ class DaliFailed(Exception):
 
 def rows_cpu(images, side, chunk_rows, num_threads, device=None):
     """(start, [HWC uint8 array | DataError, ...]) per chunk: the torch loader's decode and resize."""
-    from fastmlgan.loaders.torch_loader import _resize, decode_rgb
-
     def one(i: int):
         try:
-            return _resize(decode_rgb(images.paths[i]), side).permute(1, 2, 0).contiguous().numpy()
+            return resize(decode_rgb(images.paths[i]), side).permute(1, 2, 0).contiguous().numpy()
         except DataError as e:
             return e
 
@@ -46,27 +47,23 @@ def rows_cpu(images, side, chunk_rows, num_threads, device=None):
 def rows_torchvision(images, side, chunk_rows, num_threads, device):
     """nvJPEG through ``torchvision_gpu.TorchvisionLoader``'s reader and batched decoder (on CPU
     tensors with ``device="cpu"``: libjpeg-turbo, for tests)."""
-    from fastmlgan.loaders.torchvision_gpu import TorchvisionLoader
-
     reader = TorchvisionLoader(images, side, chunk_rows, 0, 1, train=False, device=device, num_threads=num_threads)
     n = len(images)
     with ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="fastmlgan-cache") as pool:
         for start in range(0, n, chunk_rows):
             indices = list(range(start, min(n, start + chunk_rows)))
-            loaded = list(pool.map(reader._load, indices))
+            loaded = list(pool.map(reader.load, indices))
             if reader.device.type != "cpu":
-                loaded = reader._decode_gpu(indices, loaded)
+                loaded = reader.decode_gpu(indices, loaded)
             yield start, [x if isinstance(x, DataError) else x.permute(1, 2, 0).contiguous().cpu().numpy() for x in loaded]
 
 
 def rows_dali(images, side, chunk_rows, num_threads, device):
     """A DALI pipeline in file order: decode (nvJPEG, hardware decoder where present) and one
     antialiased resize to side x side, uint8 HWC. DALI cannot skip a bad file: ``DaliFailed``."""
-    from fastmlgan.loaders.dali import _device_id, _require_dali
-
-    fn, pipeline_def, types = _require_dali()
-    device_id = _device_id(device)
-    on_gpu = device_id is not None
+    fn, pipeline_def, types = require_dali()
+    gpu = device_id(device)
+    on_gpu = gpu is not None
 
     @pipeline_def
     def rows():
@@ -78,7 +75,7 @@ def rows_dali(images, side, chunk_rows, num_threads, device):
         decoded = fn.decoders.image(jpegs, **kwargs)
         return fn.resize(decoded, device="gpu" if on_gpu else "cpu", size=[side, side], antialias=True), index
 
-    pipe = rows(batch_size=chunk_rows, num_threads=max(1, num_threads), device_id=device_id, prefetch_queue_depth=2)
+    pipe = rows(batch_size=chunk_rows, num_threads=max(1, num_threads), device_id=gpu, prefetch_queue_depth=2)
     pipe.build()
     n = len(images)
     for start in range(0, n, chunk_rows):

@@ -14,7 +14,7 @@ Encoding rules, shared by all ARFF files:
 * in sparse rows ``{index value, ...}`` an absent value is 0, which for a nominal attribute is
   its first declared value (ARFF specification); an index may appear only once in a row;
 * a number cell is a plain decimal that fits float32: ``inf``, ``nan`` and the like are refused
-  (``fastmlgan.loaders.feature_set.to_float``), since ``?`` is how ARFF writes a missing value.
+  (``fastmlgan.data.sources.tables.to_float``), since ``?`` is how ARFF writes a missing value.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastmlgan.data.sources.tables import MISSING, FeatureSet, check_labels, read_text, to_float
 from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.feature_set import MISSING, FeatureSet, check_labels, read_text, to_float
 from fastmlgan.safeio import read_bytes
 
 __all__ = ["ARFF_FORMATS", "load_arff_pair", "read_meka", "read_mulan"]

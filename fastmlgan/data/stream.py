@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastmlgan.loaders.torch_loader import set_epoch as set_loader_epoch
+from fastmlgan.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,6 @@ class IterationLayout:
     def check_fits(self, num_train: int, world_size: int) -> None:
         """``ConfigError`` when a rank's share of the training split (``DistributedSampler``,
         drop_last: floor(N / W)) holds no whole phase-2 iteration, at start-up rather than after phase 1."""
-        from fastmlgan.errors import ConfigError
-
         per_rank = num_train // world_size
         if per_rank < self.size:
             kinds = "3 pair kinds" if self.negative_sampling else "2 pair kinds"
@@ -115,7 +113,7 @@ class BatchStream:
             if self._it is None:
                 if self.position >= len(self.loader):
                     self.data_epoch, self.position = self.data_epoch + 1, 0
-                set_loader_epoch(self.loader, self.data_epoch, self.position)
+                self.loader.set_epoch(self.data_epoch, start_batch=self.position)
                 self._it = iter(self.loader)
             try:
                 batch = next(self._it)
@@ -134,6 +132,4 @@ class BatchStream:
 
     def close(self) -> None:
         self._it = None
-        close = getattr(self.loader, "close", None)
-        if close is not None:
-            close()
+        self.loader.close()

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fastmlgan.errors import DataError
-from fastmlgan.loaders.base import LabeledImages
+from fastmlgan.data.sources.base import Listing, Source
+from fastmlgan.data.types import LabeledImages
+from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.safeio import inside_root, read_bytes
 
 logger = logging.getLogger(__name__)
@@ -234,3 +235,31 @@ def read_list(
         num_dropped_unlabeled=num_dropped,
         missing=missing,
     )
+
+
+class ListSource(Source):
+    """Your own data: CSV or JSONL lists of ``path, labels`` and a label-names file (``--data.dataset list``)."""
+
+    kind = "list"
+    required = ("list_train", "list_val", "label_names")
+
+    def read(self, cfg) -> tuple[LabeledImages, LabeledImages]:
+        names = read_label_names(cfg.label_names)
+        root, outside = cfg.image_root or None, cfg.allow_outside_root
+        train = read_list(cfg.list_train, names, root, cfg.drop_unlabeled, name="train", allow_outside_root=outside)
+        val = read_list(cfg.list_val, names, root, cfg.drop_unlabeled, name="val", allow_outside_root=outside)
+        return train, val
+
+    def listings(self, cfg) -> list[Listing]:
+        if not cfg.label_names:
+            raise ConfigError("data.dataset=list needs --data.label_names")
+        if not (cfg.list_train or cfg.list_val):
+            raise ConfigError("data.dataset=list needs --data.list_train, --data.list_val or both")
+        names = read_label_names(cfg.label_names)
+        out = []
+        for split, list_file in (("train", cfg.list_train), ("val", cfg.list_val)):
+            if not list_file:
+                continue
+            scan = scan_list(list_file, names, cfg.image_root or None, cfg.allow_outside_root)
+            out.append(Listing(split, scan.paths, scan.labels.any(axis=1), scan.problems))
+        return out

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fastmlgan.data.sources.base import Listing, Source
+from fastmlgan.data.types import LabeledImages
 from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.base import LabeledImages
 from fastmlgan.safeio import entry_is_dir, entry_is_file, inside_root, list_folder, read_bytes
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def _all_lines(path: Path) -> list[str]:
     """Every line, stripped (blank ones as ''), so that index + 1 is the line number. Lines end at
     \n, \r\n or \r only: str.splitlines would also split at \x0c, U+2028... and shift the numbers."""
     if not path.exists():
-        raise DataError(f"{path}: NUS-WIDE file not found (expected the official layout; see fastmlgan.loaders.nuswide)")
+        raise DataError(f"{path}: NUS-WIDE file not found (expected the official layout; see fastmlgan.data.sources.nuswide)")
     text = read_bytes(path, "NUS-WIDE file").decode("utf-8", errors="replace")  # not a FIFO or a device
     return [line.strip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
 
@@ -222,3 +223,26 @@ def read_nuswide(
         logger.info("NUS-WIDE official %s: %d images listed, %d without labels dropped", which, len(entries), num_dropped)
         out.append(_build(f"nuswide-{which}", entries, labels, rows, concepts, image_root, num_dropped, allow_outside_root))
     return out[0], out[1]
+
+
+class NuswideSource(Source):
+    """NUS-WIDE in its official layout (``--data.dataset nuswide --data.nuswide_root DIR``)."""
+
+    kind = "nuswide"
+    required = ("nuswide_root",)
+
+    def read(self, cfg) -> tuple[LabeledImages, LabeledImages]:
+        return read_nuswide(
+            cfg.nuswide_root, cfg.nuswide_split, cfg.nuswide_num_train, cfg.nuswide_seed,
+            image_root=cfg.image_root or None, drop_unlabeled=cfg.drop_unlabeled, allow_outside_root=cfg.allow_outside_root,
+        )
+
+    def listings(self, cfg) -> list[Listing]:
+        self.check_options(cfg)
+        image_root = Path(cfg.image_root or Path(cfg.nuswide_root) / "Flickr")
+        splits = ("all",) if cfg.nuswide_split == "paper" else ("train", "test")
+        out = []
+        for which in splits:
+            entries, labels, _ = read_listing(cfg.nuswide_root, which)
+            out.append(Listing(which, [str(image_root / e) for e in entries], labels.any(axis=1)))
+        return out

@@ -63,10 +63,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fastmlgan.data.sources.base import Source
+from fastmlgan.data.sources.listfile import read_label_names
+from fastmlgan.data.sources.tables import FeatureSet, read_text
 from fastmlgan.errors import DataError
-from fastmlgan.loaders.feature_set import read_text
-from fastmlgan.loaders.features import FeatureSet
-from fastmlgan.loaders.listfile import read_label_names
 
 __all__ = [
     "EVIDENCE_SCALE",
@@ -271,3 +271,14 @@ def describe(split: LabelSetFeatures, noise: NoiseModel) -> dict:
         "visible_auc": evidence_auc(visible_d),
         "hidden_auc": evidence_auc(visible_d * noise.hidden_evidence),
     }
+
+
+class LabelsetsSource(Source):
+    """Real label sets with synthetic evidence (``--data.dataset labelsets``, the mlp backbone)."""
+
+    kind = "labelsets"
+    required = ("labelsets_train", "labelsets_test")
+    holds_features = True
+
+    def read(self, cfg) -> tuple[LabelSetFeatures, LabelSetFeatures]:
+        return load_labelsets(cfg.labelsets_train, cfg.labelsets_test, cfg.labelsets_names or None, noise_model(cfg))

@@ -1,10 +1,10 @@
 """Multi-label feature tables (MULAN / MEKA ARFF, .npz, .csv) as one train/test pair of
-``FeatureSet``s, and as loader samples: standardised with the training split's statistics.
+``FeatureSet``s (served by ``data.backends.vectors``, standardised with the training split's statistics).
 
 These are the standard non-image benchmarks (scene, emotions, medical, ...): the classifier of §3
 sees a fixed feature vector instead of CNN features, and the label sets are what the
-discriminator models. The ARFF reader and its encoding rules are in ``fastmlgan.loaders.arff``;
-this module reads .npz and .csv tables, picks the reader of a pair, and serves the samples.
+discriminator models. The ARFF reader and its encoding rules are in ``sources.arff``;
+this module reads .npz and .csv tables and picks the reader of a pair.
 Every malformed file raises a ``DataError`` naming the file (and the line, for text files).
 """
 
@@ -16,17 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fastmlgan.data.sources.arff import load_arff_pair
+from fastmlgan.data.sources.base import Source
+from fastmlgan.data.sources.tables import MISSING, FeatureSet, check_labels, read_text, to_float
 from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.arff import load_arff_pair
-from fastmlgan.loaders.feature_set import MISSING, FeatureSet, check_labels, read_text, to_float
+from fastmlgan.safeio import open_regular
 
-__all__ = [
-    "FeatureDataset",
-    "FeatureSet",
-    "Standardizer",
-    "load_feature_dataset",
-    "read_matrix",
-]
+__all__ = ["FeatureSet", "load_feature_dataset", "read_matrix"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,8 +30,6 @@ __all__ = [
 
 
 def _read_npz(path: Path, num_labels, label_columns) -> FeatureSet:
-    from fastmlgan.safeio import open_regular
-
     try:
         with open_regular(path, "data file") as f:  # a FIFO: never waited on
             z = np.load(f, allow_pickle=False)
@@ -172,99 +166,12 @@ def load_feature_dataset(
     return train_set, test_set
 
 
-# ----------------------------------------------------------------------------------------------
-# Standardisation
+class FeaturesSource(Source):
+    """Feature tables: MULAN/MEKA ARFF, .npz or CSV (``--data.dataset features``, the mlp backbone)."""
 
+    kind = "features"
+    required = ("features_train", "features_test")
+    holds_features = True
 
-class Standardizer:
-    """Per-column z-scoring with the mean/std of the TRAINING rows; a missing (NaN) value becomes the
-    training mean, i.e. 0 after centring, so no statistic of the test split leaks into it."""
-
-    def __init__(self, mean=None, std=None) -> None:
-        self.mean = None if mean is None else np.asarray(_to_numpy(mean), dtype=np.float32).reshape(-1)
-        self.std = None if std is None else np.asarray(_to_numpy(std), dtype=np.float32).reshape(-1)
-        if (self.mean is None) != (self.std is None) or (self.mean is not None and self.mean.shape != self.std.shape):
-            raise ValueError("Standardizer needs both mean and std, of the same length")
-
-    def fit(self, features) -> Standardizer:
-        x = np.asarray(_to_numpy(features), dtype=np.float64)
-        if x.ndim != 2 or len(x) == 0:
-            raise ValueError(f"Standardizer.fit expects a non-empty (N, D) matrix, got shape {x.shape}")
-        present = ~np.isnan(x)
-        count = present.sum(axis=0)
-        x0 = np.where(present, x, 0.0)
-        mean = x0.sum(axis=0) / np.maximum(count, 1)  # an all-missing column gets mean 0
-        var = (np.where(present, x - mean, 0.0) ** 2).sum(axis=0) / np.maximum(count, 1)
-        std = np.sqrt(var)
-        # A constant column has std 0 up to float64 rounding of its mean: leave it unscaled.
-        std = np.where(std > 1e-10 * np.abs(mean), std, 1.0)
-        std = np.where(std > 0, std, 1.0)
-        self.mean, self.std = mean.astype(np.float32), std.astype(np.float32)
-        return self
-
-    def transform(self, features):
-        """Standardised copy of ``features`` (numpy in → numpy float32 out; tensor in → tensor out)."""
-        if self.mean is None:
-            raise RuntimeError("Standardizer.transform called before fit")
-        if features.shape[-1] != len(self.mean):
-            raise ValueError(f"expected {len(self.mean)} feature columns, got {features.shape[-1]}")
-        if isinstance(features, np.ndarray):
-            z = (features.astype(np.float32) - self.mean) / self.std
-            return np.where(np.isnan(z), np.float32(0), z)
-        import torch
-
-        mean = torch.as_tensor(self.mean, device=features.device)
-        std = torch.as_tensor(self.std, device=features.device)
-        z = (features.float() - mean) / std
-        return torch.where(torch.isnan(z), torch.zeros_like(z), z)
-
-    def state_dict(self) -> dict:
-        if self.mean is None:
-            raise RuntimeError("Standardizer.state_dict called before fit")
-        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> Standardizer:
-        return cls(state["mean"], state["std"])
-
-
-def _to_numpy(x):
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "detach"):  # torch.Tensor, without importing torch for numpy users
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-class FeatureDataset:
-    """A ``FeatureSet`` as loader samples with the same keys as the image loaders.
-
-    ``image`` holds the standardised feature vector (the generator's input whatever its kind),
-    ``crop`` is [-1, -1] (no augmentation), ``bad`` is always False. Accepts ``ds[i]`` and the
-    ``ds[(epoch, i)]`` form the training loader's sampler uses.
-    """
-
-    def __init__(self, features: FeatureSet, standardizer: Standardizer) -> None:
-        import torch
-
-        self.features = features
-        self._x = torch.from_numpy(np.asarray(standardizer.transform(features.features), dtype=np.float32))
-        self._y = torch.from_numpy(features.labels.astype(np.float32))
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def set_epoch(self, epoch: int) -> None:  # no per-epoch randomness: nothing to do
-        pass
-
-    def __getitem__(self, item) -> dict:
-        import torch
-
-        index = int(item[1] if isinstance(item, tuple) else item)
-        return {
-            "image": self._x[index],
-            "labels": self._y[index],
-            "crop": torch.tensor([-1, -1], dtype=torch.int64),
-            "index": torch.tensor(index, dtype=torch.int64),
-            "bad": torch.tensor(False),
-        }
+    def read(self, cfg) -> tuple[FeatureSet, FeatureSet]:
+        return load_feature_dataset(cfg.features_train, cfg.features_test, xml=cfg.features_xml or None)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fastmlgan.errors import DataError
-from fastmlgan.loaders.base import LabeledImages
+from fastmlgan.data.sources.base import Listing, Source
+from fastmlgan.data.types import LabeledImages
+from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.safeio import entry_is_file, inside_root, list_folder, open_regular
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ _INTEGER_FIELDS = {"images": ("id",), "categories": ("id",), "annotations": ("im
 _STRING_FIELDS = {"images": ("file_name",), "categories": ("name",), "annotations": ()}
 
 
-def _load_json(annotation_file: Path) -> dict:
+def load_json(annotation_file: Path) -> dict:
     if not os.path.lexists(annotation_file):  # a symbolic link loop is named by open_regular
         raise DataError(f"{annotation_file}: annotation file not found")
     try:
@@ -119,11 +120,11 @@ def read_coco(
     unless ``allow_outside_root`` (``--data.allow_outside_root``)."""
     annotation_file = Path(annotation_file)
     image_root = Path(image_root)
-    data = _load_json(annotation_file)
+    data = load_json(annotation_file)
     if not image_root.is_dir():
         raise DataError(f"{image_root}: image folder not found (images of {annotation_file})")
 
-    # Ids are unique integers and names unique strings (checked by _load_json).
+    # Ids are unique integers and names unique strings (checked by load_json).
     categories = sorted(data["categories"], key=lambda c: c["id"])
     category_column = {c["id"]: col for col, c in enumerate(categories)}
     images = data["images"]
@@ -188,3 +189,60 @@ def read_coco(
         num_dropped_unlabeled=num_dropped,
         missing=missing,
     )
+
+
+def coco_listing(split: str, annotation_file, image_root, allow_outside_root: bool = False) -> Listing:
+
+    annotation_file = Path(annotation_file)
+    data = load_json(annotation_file)
+    categories = {c["id"] for c in data["categories"]}
+    row = {img["id"]: i for i, img in enumerate(data["images"])}
+    labelled = np.zeros(len(data["images"]), dtype=bool)
+    unknown = []
+    for i, ann in enumerate(data["annotations"]):
+        if ann["category_id"] not in categories:
+            unknown.append(f"{annotation_file}: annotations[{i}] has category_id {ann['category_id']!r}, not in 'categories'")
+        elif ann["image_id"] not in row:
+            unknown.append(f"{annotation_file}: annotations[{i}] refers to image_id {ann['image_id']!r}, not in 'images'")
+        else:
+            labelled[row[ann["image_id"]]] = True
+    paths = []
+    for i, img in enumerate(data["images"]):
+        if not allow_outside_root:  # training refuses it: a malformed row
+            try:
+                inside_root(image_root, img["file_name"], f"{annotation_file}: images[{i}] 'file_name'", "--data.allow_outside_root")
+            except DataError as e:
+                unknown.append(str(e))
+        paths.append(str(Path(image_root) / str(img["file_name"])))
+    return Listing(split, paths, labelled, unknown)
+
+
+class CocoSource(Source):
+    """Any COCO instances-format JSON and image folder (``--data.dataset coco``)."""
+
+    kind = "coco"
+    required = ("train_annotations", "train_images", "val_annotations", "val_images")
+
+    def read(self, cfg) -> tuple[LabeledImages, LabeledImages]:
+        outside = cfg.allow_outside_root
+        train = read_coco(cfg.train_annotations, cfg.train_images, cfg.drop_unlabeled, "train", outside)
+        val = read_coco(cfg.val_annotations, cfg.val_images, cfg.drop_unlabeled, "val", outside)
+        return train, val
+
+    def listings(self, cfg) -> list[Listing]:
+        # Each split is checked on its own when only it is given (a training split before its
+        # evaluation split exists, say); a split needs both its annotations and its images.
+        given = []
+        for split in ("train", "val"):
+            annotations, images = getattr(cfg, f"{split}_annotations"), getattr(cfg, f"{split}_images")
+            if bool(annotations) != bool(images):
+                missing = f"{split}_images" if annotations else f"{split}_annotations"
+                raise ConfigError(f"data.dataset=coco: the {split} split needs --data.{missing} too")
+            if annotations:
+                given.append(coco_listing(split, annotations, images, cfg.allow_outside_root))
+        if not given:
+            raise ConfigError(
+                "data.dataset=coco needs --data.train_annotations and --data.train_images (the training split), "
+                "--data.val_annotations and --data.val_images (the evaluation split), or both"
+            )
+        return given

@@ -1,4 +1,4 @@
-"""Serving a decoded-image cache (``cache.py``): batches with the interface of the other backends
+"""Serving a decoded-image cache (``imagecache.format``): batches with the interface of the other backends
 (``len``, ``set_epoch``, iteration yielding ``{"image", "labels", "crop", "index", "bad"}``).
 
 Same order, crops and bad-image flags as the torch loader: training shards come from
@@ -34,17 +34,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from fastmlgan.data.backends.plan import BatchPlan
+from fastmlgan.data.geometry import IMAGENET_MEAN, IMAGENET_STD, NUM_SIZES, crop_for, crop_window, resize
+from fastmlgan.data.imagecache.build import ensure_cache
+from fastmlgan.data.imagecache.format import CacheError, Geometry, ImageCache, read_rows, resolve_cache_dir
 from fastmlgan.errors import ConfigError
-from fastmlgan.loaders.cache import CacheError, Geometry, ImageCache
-from fastmlgan.loaders.cache_read import read_rows
-from fastmlgan.loaders.five_crop import NUM_SIZES, crop_window
-from fastmlgan.loaders.torch_loader import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BatchPlan,
-    _resize,
-    crop_for,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +219,7 @@ class CacheLoader(BatchPlan):
         for key, a, b in groups:
             top, left, side = crop_window(key // NUM_SIZES, key % NUM_SIZES, size)
             window = x[a:b, :, top : top + side, left : left + side]
-            crops = window if side == size else _resize(window, size)
+            crops = window if side == size else resize(window, size)
             if on_cpu:
                 # One memcpy per sample: 26 us an image here, against 140 for out[order[a:b]] = crops.
                 for j, dst in enumerate(order[a:b].tolist()):
@@ -235,7 +229,7 @@ class CacheLoader(BatchPlan):
         return self._normalize(out)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 -> (x - mean) / std like ``torch_loader.normalize``, bit for bit, one channel at a time in place."""
+        """uint8 -> (x - mean) / std like ``geometry.normalize``, bit for bit, one channel at a time in place."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         out = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=fmt)
         for c in range(3):
@@ -249,7 +243,7 @@ class CacheLoader(BatchPlan):
     def __iter__(self) -> Iterator[dict]:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="fastmlgan-cache")
-        epoch, batches = self.epoch, self._batches()
+        epoch, batches = self.epoch, self.batches()
         depth = max(self.prefetch, self.num_threads)
         pending: deque = deque()
         ahead = 0
@@ -273,3 +267,28 @@ class CacheLoader(BatchPlan):
             self.close()
         except Exception:
             pass
+
+
+def _cache(cfg, images, purpose: str, info) -> ImageCache:
+    """The current decoded-image cache of ``images`` (built first when missing or stale)."""
+    if cfg.cache_device == "cuda" and info.device.type != "cuda":
+        raise ConfigError(f"--data.cache_device cuda keeps the cache in GPU memory, but this process runs on {info.device}")
+    return ensure_cache(images, Geometry(purpose, cfg.image_size), resolve_cache_dir(cfg.cache_dir), cfg.on_bad_image,
+                        info, num_threads=cfg.num_threads, progress=info.is_main)
+
+
+def _from_config(cfg, info, channels_last: bool) -> dict:
+    return dict(device=info.device, num_threads=cfg.num_threads, channels_last=channels_last, cache_device=cfg.cache_device)
+
+
+def train_loader_from_config(cfg, splits, info, seed: int, batch: int, channels_last: bool = False,
+                             pixels_per_batch: int | None = None) -> CacheLoader:
+    """``factory.BACKENDS["cache"]``: the training loader of ``cfg`` (a ``DataConfig``), over the
+    training split's cache (built on first use)."""
+    return CacheLoader(_cache(cfg, splits.train, "train", info), cfg.image_size, batch, info.rank, info.world_size,
+                       train=True, seed=seed, pixels_per_batch=pixels_per_batch, **_from_config(cfg, info, channels_last))
+
+
+def eval_loader_from_config(cfg, splits, info, seed: int, batch: int, channels_last: bool = False) -> CacheLoader:
+    return CacheLoader(_cache(cfg, splits.val, "eval", info), cfg.image_size, batch, info.rank, info.world_size,
+                       train=False, **_from_config(cfg, info, channels_last))

@@ -1,0 +1,175 @@
+"""The one image geometry every backend shares: decoding, the paper's five-crop augmentation (§4.1,
+after Wang et al. 2015), the evaluation resize and ImageNet normalisation.
+
+Resize the image to ``base x base`` (256 for the paper's 224 output), crop a square patch at one
+of five positions (four corners, centre) with a side from {256, 224, 192, 168, 128}, resize the
+patch to ``image_size`` (224). For another output size every length scales by image_size / 224.
+Test time resizes the whole image to ``image_size`` (one crop).
+
+Every backend (torch, torchvision-gpu, DALI, the decoded-image cache) takes its crop windows from
+these functions, so the same (position, size index) gives the same window everywhere; the CPU
+decode (``decode_rgb``) is the one of training, evaluation, ``predict``, the cache build and
+``check``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from fastmlgan.errors import DataError
+from fastmlgan.safeio import open_regular
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ON_BAD_IMAGE = ("skip", "error")
+
+PAPER_IMAGE_SIZE = 224
+PAPER_BASE_SIZE = 256
+PAPER_CROP_SIDES = (256, 224, 192, 168, 128)
+POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "centre")
+NUM_POSITIONS = len(POSITIONS)
+NUM_SIZES = len(PAPER_CROP_SIDES)
+
+
+def base_size(image_size: int) -> int:
+    """Side of the square the image is first resized to: 256 for a 224 output."""
+    return int(round(image_size * PAPER_BASE_SIZE / PAPER_IMAGE_SIZE))
+
+
+def crop_sides(image_size: int) -> tuple[int, ...]:
+    """The five crop sides for this output size: (256, 224, 192, 168, 128) at 224."""
+    base = base_size(image_size)
+    return tuple(int(round(s * base / PAPER_BASE_SIZE)) for s in PAPER_CROP_SIDES)
+
+
+def crop_window(position: int, size_index: int, image_size: int) -> tuple[int, int, int]:
+    """(top, left, side) of the crop in the ``base x base`` resized image."""
+    if not 0 <= position < NUM_POSITIONS:
+        raise ValueError(f"crop position must be in [0, {NUM_POSITIONS}), got {position}")
+    if not 0 <= size_index < NUM_SIZES:
+        raise ValueError(f"crop size index must be in [0, {NUM_SIZES}), got {size_index}")
+    base = base_size(image_size)
+    side = crop_sides(image_size)[size_index]
+    far = base - side
+    top, left = {
+        0: (0, 0),
+        1: (0, far),
+        2: (far, 0),
+        3: (far, far),
+        4: (far // 2, far // 2),
+    }[position]
+    return top, left, side
+
+
+def crop_window_normalized(position: int, size_index: int, image_size: int) -> tuple[float, float, float, float]:
+    """The crop window as fractions of the image: (y0, x0, y1, x1) in [0, 1].
+
+    Resizing to base x base is a linear map, so the same fractions locate the window in the
+    original image (used for region-of-interest decoding)."""
+    top, left, side = crop_window(position, size_index, image_size)
+    base = base_size(image_size)
+    return top / base, left / base, (top + side) / base, (left + side) / base
+
+
+def decode_rgb(path) -> torch.Tensor:
+    """Decode an image file to a uint8 (3, H, W) RGB tensor, as it is meant to be seen: EXIF
+    orientation applied, 16-bit and float pixels scaled to 8 bits (``image_to_rgb8``). ``DataError``
+    naming the file on failure; a FIFO or device is refused without being opened for a blocking
+    read. Every backend's CPU decode, the cache build, ``predict`` and ``check`` come through here."""
+    try:
+        with open_regular(path, "image file") as f, Image.open(f) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            rgb = image_to_rgb8(img, path)
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # PIL raises OSError ("image file is truncated"), UnidentifiedImageError (an OSError),
+        # SyntaxError or ValueError for broken files, depending on the format and the damage.
+        raise DataError(f"{path}: cannot decode image: {e}") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+_ORIENTATION = 0x0112  # the EXIF tag
+
+
+def rotated_jpeg(data: bytes) -> bool:
+    """Whether JPEG bytes carry an EXIF orientation other than upright (nvJPEG cannot apply it)."""
+    if b"Exif\x00\x00" not in data[:65536]:  # EXIF lives in an APP1 segment before the image data
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the headers only
+            return img.getexif().get(_ORIENTATION, 1) != 1
+    except Exception:  # noqa: BLE001 - unreadable headers: the decoder will say what is wrong
+        return False
+# PIL modes of 16-bit grey (PNG, TIFF); ``convert("RGB")`` clips them at 255 (a near-white image).
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def image_to_rgb8(img: Image.Image, path) -> np.ndarray:
+    """(H, W, 3) uint8 of a loaded PIL image. EXIF orientation is applied (a phone photo stored
+    sideways is turned upright, as viewers show it). 16-bit grey (PNG and TIFF) is scaled by
+    255/65535; float pixels (mode F) in [0, 1] by 255; float pixels outside [0, 1] and 32-bit integer
+    pixels (mode I, other than a PNG's 16 bits) have no known white level and are refused by name."""
+    with contextlib.suppress(Exception):  # a damaged EXIF block: the pixels are still good, upright or not
+        if img.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
+            img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode in _MODES_16BIT or (mode == "I" and img.format == "PNG"):
+        grey = np.rint(np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8)
+    elif mode == "F":
+        values = np.asarray(img, dtype=np.float32)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            raise DataError(
+                f"{path}: float pixels (PIL mode F) outside [0, 1] (min {np.nanmin(values):g}, max {np.nanmax(values):g}): "
+                "their white level is unknown; convert the image to 8 or 16 bits"
+            )
+        grey = np.rint(values * 255.0).astype(np.uint8)
+    elif mode in ("I", "I;32", "I;32B", "I;32L"):
+        raise DataError(f"{path}: 32-bit integer pixels (PIL mode {mode}) have no known white level; convert the image to 8 or 16 bits")
+    else:
+        return np.array(img.convert("RGB"))
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def resize(image: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 (3, H, W) or (B, 3, H, W) -> side x side, antialiased bilinear."""
+    # uint8 in, uint8 out: torchvision's antialiased bilinear path on uint8 matches PIL's
+    # BILINEAR resize to within 1 grey level (measured), like the references that used PIL.
+    return TF.resize(image, [side, side], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def five_crop(image: torch.Tensor, position: int, size_index: int, image_size: int) -> torch.Tensor:
+    """The paper's training crop (§4.1): resize to base x base, crop, resize to image_size.
+
+    ``image`` is uint8 (3, H, W); returns uint8 (3, image_size, image_size)."""
+    top, left, side = crop_window(position, size_index, image_size)
+    resized = resize(image, base_size(image_size))
+    patch = resized[:, top : top + side, left : left + side]
+    return resize(patch, image_size)
+
+
+def eval_resize(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    """The paper's test protocol (§4.1): the whole image resized to image_size x image_size."""
+    return resize(image, image_size)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) or (B, 3, H, W) in [0, 255] -> float32 normalised with ImageNet mean/std."""
+    if images.dim() not in (3, 4) or images.shape[-3] != 3:
+        raise ValueError(f"expected (3, H, W) or (B, 3, H, W) images, got shape {tuple(images.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255.0
+    return (images.to(torch.float32) - mean) / std
+
+
+def crop_for(seed: int, epoch: int, index: int) -> tuple[int, int]:
+    """The (position, size index) of sample ``index`` in ``epoch``: uniform over the 25 pairs."""
+    k = int(np.random.default_rng([seed, epoch, index]).integers(NUM_POSITIONS * NUM_SIZES))
+    return k // NUM_SIZES, k % NUM_SIZES
