@@ -1,27 +1,19 @@
-"""Typed configuration: nested dataclasses with the paper's defaults and the CLI (presets: ``fastmlgan.presets``).
-
-The single source of truth for every option. ``--section.key value`` overrides a field;
-``--preset NAME`` starts from a named preset. The resolved config is written to the run
-directory and stored in every checkpoint.
-"""
+"""The options: nested dataclasses with the paper's defaults, one docstring per field, validated
+in ``__post_init__`` (the message names the option to change). ``data.dataset`` takes its choices
+from the data sources' table (``fastmlgan.data.sources.SOURCES``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
-import os
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from fastmlgan.config.validate import choice, finite, integer, positive
+from fastmlgan.data.backends import CHOICES as BACKEND_CHOICES
+from fastmlgan.data.sources import SOURCES
 from fastmlgan.errors import ConfigError
-from fastmlgan.presets import PRESETS  # plain functions of overrides, in their own module
 
-FEATURE_DATASETS = ("features", "labelsets")
-"""Data sets of feature vectors, not images: they need model.backbone=mlp."""
 BACKBONES = ("smallcnn", "mlp", "resnet18", "resnet50", "resnet101", "resnet152", "vgg16", "inception_v3")
 
 
@@ -113,32 +105,32 @@ class DataConfig:
     """labelsets: seed of the evidence noise (the features are a pure function of labels, parameters and seed)."""
 
     def __post_init__(self) -> None:
-        _choice("data.dataset", self.dataset, ("embedded", "coco", "nuswide", "list", *FEATURE_DATASETS))
+        choice("data.dataset", self.dataset, tuple(SOURCES))
         for key in ("labelsets_evidence", "labelsets_hidden_fraction", "labelsets_hidden_evidence"):
-            _finite(f"data.{key}", getattr(self, key), 0.0, 1.0)
-        _integer("data.labelsets_seed", self.labelsets_seed, 0)
-        _choice("data.on_bad_image", self.on_bad_image, ("skip", "error"))
-        _choice("data.backend", self.backend, ("auto", "dali", "torchvision-gpu", "torch", "cache"))
-        _choice("data.cache_device", self.cache_device, ("cpu", "cuda"))
-        if self.dataset in FEATURE_DATASETS and self.backend == "cache":
+            finite(f"data.{key}", getattr(self, key), 0.0, 1.0)
+        integer("data.labelsets_seed", self.labelsets_seed, 0)
+        choice("data.on_bad_image", self.on_bad_image, ("skip", "error"))
+        choice("data.backend", self.backend, BACKEND_CHOICES)
+        choice("data.cache_device", self.cache_device, ("cpu", "cuda"))
+        if SOURCES[self.dataset].holds_features and self.backend == "cache":
             raise ConfigError(
                 f"--data.backend cache stores decoded images, but data.dataset={self.dataset} holds feature vectors "
                 "(already in memory): use --data.backend auto"
             )
-        _choice("data.dali_decode", self.dali_decode, ("full", "roi"))
-        _choice("data.nuswide_split", self.nuswide_split, ("paper", "official"))
-        _integer("data.num_threads", self.num_threads, 1, 1024)
-        _positive("data.nuswide_num_train", self.nuswide_num_train)
-        _finite("data.dali_hw_decoder_load", self.dali_hw_decoder_load, 0.0, 1.0)
-        _integer("data.image_size", self.image_size, 2, 4096)  # the five-crop's smallest side is 0 below 2
-        _positive("data.batch_size", self.batch_size)
-        _positive("data.eval_batch_size", self.eval_batch_size)
-        _integer("data.num_workers", self.num_workers, 0, 256)
-        _integer("data.nuswide_seed", self.nuswide_seed, 0)
-        _integer("data.embedded_num_train", self.embedded_num_train, 1, 10**7)
-        _integer("data.embedded_num_val", self.embedded_num_val, 1, 10**7)
-        _integer("data.embedded_image_size", self.embedded_image_size, 16, 4096)  # loaders.embedded's smallest scene
-        _integer("data.embedded_seed", self.embedded_seed, 0)
+        choice("data.dali_decode", self.dali_decode, ("full", "roi"))
+        choice("data.nuswide_split", self.nuswide_split, ("paper", "official"))
+        integer("data.num_threads", self.num_threads, 1, 1024)
+        positive("data.nuswide_num_train", self.nuswide_num_train)
+        finite("data.dali_hw_decoder_load", self.dali_hw_decoder_load, 0.0, 1.0)
+        integer("data.image_size", self.image_size, 2, 4096)  # the five-crop's smallest side is 0 below 2
+        positive("data.batch_size", self.batch_size)
+        positive("data.eval_batch_size", self.eval_batch_size)
+        integer("data.num_workers", self.num_workers, 0, 256)
+        integer("data.nuswide_seed", self.nuswide_seed, 0)
+        integer("data.embedded_num_train", self.embedded_num_train, 1, 10**7)
+        integer("data.embedded_num_val", self.embedded_num_val, 1, 10**7)
+        integer("data.embedded_image_size", self.embedded_image_size, 16, 4096)  # sources.embedded's smallest scene
+        integer("data.embedded_seed", self.embedded_seed, 0)
 
 
 @dataclass
@@ -155,9 +147,9 @@ class ModelConfig:
     """Use channels_last memory format for CNN backbones on GPU."""
 
     def __post_init__(self) -> None:
-        _choice("model.backbone", self.backbone, BACKBONES)
-        _integer("model.width", self.width, 1, 2**16)  # the parameter count is checked when G is built
-        _integer("model.depth", self.depth, 1, 1000)
+        choice("model.backbone", self.backbone, BACKBONES)
+        integer("model.width", self.width, 1, 2**16)  # the parameter count is checked when G is built
+        integer("model.depth", self.depth, 1, 1000)
 
 
 @dataclass
@@ -196,16 +188,16 @@ class GanConfig:
     """Most images per f_ext forward in phase 2 (0: all of an iteration's images in one forward)."""
 
     def __post_init__(self) -> None:
-        _integer("gan.d_steps", self.d_steps, 1, 1000)
-        _integer("gan.proj_dim", self.proj_dim, 1, 2**16)  # D's parameter count is checked when D is built
-        _integer("gan.hidden_dim", self.hidden_dim, 1, 2**16)
-        _integer("gan.num_layers", self.num_layers, 1, 1000)
-        _finite("gan.inv_temperature", self.inv_temperature, 0.0, lo_open=True)
-        _finite("gan.bce_weight", self.bce_weight, 0.0)
-        _finite("gan.gp_weight", self.gp_weight, 0.0)
-        _finite("gan.negative_slope", self.negative_slope, 0.0, 1.0)
-        _choice("gan.penalty", self.penalty, ("explicit", "autograd"))
-        _integer("gan.feature_batch", self.feature_batch, 0)
+        integer("gan.d_steps", self.d_steps, 1, 1000)
+        integer("gan.proj_dim", self.proj_dim, 1, 2**16)  # D's parameter count is checked when D is built
+        integer("gan.hidden_dim", self.hidden_dim, 1, 2**16)
+        integer("gan.num_layers", self.num_layers, 1, 1000)
+        finite("gan.inv_temperature", self.inv_temperature, 0.0, lo_open=True)
+        finite("gan.bce_weight", self.bce_weight, 0.0)
+        finite("gan.gp_weight", self.gp_weight, 0.0)
+        finite("gan.negative_slope", self.negative_slope, 0.0, 1.0)
+        choice("gan.penalty", self.penalty, ("explicit", "autograd"))
+        integer("gan.feature_batch", self.feature_batch, 0)
         if not self.conditional and self.negative_sampling:
             # §4.2.3: rows (c) and (d) drop negative sampling. An unconditional D cannot see x, so a
             # "mismatched" pair would just be another real label set scored as fake.
@@ -233,11 +225,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         # Adam's first step is lr / (1 - beta1) <= lr * 9e15; above 1e10 it overflows float32.
         for name in ("bce_lr", "g_lr", "d_lr"):
-            _finite(f"optim.{name}", getattr(self, name), 0.0, 1e10, lo_open=True)
+            finite(f"optim.{name}", getattr(self, name), 0.0, 1e10, lo_open=True)
         # torch.optim.Adam's own range; beta = 1 would never forget the first gradient.
-        _finite("optim.beta1", self.beta1, 0.0, 1.0, hi_open=True)
-        _finite("optim.beta2", self.beta2, 0.0, 1.0, hi_open=True)
-        _finite("optim.weight_decay", self.weight_decay, 0.0)
+        finite("optim.beta1", self.beta1, 0.0, 1.0, hi_open=True)
+        finite("optim.beta2", self.beta2, 0.0, 1.0, hi_open=True)
+        finite("optim.weight_decay", self.weight_decay, 0.0)
 
 
 @dataclass
@@ -261,15 +253,15 @@ class TrainConfig:
     """Stop when a logged loss's magnitude exceeds this many times the running median of its magnitudes (0 = off)."""
 
     def __post_init__(self) -> None:
-        _integer("train.bce_epochs", self.bce_epochs, 0)
-        _integer("train.gan_epochs", self.gan_epochs, 0)
-        _integer("train.max_steps_per_epoch", self.max_steps_per_epoch, 0)
+        integer("train.bce_epochs", self.bce_epochs, 0)
+        integer("train.gan_epochs", self.gan_epochs, 0)
+        integer("train.max_steps_per_epoch", self.max_steps_per_epoch, 0)
         # The trainer seeds torch with seed * 1,000,003 + rank + 7 * step, which must stay below 2**64.
-        _integer("train.seed", self.seed, 0, 2**32 - 1)
-        _positive("train.log_every", self.log_every)
-        _positive("train.eval_every", self.eval_every)
+        integer("train.seed", self.seed, 0, 2**32 - 1)
+        positive("train.log_every", self.log_every)
+        positive("train.eval_every", self.eval_every)
         if self.loss_explosion_ratio != 0:
-            _finite("train.loss_explosion_ratio", self.loss_explosion_ratio, 1.0, lo_open=True, off=0)
+            finite("train.loss_explosion_ratio", self.loss_explosion_ratio, 1.0, lo_open=True, off=0)
 
 
 @dataclass
@@ -278,7 +270,7 @@ class PrecisionConfig:
     """Autocast dtype for G and f_ext: auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | none. D always runs in fp32."""
 
     def __post_init__(self) -> None:
-        _choice("precision.amp", self.amp, ("auto", "bf16", "fp16", "none"))
+        choice("precision.amp", self.amp, ("auto", "bf16", "fp16", "none"))
 
 
 @dataclass
@@ -289,7 +281,7 @@ class CompileConfig:
     """torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune."""
 
     def __post_init__(self) -> None:
-        _choice("compile.mode", self.mode, ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+        choice("compile.mode", self.mode, ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
 
 
 @dataclass
@@ -302,9 +294,9 @@ class DistConfig:
     """DDP gradient bucket size in MB (torch's default): each bucket's all-reduce starts as soon as its gradients are ready, overlapping the rest of the backward."""
 
     def __post_init__(self) -> None:
-        _choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
-        _integer("dist.timeout_s", self.timeout_s, 1, 2**31 - 1)  # c10d keeps it in milliseconds
-        _finite("dist.bucket_cap_mb", self.bucket_cap_mb, 0.0, 2.0**20, lo_open=True)
+        choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
+        integer("dist.timeout_s", self.timeout_s, 1, 2**31 - 1)  # c10d keeps it in milliseconds
+        finite("dist.bucket_cap_mb", self.bucket_cap_mb, 0.0, 2.0**20, lo_open=True)
 
 
 @dataclass
@@ -319,9 +311,9 @@ class CheckpointConfig:
     """Also write a checkpoint when this many minutes passed since the last one (0 = off): bounds what a kill loses."""
 
     def __post_init__(self) -> None:
-        _positive("checkpoint.keep", self.keep)
-        _integer("checkpoint.every_steps", self.every_steps, 0)
-        _finite("checkpoint.every_minutes", self.every_minutes, 0.0)
+        positive("checkpoint.keep", self.keep)
+        integer("checkpoint.every_steps", self.every_steps, 0)
+        finite("checkpoint.every_minutes", self.every_minutes, 0.0)
 
 
 @dataclass
@@ -359,10 +351,12 @@ class Config:
                 "--compile.enable true needs --gan.penalty explicit: torch.compile cannot differentiate "
                 "the double backward of the autograd penalty"
             )
-        if self.data.dataset in FEATURE_DATASETS and self.model.backbone != "mlp":
+        holds_features = SOURCES[self.data.dataset].holds_features
+        if holds_features and self.model.backbone != "mlp":
             raise ConfigError(f"data.dataset={self.data.dataset} needs model.backbone=mlp (feature vectors are not images)")
-        if self.data.dataset not in FEATURE_DATASETS and self.model.backbone == "mlp":
-            raise ConfigError("model.backbone=mlp is for data.dataset=features or labelsets; pick a CNN backbone for images")
+        if not holds_features and self.model.backbone == "mlp":
+            kinds = " or ".join(kind for kind, source in SOURCES.items() if source.holds_features)
+            raise ConfigError(f"model.backbone=mlp is for data.dataset={kinds}; pick a CNN backbone for images")
         smallest = {"vgg16": 32, "inception_v3": 75}.get(self.model.backbone, 2)  # 5 poolings; inception's stem
         if self.data.image_size < smallest:
             raise ConfigError(f"--data.image_size {self.data.image_size}: {self.model.backbone} needs at least {smallest}")
@@ -381,20 +375,7 @@ TOP_LEVEL = ("preset", "out", "resume", "overwrite")
 NOT_FROM_FILE = ("resume", "overwrite")
 
 
-# ----------------------------------------------------------------------------------------------
-# Parsing
-
-
-def valid_keys() -> list[str]:
-    keys = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(_section_type(s))]
-    return keys + list(TOP_LEVEL)
-
-
-def _section_type(section: str) -> type:
-    return _SECTION_TYPES[section]
-
-
-_SECTION_TYPES: dict[str, type] = {
+SECTION_TYPES: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
     "gan": GanConfig,
@@ -408,287 +389,10 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
-def _field_type(cls: type, name: str) -> type:
-    hints = typing.get_type_hints(cls)
-    return hints[name]
-
-
-def _key_type(key: str) -> type | None:
-    """The type of option ``key`` (``section.name`` or a top-level name); None when there is no such option."""
-    if key in TOP_LEVEL:
-        return _field_type(Config, key)
-    section, _, name = key.partition(".")
-    cls = _SECTION_TYPES.get(section)
-    if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
-        return None
-    return _field_type(cls, name)
-
-
-BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-
-
-def _convert(key: str, raw: Any, typ: type) -> Any:
-    """``raw`` as option ``key``'s type: strings (the command line) are parsed; typed values (a
-    --config JSON file, Python callers) must already have the type (an int is taken for a float)."""
-    if isinstance(raw, str):
-        try:
-            if typ is bool:
-                return BOOL_WORDS[raw.lower()]
-            if typ is int:
-                return int(raw)
-            if typ is float:
-                return float(raw)
-        except (KeyError, ValueError):
-            raise ConfigError(f"--{key}: expected {typ.__name__}, got {raw!r}") from None
-        return raw
-    # bool is a subclass of int: true must not pass for 1, nor 1 for true.
-    if typ is bool and isinstance(raw, bool):
-        return raw
-    if typ is int and isinstance(raw, int) and not isinstance(raw, bool):
-        return raw
-    if typ is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return float(raw)
-    expected = "a string" if typ is str else typ.__name__
-    raise ConfigError(f"--{key}: expected {expected}, got {raw!r}")
-
-
-def unknown_option_message(key: str, where: str = "") -> str:
-    """``unknown option --key`` with the nearest valid options (difflib), not all of them."""
-    keys = valid_keys()
-    section, dot, name = key.partition(".")
-    # The right name in another (or no) section first (--batch_size, --train.batch_size), then
-    # near spellings.
-    close = [k for k in keys if k.rpartition(".")[2] == (name if dot else key)]
-    close += [k for k in difflib.get_close_matches(key, keys, n=3, cutoff=0.6) if k not in close]
-    if close:
-        hint = "did you mean " + " or ".join(f"--{k}" for k in close[:3]) + "?"
-    elif dot and section in _SECTION_TYPES:
-        hint = f"the {section}.* options are " + ", ".join(f"--{k}" for k in keys if k.startswith(f"{section}."))
-    else:
-        top = ", ".join(f"--{k}" for k in (*TOP_LEVEL, "config"))
-        hint = f"options are --SECTION.KEY with SECTION one of {', '.join(SECTIONS)}, or {top}"
-    return f"{where}unknown option --{key}; {hint} (--help lists every option)"
-
-
-def build_config(overrides: dict[str, Any] | None = None, preset: str | None = None) -> Config:
-    """A validated Config from a preset and ``{"section.key": value}`` overrides (strings are parsed)."""
-    preset = preset or "embedded"
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
-    merged = {**PRESETS[preset](), **(overrides or {})}
-    sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-    top: dict[str, Any] = {"preset": preset}
-    for key, raw in merged.items():
-        if key == "preset":
-            continue
-        typ = _key_type(key)
-        if typ is None:
-            raise ConfigError(unknown_option_message(key))
-        value = _convert(key, raw, typ)
-        if isinstance(value, str) and "\x00" in value:
-            raise ConfigError(f"--{key}: {value!r} contains a NUL character")
-        if key in TOP_LEVEL:
-            top[key] = value
-        else:
-            section, _, name = key.partition(".")
-            sections[section][name] = value
-    cfg = Config(**{s: _SECTION_TYPES[s](**v) for s, v in sections.items()}, **top)
-    if cfg.resume and cfg.overwrite:
-        raise ConfigError("--resume continues a run and --overwrite starts it over: give one of them")
-    return cfg
-
-
-def load_config_file(path: str | Path) -> tuple[str | None, dict[str, Any]]:
-    """The preset and ``{"section.key": value}`` options of a JSON config file: the layout of a run's
-    config.json (``{"data": {...}, "gan": {...}, "preset": ..., "out": ...}``); every key it sets
-    must be an option. Its ``run`` record (versions, command line) is ignored, and so are
-    ``resume`` and ``overwrite`` (see NOT_FROM_FILE)."""
-    from fastmlgan.safeio import read_json
-
-    path = Path(path)
-    if not os.path.lexists(path):
-        raise ConfigError(f"--config {path}: no such file")
-    data = read_json(path, "--config", ConfigError)  # a FIFO, a device or 100,000 nested levels: one line
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a JSON object of sections, got {type(data).__name__}")
-    where = f"{path}: "
-    preset = None
-    options: dict[str, Any] = {}
-    for key, value in data.items():
-        if key == "run" or key in NOT_FROM_FILE:
-            continue
-        if key == "preset":
-            if not isinstance(value, str):
-                raise ConfigError(f"{where}preset must be a string, got {value!r}")
-            preset = value
-        elif key in TOP_LEVEL:
-            options[key] = _convert_from_file(path, key, value)
-        elif key in _SECTION_TYPES:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}section {key!r} must be an object of options, got {value!r}")
-            for name, item in value.items():
-                option = f"{key}.{name}"
-                if _key_type(option) is None:
-                    raise ConfigError(unknown_option_message(option, where))
-                options[option] = _convert_from_file(path, option, item)
-        else:
-            raise ConfigError(unknown_option_message(key, where))
-    return preset, options
-
-
-def _convert_from_file(path: Path, key: str, value: Any) -> Any:
-    try:
-        return _convert(key, value, _key_type(key))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Rebuild a Config written by ``Config.to_dict`` (checkpoints, run directories)."""
     sections = {}
     for s in SECTIONS:
-        known = {f.name for f in dataclasses.fields(_SECTION_TYPES[s])}
-        sections[s] = _SECTION_TYPES[s](**{k: v for k, v in d.get(s, {}).items() if k in known})
+        known = {f.name for f in dataclasses.fields(SECTION_TYPES[s])}
+        sections[s] = SECTION_TYPES[s](**{k: v for k, v in d.get(s, {}).items() if k in known})
     return Config(**sections, **{k: d[k] for k in TOP_LEVEL if k in d})
-
-
-def help_text(prog: str, preset: str = "embedded") -> str:
-    """Every preset and option: ``(default X)`` is the dataclass default; the value ``preset``
-    sets follows only where it differs."""
-    lines = [
-        f"usage: {prog} [--preset NAME] [--config FILE] [--out DIR] [--resume DIR | --overwrite] [--section.key VALUE ...]",
-        "",
-        "Adversarial learning of label dependency (Tsai & Lee): BCE pretraining of the generator,",
-        "then WGAN-GP training against a conditional discriminator.",
-        "",
-        "Options are --section.key VALUE or --section.key=VALUE; a boolean option alone means true",
-        "(--gan.enable is --gan.enable true). Later options override earlier ones, and options",
-        "override the --config file, which overrides the preset.",
-        "",
-        "presets:",
-    ]
-    for name, fn in PRESETS.items():
-        lines.append(f"  {name:<22} {(fn.__doc__ or '').strip().splitlines()[0]}")
-    preset_values = PRESETS[preset]() if preset in PRESETS else {}
-    lines += [
-        "",
-        "  --preset NAME     start from a preset (default embedded)",
-        "  --config FILE     start from a JSON config (a run's config.json works; its resume and overwrite are not taken)",
-        "  --out DIR         run directory (default runs/<preset>); must be empty or absent",
-        "  --resume DIR      continue the run in DIR from its last checkpoint (options given override the saved ones)",
-        "  --overwrite       start over in a non-empty run directory: its old content is moved to DIR.replaced-<time>",
-        "",
-        f"options (default; the value of the {preset!r} preset follows where it differs):",
-    ]
-    for s in SECTIONS:
-        cls = _SECTION_TYPES[s]
-        docs = _field_docs(cls)
-        for f in dataclasses.fields(cls):
-            key = f"{s}.{f.name}"
-            shown = f"default {_show(f.default)}"
-            if key in preset_values and preset_values[key] != f.default:
-                shown += f"; {preset}: {_show(preset_values[key])}"
-            lines.append(f"  --{key} ({shown})")
-            if docs.get(f.name):
-                lines.append(f"      {docs[f.name]}")
-    return "\n".join(lines)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value) if isinstance(value, str) else str(value)
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """Field docstrings (the string literal after each field) read from the source."""
-    import ast
-    import inspect
-
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for prev, node in zip(body, body[1:]):
-        if (
-            isinstance(prev, ast.AnnAssign)
-            and isinstance(prev.target, ast.Name)
-            and isinstance(node, ast.Expr)
-            and isinstance(getattr(node, "value", None), ast.Constant)
-            and isinstance(node.value.value, str)
-        ):
-            docs[prev.target.id] = node.value.value.strip()
-    return docs
-
-
-def parse_args(argv: list[str], prog: str = "python -m fastmlgan.train") -> Config | None:
-    """Parse ``[--preset NAME] [--config FILE] --section.key value ...``; returns None after
-    printing --help. A boolean option followed by another option (or nothing) means true."""
-    overrides: dict[str, Any] = {}
-    preset = None
-    config_file = None
-    wants_help = False
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            wants_help = True
-            i += 1
-            continue
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: options look like --section.key value (see --help)")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):  # no value follows
-                typ = str if key == "config" else _key_type(key)
-                if typ is None:
-                    raise ConfigError(unknown_option_message(key))
-                if typ is not bool:
-                    raise ConfigError(f"--{key} needs a value")
-                value = "true"
-            else:
-                value = argv[i + 1]
-                i += 1
-        i += 1
-        if key == "preset":
-            preset = value
-        elif key == "config":
-            config_file = value
-        else:
-            overrides[key] = value
-    if wants_help:
-        print(help_text(prog, preset if preset in PRESETS else "embedded"))
-        return None
-    if config_file is not None:
-        if overrides.get("resume"):
-            raise ConfigError("--config does not go with --resume: a resumed run keeps its own config (give changed options directly)")
-        file_preset, file_options = load_config_file(config_file)
-        preset = preset or file_preset
-        overrides = {**file_options, **overrides}
-    return build_config(overrides, preset)
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"--{key}: {value!r} is not one of {', '.join(choices)}")
-
-
-def _positive(key: str, value: int) -> None:
-    _integer(key, value, 1)
-
-
-def _integer(key: str, value: Any, lo: int, hi: int | None = None) -> None:
-    """An int in [lo, hi]; the message names the option (bools and floats are not ints)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        rule = f"an integer in [{lo}, {hi}]" if hi is not None else ("> 0" if lo == 1 else f"an integer >= {lo}")
-        raise ConfigError(f"--{key} must be {rule}, got {value!r}")
-
-
-def _finite(key: str, value: Any, lo: float, hi: float | None = None, *, lo_open=False, hi_open=False, off=None) -> None:
-    """A finite number in [lo, hi] (ends open as asked; NaN fails every comparison, so it is
-    tested first). ``off``: a value outside the interval that switches the feature off."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not (ok and (value > lo if lo_open else value >= lo) and (hi is None or (value < hi if hi_open else value <= hi))):
-        ends = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}" if hi is not None else ""
-        rule = f"in {ends}" if ends else f"{'>' if lo_open else '>='} {lo:g}"
-        rule = f"a finite number {rule}" if off is None else f"{off} (off) or a finite number {rule}"
-        raise ConfigError(f"--{key} must be {rule}, got {value if isinstance(value, (int, float)) else repr(value)}")
