@@ -3,7 +3,7 @@ each of its 25 five-crop windows, computed once and read by every later phase-2 
 
 f_ext is frozen (§4.1), and with ImageNet weights it is the same network in every run on the same
 data, while a phase-2 iteration spends 10 of its ~16 ResNet forwards on it. f_ext(x) depends only
-on the image and its crop window (5 positions × 5 sides, ``loaders.five_crop``), so a table of
+on the image and its crop window (5 positions × 5 sides, ``data.geometry``), so a table of
 N × 25 feature vectors replaces every one of those forwards by a lookup, and the matched and
 mismatched pairs need no decoded pixels at all.
 
@@ -39,9 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastmlgan.data.backends.torch_dataloader import FiveCropDataset
+from fastmlgan.data.backends.torchvision_gpu import five_crop_batch, normalize_batch
+from fastmlgan.data.geometry import IMAGENET_MEAN, IMAGENET_STD, NUM_POSITIONS, NUM_SIZES, base_size, crop_sides, resize
+from fastmlgan.data.sources import SOURCES
+from fastmlgan.distributed import barrier
 from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.five_crop import NUM_POSITIONS, NUM_SIZES, base_size, crop_sides
-from fastmlgan.loaders.torch_loader import IMAGENET_MEAN, IMAGENET_STD
+from fastmlgan.logs import Progress
 from fastmlgan.safeio import open_regular
 
 logger = logging.getLogger(__name__)
@@ -218,8 +222,6 @@ class _AllWindows(torch.utils.data.Dataset):
     """Image i -> its 25 training crops, uint8 (25, 3, S, S): the torch loader's geometry."""
 
     def __init__(self, images, image_size: int, on_bad_image: str) -> None:
-        from fastmlgan.loaders.torch_loader import FiveCropDataset
-
         self.source = FiveCropDataset(images, image_size, train=True, on_bad_image=on_bad_image)
         self.image_size = image_size
         self.windows = _window_table()
@@ -228,10 +230,8 @@ class _AllWindows(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from fastmlgan.loaders.torchvision_gpu import _resize, five_crop_batch
-
-        used, image, _ = self.source._decode(i)
-        base = _resize(image, base_size(self.image_size))
+        used, image, _ = self.source.decode(i)
+        base = resize(image, base_size(self.image_size))
         crops = five_crop_batch(base.expand(NUM_WINDOWS, *base.shape), self.windows, self.image_size)
         return {"crops": crops, "index": torch.tensor(i), "used": torch.tensor(used)}
 
@@ -249,9 +249,6 @@ def build(
     progress: bool = True,
 ) -> FeatureCache:
     """Compute the cache for ``images`` (a ``LabeledImages``) and write it to ``path`` atomically."""
-    from fastmlgan.loaders.torchvision_gpu import normalize_batch
-    from fastmlgan.progress import Progress
-
     path = Path(path)
     compute_dtype = str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"
     n, c = len(images), images.num_classes
@@ -326,12 +323,10 @@ def open_feature_cache(trainer) -> FeatureCache:
     """The cache ``--gan.feature_cache`` names for this trainer's f_ext and training data: opened,
     checked and attached to the run's images, or built (rank 0, the others wait) when the file does
     not exist."""
-    from fastmlgan.distributed import barrier
-
     cfg = trainer.cfg
     path = Path(cfg.gan.feature_cache)
-    if cfg.data.dataset == "features":
-        raise ConfigError("--gan.feature_cache caches image crops; data.dataset=features has none (leave it empty)")
+    if SOURCES[cfg.data.dataset].holds_features:
+        raise ConfigError(f"--gan.feature_cache caches image crops; data.dataset={cfg.data.dataset} has none (leave it empty)")
     f_ext, images = trainer.feature_extractor, trainer.splits.train
     compute_dtype = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "float32"
     if not path.exists() and trainer.info.is_main:

@@ -13,6 +13,7 @@ due, since the ranks' clocks differ.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 
@@ -45,7 +46,7 @@ class StoppedOutsideTraining(StopRequested):
 
 
 class RunSignals:
-    """SIGTERM and SIGINT for the whole of ``fastmlgan.train``: before the training loop (start-up,
+    """SIGTERM and SIGINT for the whole of the train command (``commands/train.py``): before the training loop (start-up,
     reading the data, building a cache) and after it (the last evaluation, writing the results)
     there is no step to finish, so the handler stops the process at once with one line saying what
     was and was not saved (``StoppedOutsideTraining``, exit 128 + the signal). While ``fit()`` runs,
@@ -113,8 +114,6 @@ class StopControl:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
         self.signum = signum
         if self.is_main:
-            import sys
-
             print(f"\n{signal.Signals(signum).name}: finishing the current step, then writing a checkpoint "
                   "(Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
 

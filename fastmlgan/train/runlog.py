@@ -26,8 +26,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fastmlgan.environment import git_revision, versions
 from fastmlgan.errors import ConfigError, FastMLGANError
-from fastmlgan.runinfo import git_revision, versions
+from fastmlgan.metrics import format_per_class, per_class_metrics
 from fastmlgan.safeio import describe_os_error, replace_atomically
 
 logger = logging.getLogger(__name__)
@@ -205,8 +206,6 @@ class RunLog:
         """At the end of a run: the per-class table of the final generator (``scores``,
         ``targets``: its evaluation) into metrics.json and on stdout, ``summary`` (the paper's
         table) and the per-class table into train.log, and curves.png. Returns the results."""
-        from fastmlgan.metrics import format_per_class, per_class_metrics
-
         classes = per_class_metrics(scores, targets, class_names)
         results = {
             **results,

@@ -1,5 +1,6 @@
 """The Trainer: the G and D steps of §3, the two-phase schedule of §3.2/§4.1, evaluation and
-checkpoints. Launched by ``fastmlgan.train`` under ``python`` or ``torchrun``."""
+checkpoints. Launched by the train command (``fastmlgan.commands.train``) under ``python`` or
+``torchrun``."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fastmlgan import checkpoint as ckpt
 from fastmlgan.config import Config
+from fastmlgan.data.factory import build_iteration_loader, build_loaders, build_splits, per_rank_batch
+from fastmlgan.data.stream import BatchStream, IterationLayout
 from fastmlgan.distributed import (
     DistInfo,
     all_gather_arrays,
@@ -27,17 +29,20 @@ from fastmlgan.distributed import (
     broadcast_object,
 )
 from fastmlgan.errors import ConfigError, FastMLGANError
-from fastmlgan.guards import LossGuard, lr_hint
-from fastmlgan.inference import amp_dtype, inputs_to_device, predict, to_device
 from fastmlgan.kernels import gradient_penalty
+from fastmlgan.logs import Progress
 from fastmlgan.losses import GanSpec, bce_loss, discriminator_loss, generator_loss, gradient_penalty_autograd
 from fastmlgan.metrics import compute_metrics, format_table
 from fastmlgan.models import Discriminator, build_feature_extractor, build_generator
 from fastmlgan.models.chunked_norm import batch_norm_chunks, make_chunkable
-from fastmlgan.preemption import StopControl, StopRequested
-from fastmlgan.progress import Progress
 from fastmlgan.safeio import replace_atomically
-from fastmlgan.stream import BatchStream, IterationLayout
+from fastmlgan.scoring import amp_dtype, inputs_to_device, predict, to_device
+from fastmlgan.train import checkpoint as ckpt
+from fastmlgan.train.feature_cache import open_feature_cache
+from fastmlgan.train.guards import LossGuard, lr_hint
+from fastmlgan.train.negatives import MismatchedLabelSampler
+from fastmlgan.train.preemption import StopControl, StopRequested
+from fastmlgan.train.runlog import RunLog
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +78,6 @@ class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, out_dir: Path, splits=None) -> None:
         """``splits``: pre-built ``Splits`` (the reproduction harness passes its own); read from
         ``cfg.data`` when None."""
-        from fastmlgan.loaders.negatives import MismatchedLabelSampler
-        from fastmlgan.loaders.registry import build_loaders, build_splits, per_rank_batch
-
         self.cfg = cfg
         self.info = info
         self.device = info.device
@@ -203,7 +205,7 @@ class Trainer:
         self.stop_control = StopControl(info.world_size, cfg.checkpoint.every_minutes, info.is_main)
         self.baseline_metrics: dict | None = None
         self.gan_metrics: dict | None = None
-        self.run_log = None  # metrics.jsonl, TensorBoard, train.log (fastmlgan.runlog); rank 0 writes
+        self.run_log = None  # metrics.jsonl, TensorBoard, train.log (fastmlgan.train.runlog); rank 0 writes
         self.last_predictions: tuple[np.ndarray, np.ndarray] | None = None  # of the last evaluate()
         if info.is_main:
             logger.info(
@@ -246,17 +248,10 @@ class Trainer:
     def build_gan_loader(self):
         """Phase 2's loader: each batch is one whole iteration (``IterationLayout``). With a
         frozen-feature cache only its leading images (G's) are decoded."""
-        from fastmlgan.loaders.cache_loader import CacheLoader
-        from fastmlgan.loaders.registry import build_train_loader
-
         if self.gan_loader is None:
             pixels = self.layout.pixel_rows if self.feature_cache is not None else None
-            if isinstance(self.train_loader, CacheLoader):
-                # Same cache, same GPU copy (--data.cache_device cuda): never a second one.
-                self.gan_loader = self.train_loader.with_batch(self.layout.size, pixels_per_batch=pixels)
-                return self.gan_loader
-            self.gan_loader = build_train_loader(
-                self.cfg.data, self.splits, self.info, self.cfg.train.seed, self.layout.size,
+            self.gan_loader = build_iteration_loader(
+                self.cfg.data, self.splits, self.info, self.cfg.train.seed, self.train_loader, self.layout.size,
                 self.channels_last, pixels_per_batch=pixels,
             )
         return self.gan_loader
@@ -266,8 +261,6 @@ class Trainer:
         if self.spec.conditional and self.feature_extractor is None:
             self._freeze_feature_extractor("phase1")
         if self.cfg.gan.feature_cache and self.spec.conditional and self.feature_cache is None:
-            from fastmlgan.feature_cache import open_feature_cache
-
             self.feature_cache = open_feature_cache(self)
         for group in self.opt_g.param_groups:
             group["lr"] = self.cfg.optim.g_lr
@@ -549,14 +542,12 @@ class Trainer:
 
     def _log_metrics(self, record: dict[str, Any], epoch_start: float | None = None, images_per_step: int = 0) -> None:
         if self.info.is_main:
-            if self.run_log is None:  # fastmlgan.train attaches one (TensorBoard, train.log)
-                from fastmlgan.runlog import RunLog
-
+            if self.run_log is None:  # the train command attaches one (TensorBoard, train.log)
                 self.run_log = RunLog(self.out_dir)
             self.run_log.write(record, epoch_start, images_per_step)
 
     def _check_finite(self, values: dict[str, float]) -> None:
-        """Stop on a non-finite or exploding logged loss (``fastmlgan.guards``), on every rank."""
+        """Stop on a non-finite or exploding logged loss (``fastmlgan.train.guards``), on every rank."""
         key, reason = self.loss_guard.check(values, self.phase)
         if self.info.enabled:
             # Every rank must stop together, or the others would wait in the next collective.
@@ -690,7 +681,7 @@ class Trainer:
             "class_names": list(self.class_names),
         }
         if self.info.is_main:
-            with replace_atomically(self.out_dir / "metrics.json") as f:  # an OSError: fastmlgan.train names it
+            with replace_atomically(self.out_dir / "metrics.json") as f:  # an OSError: the train command names it
                 f.write(json.dumps(results, indent=2) + "\n")
             rows = {self.cfg.model.backbone: self.baseline_metrics}
             if self.gan_metrics is not None:
