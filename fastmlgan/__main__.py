@@ -1,6 +1,6 @@
-"""``python -m fastmlgan COMMAND [ARGS...]``: the ``fastmlgan`` command (see fastmlgan/cli.py)."""
+"""``python -m fastmlgan COMMAND [ARGS...]``: the ``fastmlgan`` command (see fastmlgan/commands/cli.py)."""
 
-from fastmlgan.cli import entry
+from fastmlgan.commands.cli import entry
 
 if __name__ == "__main__":
     entry()

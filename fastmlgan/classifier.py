@@ -2,8 +2,8 @@
 with its class names and the test-time preprocessing of evaluation (§4.1: the whole image
 resized to image_size x image_size, ImageNet normalisation).
 
-This is the one place that rebuilds G outside the Trainer (``fastmlgan.evaluate``,
-``fastmlgan.predict``, ``fastmlgan.export`` and ``fastmlgan.load_classifier`` all use it). G is
+This is the one place that rebuilds G outside the Trainer (``fastmlgan evaluate``,
+``fastmlgan predict``, ``fastmlgan.export`` and ``fastmlgan.load_classifier`` all use it). G is
 always built with ``pretrained=""`` and then given the saved weights, so nothing is downloaded.
 """
 
@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load
 from torch import nn
 
-from fastmlgan import checkpoint as ckpt
 from fastmlgan.config import BACKBONES, Config, config_from_dict
+from fastmlgan.data.geometry import IMAGENET_MEAN, IMAGENET_STD, decode_rgb, eval_resize, normalize
 from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.models import Generator, build_generator
 from fastmlgan.safeio import inside_root, open_regular, read_bytes, read_json
+from fastmlgan.train import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +100,7 @@ def generator_from_checkpoint(state: dict[str, Any], source: str) -> Generator:
 
 
 def image_preprocessing(image_size: int) -> dict[str, Any]:
-    """The evaluation geometry of ``loaders.torch_loader`` (``eval_resize`` then ``normalize``), in words."""
-    from fastmlgan.loaders.torch_loader import IMAGENET_MEAN, IMAGENET_STD
-
+    """The evaluation geometry of ``data.geometry`` (``eval_resize`` then ``normalize``), in words."""
     return {
         "input": "image",
         "image_size": int(image_size),
@@ -178,10 +178,6 @@ def _load_export(folder: Path) -> Classifier:
             f"version {EXPORT_VERSION}: export the checkpoint again with this version"
         )
     check_sidecar(sidecar, sidecar_path)
-    try:
-        from safetensors.torch import load
-    except ImportError:
-        raise ConfigError("exported models need the safetensors package: pip install safetensors") from None
     # The weights file sits in the export folder: a sidecar naming ../x or /x is not followed.
     weights = inside_root(folder, sidecar["files"]["weights"], f"{sidecar_path}: files.weights", None)
     data = read_bytes(weights, "model weights", ConfigError)
@@ -266,6 +262,4 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, list[str]]:
 
 def preprocess_image(path: str | Path, image_size: int) -> torch.Tensor:
     """One image file as G's (3, S, S) float32 input: exactly the evaluation loader's geometry."""
-    from fastmlgan.loaders.torch_loader import decode_rgb, eval_resize, normalize
-
     return normalize(eval_resize(decode_rgb(path), image_size))

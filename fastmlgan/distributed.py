@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +85,6 @@ def destroy_distributed() -> None:
     its last gloo all-reduce work (with tensors) alive, and if that is freed only during
     interpreter shutdown, after the group is gone, the process aborts ("terminate called without
     an active exception"; seen here with torch 2.14 and gloo in 3 of about 20 two-rank runs)."""
-    import gc
-
     gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -96,8 +97,6 @@ def barrier() -> None:
 
 def all_gather_arrays(array, info: DistInfo):
     """Concatenate a numpy array from every rank (rank order) on every rank."""
-    import numpy as np
-
     return np.concatenate(all_gather_objects(array, info), axis=0) if info.enabled else array
 
 
@@ -132,8 +131,6 @@ def allreduce_gradients(params, world_size: int, bucket_bytes: int = 25 * 2**20)
     """Average ``.grad`` over ranks: flat buckets of ~25 MB (DDP's default bucket size), all
     launched asynchronously, then unpacked. Every rank must hold gradients for the same
     parameters (the steps never leave one out)."""
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
     grads = [p.grad for p in params if p.grad is not None]
     buckets: list[list[torch.Tensor]] = []
     size = 0

@@ -13,7 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import torch
+import torchvision
+
+from fastmlgan import __version__
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,13 +55,8 @@ def git_revision(root: Path = REPO) -> str | None:
 def versions() -> dict[str, str | None]:
     """fastmlgan, Python, torch, torchvision, numpy, CUDA (torch's build; None for a CPU build) and
     the optional packages that change what a run does, when installed."""
-    import numpy
-    import torchvision
-
-    import fastmlgan
-
     out: dict[str, str | None] = {
-        "fastmlgan": fastmlgan.__version__,
+        "fastmlgan": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

@@ -1,7 +1,7 @@
-"""``fastmlgan export --checkpoint CKPT --out DIR [--onnx] [--torch-export] [--overwrite]``: the
-generator G of a training checkpoint as a model to use (D, f_ext and the optimizers stay behind).
+"""The generator G of a training checkpoint as a model to use (D, f_ext and the optimizers stay
+behind): ``export_checkpoint`` (the command line: ``fastmlgan export``, ``commands/export.py``).
 
-DIR receives:
+The export folder receives:
 
 - ``model.safetensors``: G's weights (state dict names of ``fastmlgan.models.Generator``).
 - ``fastmlgan.json``: format version, class names, the model spec that rebuilds G, the
@@ -18,19 +18,19 @@ difference is recorded in fastmlgan.json). ``fastmlgan.load_classifier(DIR)`` an
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import importlib.util
 import json
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
+from safetensors.torch import save_file
 
 from fastmlgan import __version__
 from fastmlgan.classifier import (
@@ -45,9 +45,10 @@ from fastmlgan.classifier import (
     read_checkpoint,
 )
 from fastmlgan.config import Config, config_from_dict
+from fastmlgan.data.backends.vectors import Standardizer
+from fastmlgan.data.sources.features import load_feature_dataset
 from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.models import Generator
-from fastmlgan.progress import setup_logging
 from fastmlgan.safeio import describe_os_error, read_json
 
 logger = logging.getLogger("fastmlgan.export")
@@ -197,8 +198,6 @@ def _export_torch(generator: Generator, example: torch.Tensor, path: Path, stage
 
 def _feature_standardization(cfg: Config) -> dict[str, Any]:
     """The z-scoring an mlp G was trained with: statistics of the training split (not in checkpoints)."""
-    from fastmlgan.loaders.features import Standardizer, load_feature_dataset
-
     try:
         train, _ = load_feature_dataset(cfg.data.features_train, cfg.data.features_test, xml=cfg.data.features_xml or None)
     except FastMLGANError as e:
@@ -211,8 +210,6 @@ def _feature_standardization(cfg: Config) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    import torchvision
-
     out = {"fastmlgan": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
     for name in ("safetensors", "onnx", "onnxscript", "onnxruntime"):
         if importlib.util.find_spec(name) is not None:
@@ -254,8 +251,6 @@ def export_checkpoint(
 def _write_export(
     state: dict[str, Any], path: Path, out: Path, onnx: bool, torch_export: bool, staged: list
 ) -> dict[str, Any]:
-    from safetensors.torch import save_file
-
     cfg = config_from_dict(state["config"])
     spec = model_spec(cfg, len(state["class_names"]), state["generator"])
     generator = build_from_spec(spec, state["generator"], str(path))  # eval mode, CPU, fp32
@@ -303,45 +298,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        raise ConfigError(f"{message} (see {self.prog} --help)")
-
-
-def build_parser(prog: str = "fastmlgan export") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint file or a run directory")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must be empty or absent)")
-    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxscript)")
-    parser.add_argument("--torch-export", action="store_true", help="also write model.pt2 (torch.export)")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR, replacing an earlier export")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    setup_logging(stream="stderr", level=logging.WARNING, fmt="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fastmlgan").setLevel(logging.INFO)  # not the exporters' own INFO chatter
-    try:
-        args = build_parser().parse_args(argv)
-        sidecar = export_checkpoint(args.checkpoint, args.out, args.onnx, args.torch_export, args.overwrite)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except FastMLGANError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or args.out}: {describe_os_error(e)}", file=sys.stderr)
-        return 2
-    source = sidecar["source"]
-    written = [WEIGHTS, SIDECAR] + [e["file"] for e in (sidecar["files"]["onnx"], sidecar["files"]["torch_export"]) if e]
-    print(
-        f"exported G of {source['checkpoint']} (phase {source['phase']}, step {source['global_step']}, "
-        f"{len(sidecar['class_names'])} classes) to {args.out}: {', '.join(written)}"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

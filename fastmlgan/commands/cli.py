@@ -1,32 +1,42 @@
 """The ``fastmlgan`` command (and ``python -m fastmlgan``): one entry point for every tool.
 
-``fastmlgan COMMAND [ARGS...]`` hands ARGS to the command's own module, imported when it runs,
-so ``fastmlgan train ...`` is ``python -m fastmlgan.train ...`` and so on; the module entry
-points keep working on their own.
+``fastmlgan COMMAND [ARGS...]`` hands ARGS to the ``main(argv)`` of the command's module in
+``fastmlgan.commands``, imported only when it runs (``COMMANDS``), so ``fastmlgan --help`` and
+``fastmlgan embedded`` do not import torch. ``python -m fastmlgan.train`` (and torchrun) and
+``python -m fastmlgan.reproduce`` keep working; every command also runs as ``python -m
+fastmlgan.commands.COMMAND``.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from fastmlgan.safeio import nul_argument
+
 PROG = "fastmlgan"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = REPO_ROOT / "bench"
 
 # name -> (module whose main(argv) -> int runs it, one line of help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("fastmlgan.train", "train a model (BCE, then WGAN-GP); --nproc N runs N processes on this machine"),
-    "evaluate": ("fastmlgan.evaluate", "re-evaluate a checkpoint on its evaluation split or other data"),
-    "predict": ("fastmlgan.predict", "label images with a checkpoint or an exported model (CSV or JSONL)"),
-    "export": ("fastmlgan.export", "export a checkpoint's generator (safetensors + JSON sidecar)"),
-    "check": ("fastmlgan.loaders.check", "scan a dataset for missing, broken or unlabelled images before training"),
-    "reproduce": ("fastmlgan.reproduce", "run the paper's Tables 1 and 3 over several seeds"),
+    "train": ("fastmlgan.commands.train", "train a model (BCE, then WGAN-GP); --nproc N runs N processes on this machine"),
+    "evaluate": ("fastmlgan.commands.evaluate", "re-evaluate a checkpoint on its evaluation split or other data"),
+    "predict": ("fastmlgan.commands.predict", "label images with a checkpoint or an exported model (CSV or JSONL)"),
+    "export": ("fastmlgan.commands.export", "export a checkpoint's generator (safetensors + JSON sidecar)"),
+    "check": ("fastmlgan.commands.check", "scan a dataset for missing, broken or unlabelled images before training"),
+    "cache": ("fastmlgan.commands.cache", "build, list or verify the decoded-image caches of --data.backend cache"),
+    "embedded": ("fastmlgan.commands.embedded", "write the embedded synthetic dataset to a folder (or describe it)"),
+    "metrics": ("fastmlgan.commands.metrics", "score saved predictions (.npy) against targets: the paper's metrics as JSON"),
+    "reproduce": ("fastmlgan.commands.reproduce", "run the paper's Tables 1 and 3 over several seeds"),
+    "sweep": ("fastmlgan.commands.sweep", "compare one harness row across several reproduce results folders"),
     "bench": ("", "run a benchmark of the source checkout's bench/ folder (loader, kernels, train, gpu_check)"),
 }
 
@@ -46,7 +56,7 @@ def usage() -> str:
 
 def version_text() -> str:
     """fastmlgan, torch, torchvision, CUDA and the git revision (in a checkout)."""
-    from fastmlgan.runinfo import git_revision, versions
+    from fastmlgan.environment import git_revision, versions
 
     v = versions()
     import torch
@@ -74,8 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(version_text())
         return 0
     command, args = argv[0], argv[1:]
-    from fastmlgan.safeio import nul_argument
-
     if nul_argument(argv):
         print(nul_argument(argv), file=sys.stderr)
         return 2
@@ -161,9 +169,6 @@ def launch_torchrun(nproc: int, args: Sequence[str]) -> int:
     kit's own line and exit status, not torchrun's traceback and failure summary. Each rank leaves
     its closing line in a temporary folder; the distinct lines are printed once, rank 0's first.
     SIGTERM and Ctrl-C reach torchrun's agent here, which forwards them to the workers as before."""
-    import logging
-    import tempfile
-
     from torch.distributed.run import get_args_parser, run
 
     command = torchrun_command(nproc, args)[3:]  # torchrun's own arguments: --standalone ... -m fastmlgan.train ...
@@ -253,7 +258,8 @@ def entry() -> None:
     """The console script and ``python -m fastmlgan``."""
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank of `torchrun -m fastmlgan train`
-        from fastmlgan.train import exit_after_distributed_run
+        # Imported here: the dispatcher stays light (no torch) for every other command.
+        from fastmlgan.commands.train import exit_after_distributed_run
 
         exit_after_distributed_run(code)
     raise SystemExit(code)

@@ -1,5 +1,5 @@
 """``fastmlgan evaluate --checkpoint PATH [--json] [--data.key value ...]`` (also ``python -m
-fastmlgan.evaluate``): re-evaluate a checkpoint's generator (by default on the evaluation split it
+fastmlgan.commands.evaluate``): re-evaluate a checkpoint's generator (by default on the evaluation split it
 was trained with).
 
 Output for people and for scripts never mixes: the paper's table goes to stdout, or with
@@ -16,22 +16,21 @@ import sys
 import numpy as np
 import torch
 
-from fastmlgan import checkpoint as ckpt
 from fastmlgan.classifier import generator_from_checkpoint
 from fastmlgan.config import build_config, config_from_dict
+from fastmlgan.data.factory import build_eval_loader, build_splits
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import ConfigError, FastMLGANError
-from fastmlgan.inference import amp_dtype, predict
+from fastmlgan.logs import setup_logging
 from fastmlgan.metrics import compute_metrics, format_table
-from fastmlgan.progress import setup_logging
 from fastmlgan.safeio import describe_os_error, one_line, stdout_failed
+from fastmlgan.scoring import amp_dtype, predict
+from fastmlgan.train import checkpoint as ckpt
 
 
 def checkpoint_scores(path: str, data_overrides: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
     """σ(G(x)) and the targets of every evaluation image of the checkpoint's data (or of the data
     ``data_overrides`` point to), fed exactly as the evaluation during training."""
-    from fastmlgan.loaders.registry import build_eval_loader, build_splits
-
     state = ckpt.load(path)
     saved = config_from_dict(state["config"])
     overrides = {f"data.{k}": v for k, v in saved.to_dict()["data"].items()}

@@ -40,10 +40,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastmlgan.classifier import IMAGE_EXTENSIONS, SIDECAR, WEIGHTS, load_model, preprocess_image
 from fastmlgan.errors import ConfigError, DataError, FastMLGANError
-from fastmlgan.inference import generator_scores
-from fastmlgan.progress import Progress, setup_logging
+from fastmlgan.logs import Progress, setup_logging
 from fastmlgan.safeio import describe_os_error, read_text, regular_or_absent, replace_atomically, stdout_failed
-from fastmlgan.train import is_run_dir
+from fastmlgan.scoring import generator_scores
+from fastmlgan.train.rundir import is_run_dir
 
 logger = logging.getLogger("fastmlgan.predict")
 

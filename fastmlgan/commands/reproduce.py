@@ -1,4 +1,5 @@
-"""The command line: ``python -m fastmlgan.reproduce`` (``fastmlgan.train``'s options plus the harness's)."""
+"""``fastmlgan reproduce`` (also ``python -m fastmlgan.reproduce``): the reproduction harness
+(``fastmlgan.reproduce``) with the train command's options plus the harness's."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import torch
 
 from fastmlgan.config import Config, help_text, parse_args
 from fastmlgan.errors import ConfigError, FastMLGANError
+from fastmlgan.logs import setup_logging
 from fastmlgan.reproduce.protocol import DEFAULT_VARIANTS, SELECTION_RULE, VARIANTS, HarnessOptions
 from fastmlgan.reproduce.runner import Harness
 from fastmlgan.safeio import describe_os_error, one_line, stdout_failed
 
-PROG = "python -m fastmlgan.reproduce"
+PROG = "fastmlgan reproduce"
 MAX_SEEDS = 1000
 
 HARNESS_HELP = f"""usage: {PROG} [--seeds N|S1,S2,...] [--out DIR] [--variants V1,V2,...] [--val-fraction F]
@@ -128,8 +130,6 @@ def _parse_variants(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastmlgan.progress import setup_logging
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parsed = parse_harness_args(argv)

@@ -9,9 +9,11 @@ import os
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
 
 from fastmlgan.errors import ConfigError
+from fastmlgan.safeio import open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +117,6 @@ class MLPTrunk(nn.Module):
 
 def _resolve_weights(backbone: str, name: str):
     """A torchvision weights enum from 'DEFAULT', 'IMAGENET1K_V1' or 'ResNet101_Weights.IMAGENET1K_V2'."""
-    import torchvision
-
     enum = torchvision.models.get_model_weights(backbone)
     short = name.split(".", 1)[1] if "." in name else name
     if "." in name and name.split(".", 1)[0] != enum.__name__:
@@ -129,8 +129,6 @@ def _resolve_weights(backbone: str, name: str):
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    from fastmlgan.safeio import open_regular
-
     with open_regular(path, "--model.pretrained", ConfigError) as f:  # a FIFO or a device: refused, not waited on
         try:
             obj = torch.load(f, map_location="cpu", weights_only=True)
@@ -146,8 +144,6 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _torchvision_model(backbone: str, pretrained: str) -> nn.Module:
-    import torchvision
-
     # Inception v3's ImageNet weights expect inputs in [-1, 1]; transform_input converts from the
     # ImageNet normalisation every loader uses. torchvision turns it on only when it loads weights
     # by name, and it is not saved in state dicts: fix it to True for every inception_v3 G, so

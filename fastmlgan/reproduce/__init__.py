@@ -1,11 +1,11 @@
 """The reproduction harness: Tables 1 and 3 of Tsai & Lee over several seeds, with every choice
 made on a validation split carved from the training data and the test split used once.
 
-    python -m fastmlgan.reproduce --preset reproduce-mulan \\
+    fastmlgan reproduce --preset reproduce-mulan \\
         --data.features_train scene-train.arff --data.features_test scene-test.arff \\
         --data.features_xml scene.xml --seeds 5 --out docs/results/scene
 
-Dataset, model and GAN options are those of ``fastmlgan.train``; the harness adds ``--seeds``,
+Dataset, model and GAN options are those of ``fastmlgan train``; the harness adds ``--seeds``,
 ``--out``, ``--variants``, ``--val-fraction``, ``--threads``, ``--no-plots`` and ``--verbose``.
 
 Protocol (also written into ``results.json`` and ``results.md``), for every seed s:
@@ -34,10 +34,12 @@ Layout (each module imports only the ones above it):
 - ``tables``: ``results.json`` (``summarize``) and ``results.md`` (``render_markdown``);
 - ``plots``: the PNGs (matplotlib, imported only when plots are written);
 - ``runner``: ``SelectingTrainer`` and ``Harness``, the resumable loop over seeds and rows;
-- ``cli``: ``main(argv)``, also run by ``python -m fastmlgan.reproduce``.
+- ``sweep``: one row across several results folders.
+
+The command line is ``fastmlgan reproduce`` (``commands/reproduce.py``; also ``python -m
+fastmlgan.reproduce``) and ``fastmlgan sweep``.
 """
 
-from fastmlgan.reproduce.cli import PROG, main, parse_harness_args
 from fastmlgan.reproduce.protocol import (
     DEFAULT_VARIANTS,
     SELECTION_KEY,
@@ -55,7 +57,6 @@ from fastmlgan.reproduce.tables import paired_difference, render_markdown, summa
 
 __all__ = [
     "DEFAULT_VARIANTS",
-    "PROG",
     "SELECTION_KEY",
     "SELECTION_RULE",
     "TABLE_VARIANTS",
@@ -66,9 +67,7 @@ __all__ = [
     "SelectingTrainer",
     "Variant",
     "carve_validation",
-    "main",
     "paired_difference",
-    "parse_harness_args",
     "render_markdown",
     "select_epoch",
     "summarize",

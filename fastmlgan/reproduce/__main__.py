@@ -1,5 +1,6 @@
-"""``python -m fastmlgan.reproduce``."""
+"""``python -m fastmlgan.reproduce``: the reproduce command (``fastmlgan.commands.reproduce``)."""
 
-from fastmlgan.reproduce.cli import main
+from fastmlgan.commands.reproduce import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastmlgan.losses import logistic_loss, sample_label_sets
+
 D_LOG_KEYS = ("loss_d", "wasserstein", "gp", "d_matched", "d_generated", "d_mismatched", "g_adversarial", "bce")
 
 
@@ -19,8 +21,6 @@ def discriminator_diagnostics(trainer) -> dict[str, float]:
     image's real label set (the batch rolled by one). ``softness_gap`` = D(hard) − D(relaxed) is
     how much D rewards a sample only for being binary; ``dependency_gap`` = D(real) − D(hard) what
     is left for the label sets themselves. ``sample_softness``: mean min(ŷ, 1 − ŷ) of the samples."""
-    from fastmlgan.losses import sample_label_sets
-
     generator, discriminator, f_ext = trainer.generator, trainer.discriminator, trainer.feature_extractor
     generator.eval()
     sums = {"real": 0.0, "generated": 0.0, "generated_hard": 0.0, "mismatched": 0.0, "sample_softness": 0.0}
@@ -52,8 +52,6 @@ def gradient_share(trainer, num_batches: int = 4) -> dict[str, float]:
     """How much of G's phase-2 update D contributes (eq. 2): the ratio of the norms of ∇θ L_G and
     ∇θ α·L_logistic over G's parameters, and their cosine, on the first ``num_batches`` training
     batches at the end of phase 2 (G in eval mode, so BatchNorm statistics stay untouched)."""
-    from fastmlgan.losses import logistic_loss, sample_label_sets
-
     generator, discriminator, f_ext = trainer.generator, trainer.discriminator, trainer.feature_extractor
     params = [p for p in generator.parameters() if p.requires_grad]
     generator.eval()

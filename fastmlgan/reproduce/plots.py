@@ -15,13 +15,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import numpy as np  # noqa: E402
+import numpy as np
 
 DPI = 100
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend; ``ImportError`` without matplotlib (the plots extra,
+    imported here only: the harness runs without it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _variant_rows(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -29,6 +36,7 @@ def _variant_rows(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, An
 
 
 def plot_f1(results: Mapping[str, Any], path: Path) -> str:
+    plt = pyplot()
     rows = _variant_rows(results)
     labels = [entry["label"] for _, entry in rows]
     x = np.arange(len(rows))
@@ -56,6 +64,7 @@ def plot_f1(results: Mapping[str, Any], path: Path) -> str:
 
 
 def plot_labels_per_image(results: Mapping[str, Any], path: Path) -> str:
+    plt = pyplot()
     rows = _variant_rows(results)
     labels = [entry["label"] for _, entry in rows]
     x = np.arange(len(rows))
@@ -95,6 +104,7 @@ def plot_cooccurrence(
     """True co-occurrence and, per entry of ``scores``, that of the predicted label sets
     (score > threshold), on one colour scale; the panel titles give ||P_pred − P_true||_F off the
     diagonal."""
+    plt = pyplot()
     true = cooccurrence(targets)
     panels = [("true labels", true)]
     for name, s in scores.items():

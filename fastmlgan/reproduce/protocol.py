@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 
 from fastmlgan.config import DataConfig
+from fastmlgan.data.factory import build_splits
+from fastmlgan.data.types import Splits
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import ConfigError
 
@@ -70,7 +72,7 @@ DEFAULT_VARIANTS = (*TABLE_VARIANTS, "bce_continued")
 
 @dataclass
 class HarnessOptions:
-    """The harness's own options (``fastmlgan.reproduce.cli`` documents them)."""
+    """The harness's own options (``fastmlgan.commands.reproduce`` documents them)."""
 
     seeds: list[int]
     out: Path
@@ -99,8 +101,6 @@ def seed_splits(data: DataConfig, info: DistInfo, val_fraction: float, seed: int
 
     The validation rows come out of the training split (``carve_validation``); the config's
     evaluation split is the test split, which selection never sees."""
-    from fastmlgan.loaders.registry import Splits, build_splits
-
     full = build_splits(data, info)
     fit_idx, val_idx = carve_validation(len(full.train), val_fraction, seed)
     fit = full.train.subset(fit_idx, name=f"{full.train.name}-fit")

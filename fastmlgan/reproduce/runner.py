@@ -18,19 +18,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastmlgan import __version__, runinfo
-from fastmlgan import checkpoint as ckpt
+from fastmlgan import __version__
+from fastmlgan import environment as host_environment
 from fastmlgan.config import Config, config_from_dict
+from fastmlgan.data.factory import build_eval_loader, build_splits
+from fastmlgan.data.sources import SOURCES
+from fastmlgan.data.types import Splits
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import ConfigError
 from fastmlgan.metrics import compute_metrics
-from fastmlgan.reproduce import protocol
+from fastmlgan.models import build_feature_extractor, build_generator
+from fastmlgan.reproduce import plots, protocol
 from fastmlgan.reproduce.diagnostics import discriminator_diagnostics, summarize_d_log
 from fastmlgan.reproduce.mechanism import mechanism_record
 from fastmlgan.reproduce.protocol import VAL_STREAM, VARIANTS, HarnessOptions, seed_splits
 from fastmlgan.reproduce.tables import Records, duration_text, render_markdown, selected_records, summarize
 from fastmlgan.safeio import describe_os_error, read_json, read_text
-from fastmlgan.trainer import Trainer
+from fastmlgan.scoring import amp_dtype
+from fastmlgan.train import checkpoint as ckpt
+from fastmlgan.train import feature_cache
+from fastmlgan.train.trainer import Trainer
 
 logger = logging.getLogger("fastmlgan.reproduce")
 
@@ -116,8 +123,6 @@ def _with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
 def _predict_on(trainer, split) -> tuple[np.ndarray, np.ndarray]:
     """σ(G(x)) and targets on ``split``, preprocessed as the trainer's data (features are
     standardised with the statistics of its training split)."""
-    from fastmlgan.loaders.registry import Splits, build_eval_loader
-
     loader = build_eval_loader(trainer.cfg.data, Splits(trainer.splits.train, split), trainer.info, trainer.cfg.train.seed)
     saved = trainer.eval_loader
     trainer.eval_loader = loader
@@ -299,13 +304,8 @@ class Harness:
         """With pretrained f_ext weights, f_ext is the same network in every row and seed: compute
         its features once, over the whole training split (each seed's fit split is a subset of
         it), and let every run read them (``--gan.feature_cache``)."""
-        if not cfg.model.pretrained or cfg.data.dataset == "features" or not cfg.gan.conditional:
+        if not cfg.model.pretrained or SOURCES[cfg.data.dataset].holds_features or not cfg.gan.conditional:
             return cfg
-        from fastmlgan import feature_cache
-        from fastmlgan.inference import amp_dtype
-        from fastmlgan.loaders.registry import build_splits
-        from fastmlgan.models import build_feature_extractor, build_generator
-
         path = Path(cfg.gan.feature_cache or self.out / "features.cache")
         if not path.exists():
             train = build_splits(cfg.data, self.info).train
@@ -442,8 +442,8 @@ def write_plots(results: dict[str, Any], opts: HarnessOptions, cfg: Config, info
     """The PNGs beside results.md; the co-occurrence figure uses the first seed that has both the
     baseline's and + WGAN-gp's test scores. {} without matplotlib."""
     try:
-        from fastmlgan.reproduce import plots
-    except ImportError as e:  # matplotlib is in the dev extra only
+        plots.pyplot()
+    except ImportError as e:  # matplotlib is in the plots extra only
         logger.warning("no plots: %s (pip install matplotlib)", e)
         return {}
     runs = opts.out / "runs"
@@ -456,8 +456,6 @@ def write_plots(results: dict[str, Any], opts: HarnessOptions, cfg: Config, info
             break
     written = plots.write_plots(results, opts.out)
     if scores:
-        from fastmlgan.loaders.registry import build_splits
-
         class_names = build_splits(cfg.data, info).class_names
         written["cooccurrence"] = plots.plot_cooccurrence(
             scores["baseline"]["targets"],
@@ -475,13 +473,13 @@ def write_plots(results: dict[str, Any], opts: HarnessOptions, cfg: Config, info
 
 def git_revision() -> str:
     """HEAD, ``-dirty`` when tracked files or the package itself (new files included) differ from it."""
-    return runinfo.git_revision() or "unknown"
+    return host_environment.git_revision() or "unknown"
 
 
 def environment(device: torch.device) -> dict[str, Any]:
     git = git_revision()
     return {
-        "device": f"{device.type} ({runinfo.device_name(device)})",
+        "device": f"{device.type} ({host_environment.device_name(device)})",
         "threads": torch.get_num_threads(),
         "fastmlgan": __version__,
         "torch": torch.__version__,

@@ -2,7 +2,7 @@
 knob (the labelsets evidence, α) or a list of data sets. Reads the ``results.json`` files the
 harness wrote; runs nothing.
 
-    python -m fastmlgan.reproduce.sweep NAME OUT_DIR X=RESULTS_DIR[:ROW] [X=RESULTS_DIR[:ROW] ...]
+    fastmlgan sweep NAME OUT_DIR X=RESULTS_DIR[:ROW] [X=RESULTS_DIR[:ROW] ...]
 
 Each point ``X=DIR[:ROW]`` takes row ROW (default ``wgan``) of ``DIR/results.json``; X is the
 point's label (a number for a knob, which also gives a plot, or a data set name). Writes
@@ -14,12 +14,11 @@ the harness computes it: mean ± SE over seeds.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastmlgan.errors import ConfigError, FastMLGANError
+from fastmlgan.errors import ConfigError
 
 # (column, where in the row's entry, reference)
 COLUMNS = (
@@ -167,27 +166,3 @@ def plot(name: str, points: list[dict[str, Any]], path: Path) -> str | None:
     fig.savefig(path)
     plt.close(fig)
     return path.name
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 3 or "-h" in argv or "--help" in argv:
-        print(__doc__)
-        return 0 if ("-h" in argv or "--help" in argv) else 2
-    try:
-        name, out = argv[0], Path(argv[1])
-        points = collect([parse_point(a) for a in argv[2:]])
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"sweep-{name}.json").write_text(json.dumps(points, indent=2) + "\n")
-        figure = plot(name, points, out / f"sweep-{name}.png")
-        text = render(name, points) + (f"\n![{name}]({figure})\n" if figure else "")
-        (out / f"sweep-{name}.md").write_text(text)
-        print(text)
-        return 0
-    except FastMLGANError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
