@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
-from fastmlgan.loaders import cache_read  # noqa: E402
-from fastmlgan.loaders.cache import Geometry, ImageCache, ensure_cache  # noqa: E402
-from fastmlgan.loaders.cache_loader import CacheLoader  # noqa: E402
-from fastmlgan.loaders.coco import read_coco  # noqa: E402
+from fastmlgan.data.imagecache.build import ensure_cache  # noqa: E402
+from fastmlgan.data.imagecache.format import Geometry, ImageCache, read_rows  # noqa: E402
+from fastmlgan.data.imagecache.loader import CacheLoader  # noqa: E402
+from fastmlgan.data.sources.coco import read_coco  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> float:
@@ -54,7 +54,7 @@ def images(workdir: Path):
     made = coco128_repeated(8, workdir)
     if made is not None:
         return "coco128x8", read_coco(*made, name="coco128x8")
-    from fastmlgan.loaders import embedded
+    from fastmlgan.data.sources import embedded
 
     paths = embedded.ensure(workdir / "embedded", num_train=1000, num_val=100, image_size=320, seed=0)
     return "embedded", read_coco(paths.train_ann, paths.train_images, name="embedded")
@@ -66,7 +66,7 @@ def memmap_rows(cache, rows, out):  # the reading before issue 18
 
 
 def measure(data, purpose: str, folder: Path, repeats: int) -> dict:
-    import fastmlgan.loaders.cache_loader as cl
+    import fastmlgan.data.imagecache.loader as cl
 
     geometry = Geometry(purpose, 224)
     cache = ensure_cache(data, geometry, folder, num_threads=2, progress=False)
@@ -86,7 +86,7 @@ def measure(data, purpose: str, folder: Path, repeats: int) -> dict:
             read(cache, rows, staged[: len(rows)])
 
     row["rows_s_memmap"] = median_time(lambda: copy_all(memmap_rows), repeats)
-    row["rows_s_pread"] = median_time(lambda: copy_all(cache_read.read_rows), repeats)
+    row["rows_s_pread"] = median_time(lambda: copy_all(read_rows), repeats)
     loader = CacheLoader(cache, 224, 32, 0, 1, train=purpose == "train", num_threads=2)
 
     def epoch():

@@ -55,7 +55,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from fastmlgan import runinfo  # noqa: E402
+from fastmlgan import environment  # noqa: E402
 from fastmlgan.kernels import _dispatch  # noqa: E402
 from fastmlgan.kernels.gradient_penalty import (  # noqa: E402
     discriminator_input_gradient,
@@ -353,7 +353,7 @@ def measure(step: Callable, device: str, repeats: int, warmup: int) -> dict[str,
 
 
 def _device_name(device: str) -> str:
-    name = runinfo.device_name(device)
+    name = environment.device_name(device)
     return name if device.startswith("cuda") else f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
@@ -513,7 +513,7 @@ def run_benchmarks(args: argparse.Namespace, argv=None) -> dict:
         "torch": torch.__version__,
         "triton": getattr(_dispatch.triton, "__version__", None),
         "python": platform.python_version(),
-        "git_revision": runinfo.git_revision() or "unknown",
+        "git_revision": environment.git_revision() or "unknown",
         "command": _command(argv),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch_threads": torch.get_num_threads(),

@@ -58,11 +58,10 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fastmlgan.loaders.base import LabeledImages  # noqa: E402
-from fastmlgan.loaders.coco import read_coco  # noqa: E402
-from fastmlgan.loaders.dali import dali_available  # noqa: E402
-from fastmlgan.loaders.torch_loader import set_epoch  # noqa: E402
-from fastmlgan.runinfo import device_name, device_slug, git_revision, versions  # noqa: E402
+from fastmlgan.data.backends.dali import dali_available  # noqa: E402
+from fastmlgan.data.sources.coco import read_coco  # noqa: E402
+from fastmlgan.data.types import LabeledImages  # noqa: E402
+from fastmlgan.environment import device_name, device_slug, git_revision, versions  # noqa: E402
 
 ALL_BACKENDS = ("torch", "dali", "dali-roi", "torchvision-gpu", "cache", "cache-gpu")
 SHARED_DATA = REPO / ".." / "shared" / "data"
@@ -121,7 +120,7 @@ def coco128_repeated(copies: int, workdir: Path, root: Path | None = None) -> tu
 
 def load_data(args) -> tuple[LabeledImages, LabeledImages, str]:
     if args.dataset == "embedded":
-        from fastmlgan.loaders.embedded import ensure
+        from fastmlgan.data.sources.embedded import ensure
 
         n_train, n_val, size = (128, 64, 320) if args.quick else (512, 256, 320)
         root = Path(args.data_root or REPO / "data" / f"bench-embedded-{size}")
@@ -152,7 +151,8 @@ def load_data(args) -> tuple[LabeledImages, LabeledImages, str]:
 
 def build_cache_for(split: str, images: LabeledImages, args, device: torch.device) -> dict:
     """Build the split's cache from scratch (timed) and report its size."""
-    from fastmlgan.loaders.cache import Geometry, build_cache, cache_path, resolve_decoder
+    from fastmlgan.data.imagecache.build import build_cache, resolve_decoder
+    from fastmlgan.data.imagecache.format import Geometry, cache_path
 
     geometry = Geometry("train" if split == "train" else "eval", args.image_size)
     path = cache_path(images, geometry, args.cache_dir)
@@ -168,26 +168,26 @@ def build_cache_for(split: str, images: LabeledImages, args, device: torch.devic
 def build(backend: str, train: bool, images: LabeledImages, args, device: torch.device, cache=None):
     batch, threads, size = args.batch_size, args.threads, args.image_size
     if backend in ("cache", "cache-gpu"):
-        from fastmlgan.loaders.cache_loader import CacheLoader
+        from fastmlgan.data.imagecache.loader import CacheLoader
 
         return CacheLoader(cache, size, batch, 0, 1, train=train, seed=0, device=device, num_threads=threads,
                            cache_device="cuda" if backend == "cache-gpu" else "cpu")
     if backend == "torch":
-        from fastmlgan.loaders.torch_loader import FiveCropDataset, build_eval_loader, build_train_loader
+        from fastmlgan.data.backends.torch_dataloader import FiveCropDataset, build_eval_loader, build_train_loader
 
         ds = FiveCropDataset(images, size, train=train, seed=0)
         if train:
             return build_train_loader(ds, batch, 0, 1, seed=0, num_workers=threads)
         return build_eval_loader(ds, batch, 0, 1, num_workers=threads)
     if backend in ("dali", "dali-roi"):
-        from fastmlgan.loaders.dali import build_dali_eval_loader, build_dali_train_loader
+        from fastmlgan.data.backends.dali import build_dali_eval_loader, build_dali_train_loader
 
         dev = device if device.type == "cuda" else None
         if train:
             decode = "roi" if backend == "dali-roi" else "full"
             return build_dali_train_loader(images, size, batch, 0, 1, seed=0, device=dev, num_threads=threads, decode=decode)
         return build_dali_eval_loader(images, size, batch, 0, 1, device=dev, num_threads=threads)
-    from fastmlgan.loaders.torchvision_gpu import build_torchvision_eval_loader, build_torchvision_train_loader
+    from fastmlgan.data.backends.torchvision_gpu import build_torchvision_eval_loader, build_torchvision_train_loader
 
     if train:
         return build_torchvision_train_loader(images, size, batch, 0, 1, seed=0, device=device, num_threads=threads)
@@ -195,7 +195,7 @@ def build(backend: str, train: bool, images: LabeledImages, args, device: torch.
 
 
 def run_epoch(loader, epoch: int, device: torch.device) -> tuple[int, float, float]:
-    set_epoch(loader, epoch)
+    loader.set_epoch(epoch)
     n = 0
     cpu0 = cpu_seconds()
     start = time.perf_counter()

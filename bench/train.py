@@ -74,14 +74,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fastmlgan.config import build_config  # noqa: E402
+from fastmlgan.data.geometry import NUM_SIZES  # noqa: E402
+from fastmlgan.data.stream import BatchStream  # noqa: E402
+from fastmlgan.data.types import LabeledImages, Splits  # noqa: E402
 from fastmlgan.distributed import DistInfo  # noqa: E402
-from fastmlgan.feature_cache import NUM_WINDOWS  # noqa: E402
-from fastmlgan.loaders.base import LabeledImages  # noqa: E402
-from fastmlgan.loaders.five_crop import NUM_SIZES  # noqa: E402
-from fastmlgan.loaders.registry import Splits  # noqa: E402
-from fastmlgan.runinfo import device_slug, environment  # noqa: E402
-from fastmlgan.stream import BatchStream  # noqa: E402
-from fastmlgan.trainer import Trainer  # noqa: E402
+from fastmlgan.environment import device_slug, environment  # noqa: E402
+from fastmlgan.train.feature_cache import NUM_WINDOWS  # noqa: E402
+from fastmlgan.train.trainer import Trainer  # noqa: E402
 
 MODES = {"eager": None, "compile": "default", "cudagraphs": "reduce-overhead"}
 # Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets (SXM parts).
@@ -177,8 +176,8 @@ def count_flops(trainer: Trainer, phase: str, batch) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     saved = (trainer._bce_loss, trainer._d_loss, trainer._g_loss, trainer._features, trainer._logits)
-    from fastmlgan import trainer as trainer_module
     from fastmlgan.losses import bce_loss, discriminator_loss, generator_loss
+    from fastmlgan.train import trainer as trainer_module
 
     trainer._bce_loss, trainer._d_loss, trainer._g_loss = bce_loss, discriminator_loss, generator_loss
     trainer._features, trainer._logits = trainer_module._features, trainer_module._logits
@@ -594,7 +593,7 @@ def real_splits(args, workdir: Path):
     sys.path.insert(0, str(REPO / "bench"))
     from loader import coco128_repeated
 
-    from fastmlgan.loaders.coco import read_coco
+    from fastmlgan.data.sources.coco import read_coco
 
     made = coco128_repeated(args.real_copies, workdir, Path(args.real_data))
     if made is None:

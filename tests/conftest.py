@@ -64,7 +64,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def embedded_small(tmp_path_factory):
     """A 2000 + 200 image embedded dataset at 32 px (about a second to write), shared by the session."""
-    from fastmlgan.loaders.embedded import generate
+    from fastmlgan.data.sources.embedded import generate
 
     return generate(tmp_path_factory.mktemp("embedded") / "data", num_train=2000, num_val=200, image_size=32, seed=0)
 

@@ -20,9 +20,9 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from fastmlgan.config import build_config
+from fastmlgan.data.stream import BatchStream
 from fastmlgan.distributed import destroy_distributed, init_distributed
-from fastmlgan.stream import BatchStream
-from fastmlgan.trainer import Trainer
+from fastmlgan.train.trainer import Trainer
 
 
 def compiled_backward_pieces(root) -> int:
@@ -78,7 +78,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from fastmlgan.train import exit_after_distributed_run
+    from fastmlgan.commands.train import exit_after_distributed_run
 
     main()
     exit_after_distributed_run(0)

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 from fastmlgan.config import build_config
+from fastmlgan.data.stream import BatchStream
 from fastmlgan.distributed import destroy_distributed, init_distributed
-from fastmlgan.stream import BatchStream
-from fastmlgan.trainer import Trainer
+from fastmlgan.train.trainer import Trainer
 
 
 def main() -> None:
@@ -61,7 +61,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from fastmlgan.train import exit_after_distributed_run
+    from fastmlgan.commands.train import exit_after_distributed_run
 
     main()
     exit_after_distributed_run(0)

@@ -21,8 +21,7 @@ from fuzz_harness import Case, Kind, Special
 from hypothesis import strategies as st
 
 from fastmlgan import config as fconfig
-from fastmlgan.config import BACKBONES, BOOL_WORDS
-from fastmlgan.presets import PRESETS
+from fastmlgan.config import BACKBONES, BOOL_WORDS, PRESETS
 
 TRAIN = ["--preset", "smoke", "--out", "{case}/run", "--data.root", "{ws}/data", "--data.embedded_num_val", "64",
          "--train.max_steps_per_epoch", "4"]
@@ -72,7 +71,7 @@ JSON_NOT_STR = st.sampled_from([5, None, [], True, {"x": 1}])
 def _fields() -> list[tuple[str, type]]:
     out = []
     for section in fconfig.SECTIONS:
-        cls = fconfig._SECTION_TYPES[section]
+        cls = fconfig.SECTION_TYPES[section]
         hints = typing.get_type_hints(cls)
         out += [(f"{section}.{f.name}", hints[f.name]) for f in dataclasses.fields(cls)]
     return out

@@ -68,15 +68,15 @@ class Kind:
 
 def _main(command: str):
     if command in ("train", "evaluate", "predict", "export", "check", "reproduce"):
-        from fastmlgan.cli import main
+        from fastmlgan.commands.cli import main
 
         return lambda argv: main([command, *argv])
     if command == "cache":
-        from fastmlgan.loaders.cache import main
+        from fastmlgan.commands.cache import main
     elif command == "metrics":
-        from fastmlgan.metrics import main
+        from fastmlgan.commands.metrics import main
     else:
-        from fastmlgan.loaders.embedded import main
+        from fastmlgan.commands.embedded import main
     return main
 
 
@@ -183,11 +183,12 @@ def classify(case: Case, code: int | None, stderr: str, lost: bool) -> str:
     return "handled" if case.expect == "handled" and not errors else "unclear"
 
 
-PRELOAD = ("fastmlgan.cli", "fastmlgan.train", "fastmlgan.trainer", "fastmlgan.evaluate", "fastmlgan.predict",
-           "fastmlgan.export", "fastmlgan.loaders.check", "fastmlgan.loaders.cache", "fastmlgan.loaders.cache_loader",
-           "fastmlgan.loaders.registry", "fastmlgan.loaders.coco", "fastmlgan.loaders.listfile", "fastmlgan.loaders.nuswide",
-           "fastmlgan.loaders.features", "fastmlgan.loaders.labelsets", "fastmlgan.reproduce.cli", "fastmlgan.metrics",
-           "fastmlgan.loaders.embedded", "fastmlgan.feature_cache", "torchvision.models", "safetensors.torch")
+PRELOAD = ("fastmlgan.commands.cli", "fastmlgan.commands.train", "fastmlgan.train.trainer", "fastmlgan.commands.evaluate",
+           "fastmlgan.commands.predict", "fastmlgan.commands.export", "fastmlgan.commands.check", "fastmlgan.commands.cache",
+           "fastmlgan.data.imagecache.loader", "fastmlgan.data.factory", "fastmlgan.data.sources.coco",
+           "fastmlgan.data.sources.listfile", "fastmlgan.data.sources.nuswide", "fastmlgan.data.sources.features",
+           "fastmlgan.data.sources.labelsets", "fastmlgan.commands.reproduce", "fastmlgan.commands.metrics",
+           "fastmlgan.commands.embedded", "fastmlgan.train.feature_cache", "torchvision.models", "safetensors.torch")
 
 
 def run_cases(pending: list[tuple[Kind, Case]], ws: Path, protected: list[Path], lanes: int = 2) -> list[Result]:

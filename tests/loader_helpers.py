@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastmlgan.loaders.five_crop import base_size, crop_window
-from fastmlgan.loaders.torch_loader import IMAGENET_MEAN, IMAGENET_STD, _resize
+from fastmlgan.data.geometry import IMAGENET_MEAN, IMAGENET_STD, base_size, crop_window, resize
 
 # Backends against the torch loader, for the same (position, size index): the two resizes of
 # DALI's antialiased linear filter and torchvision's differ by 0.1-0.35 grey levels on average
@@ -35,8 +34,8 @@ def shifted_crop(image: torch.Tensor, position: int, size_index: int, image_size
     top, left, side = crop_window(position, size_index, image_size)
     base = base_size(image_size)
     left = left + shift if left + shift + side <= base else left - shift
-    resized = _resize(image, base)
-    return _resize(resized[:, top : top + side, left : left + side], image_size)
+    resized = resize(image, base)
+    return resize(resized[:, top : top + side, left : left + side], image_size)
 
 
 def binomial_ok(k: int, n: int, p: float, alpha: float) -> bool:

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from extras import import_extra
 
+from fastmlgan.data.sources.arff import read_meka, read_mulan
+from fastmlgan.data.sources.features import load_feature_dataset, read_matrix
 from fastmlgan.errors import DataError
-from fastmlgan.loaders.arff import read_meka, read_mulan
-from fastmlgan.loaders.features import load_feature_dataset, read_matrix
 
 NS = "http://mulan.sourceforge.net/labels"
 

@@ -22,8 +22,8 @@ from extras import import_extra
 hypothesis = import_extra("dev", "hypothesis")
 st = hypothesis.strategies
 
+from fastmlgan.data.sources.arff import read_mulan  # noqa: E402
 from fastmlgan.errors import FastMLGANError  # noqa: E402
-from fastmlgan.loaders.arff import read_mulan  # noqa: E402
 
 NS = "http://mulan.sourceforge.net/labels"
 
@@ -48,7 +48,7 @@ class Unsupported(Exception):
 
 def reference_parse(text: str, label_names: list[str]):
     """(features, labels, feature names) of an ARFF text with MULAN labels ``label_names``, by the
-    ARFF specification and the encoding rules of fastmlgan.loaders.arff, written independently."""
+    ARFF specification and the encoding rules of fastmlgan.data.sources.arff, written independently."""
     lines = text.split("\n")
     attrs: list[tuple[str, list[str] | None]] = []  # (name, nominal values or None for numeric)
     k = 0

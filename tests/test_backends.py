@@ -14,33 +14,27 @@ from extras import declared
 from loader_helpers import MAX_ABS_TOLERANCE, MEAN_ABS_TOLERANCE, denormalize
 
 from fastmlgan.config import DataConfig, build_config
-from fastmlgan.distributed import DistInfo
-from fastmlgan.errors import ConfigError
-from fastmlgan.inference import predict
-from fastmlgan.loaders import dali as dali_module
-from fastmlgan.loaders.base import LabeledImages
-from fastmlgan.loaders.cache import Geometry, ensure_cache
-from fastmlgan.loaders.cache_loader import CacheLoader
-from fastmlgan.loaders.coco import read_coco
-from fastmlgan.loaders.embedded import generate
-from fastmlgan.loaders.five_crop import base_size
-from fastmlgan.loaders.registry import Splits, build_loaders, resolve_backend
-from fastmlgan.loaders.torch_loader import (
-    FiveCropDataset,
-    build_eval_loader,
-    build_train_loader,
-    decode_rgb,
-    five_crop,
-    set_epoch,
-)
-from fastmlgan.loaders.torchvision_gpu import (
+from fastmlgan.data.backends import dali as dali_module
+from fastmlgan.data.backends.torch_dataloader import FiveCropDataset, build_eval_loader, build_train_loader
+from fastmlgan.data.backends.torchvision_gpu import (
     build_torchvision_eval_loader,
     build_torchvision_train_loader,
     five_crop_batch,
     resize_all,
 )
+from fastmlgan.data.factory import build_loaders, resolve_backend
+from fastmlgan.data.geometry import base_size, decode_rgb, five_crop
+from fastmlgan.data.imagecache.build import ensure_cache
+from fastmlgan.data.imagecache.format import Geometry
+from fastmlgan.data.imagecache.loader import CacheLoader
+from fastmlgan.data.sources.coco import read_coco
+from fastmlgan.data.sources.embedded import generate
+from fastmlgan.data.stream import BatchStream
+from fastmlgan.data.types import LabeledImages, Splits
+from fastmlgan.distributed import DistInfo
+from fastmlgan.errors import ConfigError
 from fastmlgan.models import build_generator
-from fastmlgan.stream import BatchStream
+from fastmlgan.scoring import predict
 
 HAS_DALI = dali_module.dali_available()
 # Where the run declares the dali extra installed (make test on Linux), its tests run, and fail without it.
@@ -70,7 +64,7 @@ def test_config_validates_backend_and_dataset():
 
 
 def test_resolve_backend(monkeypatch, caplog):
-    with caplog.at_level(logging.INFO, logger="fastmlgan.loaders.registry"):
+    with caplog.at_level(logging.INFO, logger="fastmlgan.data.factory"):
         assert resolve_backend("auto", CPU) == "torch"
     assert "auto -> torch (no GPU)" in caplog.text
     assert resolve_backend("torch", torch.device("cuda")) == "torch"
@@ -87,7 +81,7 @@ def test_resolve_backend(monkeypatch, caplog):
 
 def three_way(images, image_size: int) -> None:
     """DALI's crops against torch's and torchvision-gpu's (on CPU tensors) for the same parameters."""
-    from fastmlgan.loaders.dali import build_dali_train_loader
+    from fastmlgan.data.backends.dali import build_dali_train_loader
 
     batch = next(iter(build_dali_train_loader(images, image_size, 10, 0, 1, seed=9)))
     decoded = [decode_rgb(images.paths[i]) for i in batch["index"].tolist()]
@@ -120,7 +114,7 @@ def loaders(backend: str, splits: Splits, rank: int, world_size: int, batch: int
             build_torchvision_train_loader(splits.train, 16, batch, rank, world_size, seed=1, device="cpu", num_threads=2),
             build_torchvision_eval_loader(splits.val, 16, batch, rank, world_size, device="cpu", num_threads=2),
         )
-    from fastmlgan.loaders.dali import build_dali_eval_loader, build_dali_train_loader
+    from fastmlgan.data.backends.dali import build_dali_eval_loader, build_dali_train_loader
 
     return (
         build_dali_train_loader(splits.train, 16, batch, rank, world_size, seed=1, num_threads=2),
@@ -136,7 +130,7 @@ def test_every_backend_shards_each_epoch(backend, splits):
     for epoch in range(2):
         shards = []
         for train, _ in pairs:
-            set_epoch(train, epoch)
+            train.set_epoch(epoch)
             batches = list(train)
             assert len(batches) == len(train) == 5
             for b in batches:
@@ -168,7 +162,7 @@ def train_loader(backend: str, splits: Splits, cache_dir):
     if backend == "cache":
         cache = ensure_cache(splits.train, Geometry("train", 16), cache_dir, progress=False)
         return CacheLoader(cache, 16, 4, 1, 2, train=True, seed=1, num_threads=2)
-    from fastmlgan.loaders.dali import build_dali_train_loader
+    from fastmlgan.data.backends.dali import build_dali_train_loader
 
     return build_dali_train_loader(splits.train, 16, 4, 1, 2, seed=1, num_threads=2)
 
@@ -283,7 +277,7 @@ def test_registry_builds_the_dali_cpu_pipeline(splits):
     cfg = DataConfig(backend="dali", image_size=16, batch_size=8, eval_batch_size=8, num_threads=2)
     train, val = build_loaders(cfg, splits, DistInfo(1, 2, 1, CPU), seed=0)
     assert isinstance(train, dali_module.DALILoader) and len(train) == 22 // 4
-    set_epoch(train, 3)
+    train.set_epoch(3)
     assert train.epoch == 3 and next(iter(train))["image"].shape == (4, 3, 16, 16)
     assert sum(len(b["index"]) for b in val) == len(range(23 // 2, 23))
 

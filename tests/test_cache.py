@@ -19,19 +19,23 @@ import pytest
 import torch
 from loader_helpers import MAX_ABS_TOLERANCE, MEAN_ABS_TOLERANCE, denormalize, shifted_crop
 
+from fastmlgan.commands import cache as cache_command
 from fastmlgan.config import DataConfig, build_config
+from fastmlgan.data import factory
+from fastmlgan.data.backends.dali import dali_available
+from fastmlgan.data.backends.torch_dataloader import FiveCropDataset, build_eval_loader, build_train_loader
+from fastmlgan.data.factory import build_loaders, resolve_backend
+from fastmlgan.data.geometry import decode_rgb
+from fastmlgan.data.imagecache import build as cache_mod
+from fastmlgan.data.imagecache import decode as cache_decode
+from fastmlgan.data.imagecache.build import build_cache, ensure_cache
+from fastmlgan.data.imagecache.format import CacheError, Geometry, ImageCache, cache_path
+from fastmlgan.data.imagecache.loader import CacheLoader, check_gpu_fit, usable_gpu_memory
+from fastmlgan.data.sources.coco import read_coco
+from fastmlgan.data.sources.embedded import generate
+from fastmlgan.data.types import LabeledImages, Splits
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders import cache as cache_mod
-from fastmlgan.loaders import cache_decode
-from fastmlgan.loaders.base import LabeledImages
-from fastmlgan.loaders.cache import CacheError, Geometry, ImageCache, build_cache, cache_path, ensure_cache
-from fastmlgan.loaders.cache_loader import CacheLoader, check_gpu_fit, usable_gpu_memory
-from fastmlgan.loaders.coco import read_coco
-from fastmlgan.loaders.dali import dali_available
-from fastmlgan.loaders.embedded import generate
-from fastmlgan.loaders.registry import Splits, build_loaders, resolve_backend
-from fastmlgan.loaders.torch_loader import FiveCropDataset, build_eval_loader, build_train_loader, decode_rgb, set_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -66,8 +70,8 @@ def assert_same_batches(cache_loader, torch_loader, epochs=(0, 1)) -> int:
     """Batch for batch, the same order, crops, labels and pixels (bit for bit)."""
     n = 0
     for epoch in epochs:
-        set_epoch(cache_loader, epoch)
-        set_epoch(torch_loader, epoch)
+        cache_loader.set_epoch(epoch)
+        torch_loader.set_epoch(epoch)
         ours, theirs = list(cache_loader), list(torch_loader)
         assert len(ours) == len(theirs) == len(cache_loader)
         for a, b in zip(ours, theirs):
@@ -95,7 +99,7 @@ def test_batches_equal_the_torch_backend(splits, built):
 
 def test_list_file_reader(splits, tmp_path):
     """Any reader's ``LabeledImages`` (here a list file) caches and serves like the torch backend."""
-    from fastmlgan.loaders.listfile import read_list
+    from fastmlgan.data.sources.listfile import read_list
 
     (tmp_path / "names.txt").write_text("\n".join(splits.train.class_names) + "\n")
     rows = [f"{p},{';'.join(n for n, on in zip(splits.train.class_names, lab) if on)}"
@@ -148,7 +152,7 @@ def test_dali_built_cache_serves_crops_within_tolerance(splits, tmp_path):
     batch = next(iter(CacheLoader(cache, SIZE, 16, 0, 1, train=True, seed=2)))
     shifted = []
     for image, crop, index in zip(batch["image"], batch["crop"].tolist(), batch["index"].tolist()):
-        from fastmlgan.loaders.torch_loader import five_crop
+        from fastmlgan.data.geometry import five_crop
 
         decoded = decode_rgb(images.paths[index])
         diff = (denormalize(image) - five_crop(decoded, *crop, SIZE).long()).abs()
@@ -167,8 +171,8 @@ def test_two_ranks_and_pixels_per_batch(splits, built):
         for rank in range(2):
             ours = CacheLoader(train_cache, SIZE, 4, rank, 2, train=True, seed=1)
             ref = build_train_loader(FiveCropDataset(splits.train, SIZE, True, seed=1), 4, rank, 2, seed=1)
-            set_epoch(ours, epoch)
-            set_epoch(ref, epoch)
+            ours.set_epoch(epoch)
+            ref.set_epoch(epoch)
             got = [i for b in ours for i in b["index"].tolist()]
             assert got == [i for b in ref for i in b["index"].tolist()]
             shards.append(got)
@@ -187,22 +191,21 @@ def test_two_ranks_and_pixels_per_batch(splits, built):
 def test_rank0_builds_the_others_wait(splits, tmp_path, monkeypatch):
     """ensure_cache under 2 ranks: rank 0 builds; rank 1 never builds, opens rank 0's file after
     the broadcast (stands in for the collective), and stops with rank 0's reason when it failed."""
-    from fastmlgan import distributed
 
     geometry = Geometry("train", SIZE)
     rank1 = DistInfo(1, 2, 0, CPU)
     told = []
-    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, info: told.append(obj) or told[0])
+    monkeypatch.setattr(cache_mod, "broadcast_object", lambda obj, info: told.append(obj) or told[0])
     monkeypatch.setattr(cache_mod, "build_cache", lambda *a, **k: pytest.fail("rank 1 must not build"))
     with pytest.raises(CacheError, match=r"rank 1: .*\.fmlc is missing after rank 0 built it: --data.cache_dir must be"):
         ensure_cache(splits.train, geometry, tmp_path, info=rank1)  # rank 0 said OK, but this process sees no file
     monkeypatch.undo()
-    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, info: obj)
+    monkeypatch.setattr(cache_mod, "broadcast_object", lambda obj, info: obj)
     built = ensure_cache(splits.train, geometry, tmp_path, info=DistInfo(0, 2, 0, CPU), progress=False)
     monkeypatch.setattr(cache_mod, "build_cache", lambda *a, **k: pytest.fail("rank 1 must not build"))
-    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, info: None)
+    monkeypatch.setattr(cache_mod, "broadcast_object", lambda obj, info: None)
     assert ensure_cache(splits.train, geometry, tmp_path, info=rank1).path == built.path
-    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, info: "DataError: x.jpg: cannot decode image")
+    monkeypatch.setattr(cache_mod, "broadcast_object", lambda obj, info: "DataError: x.jpg: cannot decode image")
     with pytest.raises(CacheError, match="rank 0 could not provide the cache .*: DataError: x.jpg: cannot decode image"):
         ensure_cache(splits.train, geometry, tmp_path, info=rank1)
 
@@ -258,7 +261,7 @@ def test_stale_cache_is_rebuilt_with_the_reason(splits, tmp_path, caplog):
     old_row = first.pixels[2].copy()
     # Rewrite image 2 with image 5's bytes: same name, new size and content.
     shutil.copy(splits.train.paths[5], images.paths[2])
-    with caplog.at_level(logging.INFO, logger="fastmlgan.loaders.cache"):
+    with caplog.at_level(logging.INFO, logger="fastmlgan.data.imagecache.build"):
         second = ensure_cache(images, geometry, tmp_path, progress=False)
     assert f"is stale (1 file(s) changed since it was built, first {images.paths[2]} (size" in caplog.text
     assert "rebuilding it" in caplog.text
@@ -368,8 +371,8 @@ HANG_AFTER_FIRST_CHUNK = """
 import json, sys, time
 from pathlib import Path
 import numpy as np
-from fastmlgan.loaders import cache
-from fastmlgan.loaders.base import LabeledImages
+from fastmlgan.data.imagecache import build as cache
+from fastmlgan.data.types import LabeledImages
 path, paths = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
 cache.CHUNK_BYTES = 4 * 37 * 37 * 3
 def rows(images, side, chunk_rows, num_threads, device):
@@ -453,19 +456,19 @@ def test_bad_images_at_build_time(shared_data, tmp_path, caplog):
 def test_cli_build_info_verify(tmp_path, capsys):
     data, caches = tmp_path / "data", tmp_path / "caches"
     options = ["--preset", "smoke", "--data.root", str(data), "--data.cache_dir", str(caches)]
-    assert cache_mod.main(["build", *options]) == 0
+    assert cache_command.main(["build", *options]) == 0
     files = sorted(caches.glob("*.fmlc"))
     assert len(files) == 2 and "-train37-" in files[0].name and "-eval32-" in files[1].name
-    assert cache_mod.main(["info", "--data.cache_dir", str(caches)]) == 0
+    assert cache_command.main(["info", "--data.cache_dir", str(caches)]) == 0
     out = capsys.readouterr().out
     assert "256 images (0 bad), five-crop training at 32 px (37x37 rows)" in out and "128 images (0 bad), evaluation" in out
-    assert cache_mod.main(["verify", *map(str, files)]) == 0
+    assert cache_command.main(["verify", *map(str, files)]) == 0
     data_bytes = bytearray(files[0].read_bytes())
     data_bytes[cache_mod.PREAMBLE_BYTES] ^= 1
     files[0].write_bytes(bytes(data_bytes))
-    assert cache_mod.main(["verify", str(files[0])]) == 2
+    assert cache_command.main(["verify", str(files[0])]) == 2
     assert "fail their checksum" in capsys.readouterr().err
-    assert cache_mod.main(["build", "--preset", "reproduce-mulan"]) == 2
+    assert cache_command.main(["build", "--preset", "reproduce-mulan"]) == 2
     assert "feature vectors" in capsys.readouterr().err
 
 
@@ -493,8 +496,7 @@ def test_phase2_loader_shares_the_cache_and_its_gpu_copy(splits, built):
 
 
 def test_trainer_builds_phase2_from_the_phase1_cache_loader(splits, tmp_path, monkeypatch):
-    from fastmlgan.loaders import registry
-    from fastmlgan.trainer import Trainer
+    from fastmlgan.train.trainer import Trainer
 
     images = copy_images(splits.train, tmp_path / "train")
     both = Splits(images, copy_images(splits.val, tmp_path / "val"))
@@ -506,6 +508,6 @@ def test_trainer_builds_phase2_from_the_phase1_cache_loader(splits, tmp_path, mo
     def second_cache(*args, **kwargs):
         raise AssertionError("phase 2 built a second cache loader (with --data.cache_device cuda: a second GPU copy)")
 
-    monkeypatch.setattr(registry, "build_train_loader", second_cache)
+    monkeypatch.setattr(factory, "build_train_loader", second_cache)
     gan = trainer.build_gan_loader()
     assert gan.cache is trainer.train_loader.cache and gan.batch_size == trainer.layout.size

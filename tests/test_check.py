@@ -1,4 +1,4 @@
-"""``python -m fastmlgan.loaders.check``: finds every kind of planted bad file, and its exit status
+"""``fastmlgan check``: finds every kind of planted bad file, and its exit status
 says whether training would fail."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from loader_helpers import copy_coco, plant_bad_files
 
-from fastmlgan.loaders.check import KINDS, inspect_image, main
-from fastmlgan.loaders.embedded import generate
+from fastmlgan.commands.check import main
+from fastmlgan.data.check import KINDS, inspect_image
+from fastmlgan.data.sources.embedded import generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,12 +142,12 @@ def test_command_line(generated, tmp_path):
     (tmp_path / "val" / sorted(os.listdir(tmp_path / "val"))[0]).unlink()
     args = coco_args(generated.val_ann, tmp_path / "val", generated.val_ann, generated.val_images, "--first", "1")
     proc = subprocess.run(
-        [sys.executable, "-m", "fastmlgan.loaders.check", *args, "--data.backend", "dali"],
+        [sys.executable, "-m", "fastmlgan", "check", *args, "--data.backend", "dali"],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert proc.returncode == 1 and "missing: 1" in proc.stdout, proc.stdout + proc.stderr
     proc = subprocess.run(
-        [sys.executable, "-m", "fastmlgan.loaders.check", "--data.dataset", "coco"],
+        [sys.executable, "-m", "fastmlgan", "check", "--data.dataset", "coco"],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert proc.returncode == 2 and "needs --data.train_annotations" in proc.stderr

@@ -7,8 +7,8 @@ import json
 import pytest
 from loader_helpers import copy_coco, plant_bad_files
 
-from fastmlgan.loaders.check import main
-from fastmlgan.loaders.embedded import generate
+from fastmlgan.commands.check import main
+from fastmlgan.data.sources.embedded import generate
 
 
 @pytest.fixture(scope="module")

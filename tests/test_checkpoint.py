@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastmlgan import checkpoint as ckpt
-from fastmlgan.checkpoint import CheckpointError, NonFiniteStateError
 from fastmlgan.config import build_config, config_from_dict
 from fastmlgan.errors import ConfigError, FastMLGANError
+from fastmlgan.train import checkpoint as ckpt
+from fastmlgan.train.checkpoint import CheckpointError, NonFiniteStateError
 
 
 def make_state(step: int, size: int = 64) -> dict:
@@ -164,7 +164,7 @@ def test_flipped_bit_in_last_falls_back_to_the_previous_good_checkpoint(tmp_path
         ckpt.save_checkpoint(make_state(step, size=50_000), tmp_path, step=step, keep=3)
     last = tmp_path / "checkpoints" / "last.pt"
     flip_bit(last, last.stat().st_size // 2)  # tensor data: a hard link also corrupts step 30
-    with caplog.at_level(logging.WARNING, logger="fastmlgan.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fastmlgan.train.checkpoint"):
         state, used, skipped = ckpt.load_latest_good(tmp_path / "checkpoints" / "last.pt")
     assert used.name == "step-000000020.pt" and state["global_step"] == 20
     assert [p.name for p, _ in skipped] == ["last.pt"]
@@ -226,7 +226,7 @@ def test_missing_key_is_a_one_line_error_naming_file_and_key(tmp_path, drop):
 
 
 def test_resume_without_config_key_through_the_cli(tmp_path, capsys):
-    from fastmlgan.train import main
+    from fastmlgan.commands.train import main
 
     state = make_state(3)
     del state["config"]
@@ -395,7 +395,7 @@ def test_other_changes_and_equivalent_paths_are_allowed(tmp_path):
 
 
 def test_resume_that_changes_the_width_fails_before_writing(tmp_path, capsys):
-    from fastmlgan.train import main
+    from fastmlgan.commands.train import main
 
     run = tmp_path / "run"
     ckpt.save_checkpoint(make_state(3), run, step=3, keep=2)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fastmlgan import cli
+from fastmlgan.commands import cli
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ("train", "evaluate", "predict", "export", "check", "reproduce", "bench")
+SUBCOMMANDS = ("train", "evaluate", "predict", "export", "check", "cache", "embedded", "metrics", "reproduce", "sweep", "bench")
 
 
 def test_help_lists_every_subcommand_on_one_line(capsys):
@@ -102,9 +102,9 @@ def test_train_nproc_launches_torchrun(monkeypatch):
 
 def test_train_nproc_one_runs_in_process_and_bad_values(monkeypatch, capsys):
     seen = []
-    fake = types.ModuleType("fastmlgan.train")
+    fake = types.ModuleType("fastmlgan.commands.train")
     fake.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "fastmlgan.train", fake)
+    monkeypatch.setitem(sys.modules, "fastmlgan.commands.train", fake)
     monkeypatch.setattr(cli, "launch_torchrun", lambda *a: pytest.fail("no torchrun for one process"))
     assert cli.main(["train", "--nproc=1", "--preset", "smoke"]) == 0 and seen == [["--preset", "smoke"]]
     for bad, message in ((["--nproc"], "--nproc needs"), (["--nproc", "two"], "expected a number"), (["--nproc", "0"], ">= 1")):

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fastmlgan.data.sources.coco import read_coco
 from fastmlgan.errors import DataError
-from fastmlgan.loaders.coco import read_coco
 
 
 @pytest.mark.realdata
@@ -76,7 +76,7 @@ def image_dir(tmp_path) -> Path:
 
 def test_labels_dropped_and_missing(tmp_path, image_dir, caplog):
     ann = write_coco(tmp_path, small_coco())
-    with caplog.at_level(logging.WARNING, logger="fastmlgan.loaders.coco"):
+    with caplog.at_level(logging.WARNING, logger="fastmlgan.data.sources.coco"):
         images = read_coco(ann, image_dir, name="tiny")
     assert images.name == "tiny"
     assert images.class_names == ["two", "seven", "forty"]  # category-id order

@@ -78,8 +78,8 @@ def test_compile_needs_the_explicit_penalty():
 def test_batch_size_must_divide_by_the_world_size():
     import torch
 
+    from fastmlgan.data.factory import per_rank_batch
     from fastmlgan.distributed import DistInfo
-    from fastmlgan.loaders.registry import per_rank_batch
 
     info = DistInfo(rank=0, world_size=3, local_rank=0, device=torch.device("cpu"))
     assert per_rank_batch(33, info, "data.batch_size") == 11

@@ -127,7 +127,7 @@ def test_every_preset_still_builds():
 
 
 def test_a_bad_number_stops_the_cli_before_anything_is_written(tmp_path, capsys):
-    from fastmlgan.train import main
+    from fastmlgan.commands.train import main
 
     out = tmp_path / "run"
     assert main(["--optim.d_lr", "nan", "--out", str(out)]) == 2

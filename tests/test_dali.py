@@ -28,13 +28,20 @@ from loader_helpers import (  # noqa: E402
     shifted_crop,
 )
 
+from fastmlgan.data.backends.dali import build_dali_eval_loader, build_dali_train_loader  # noqa: E402
+from fastmlgan.data.geometry import (  # noqa: E402
+    NUM_POSITIONS,
+    NUM_SIZES,
+    crop_window_normalized,
+    decode_rgb,
+    eval_resize,
+    five_crop,
+    resize,
+)
+from fastmlgan.data.sources.coco import read_coco  # noqa: E402
+from fastmlgan.data.sources.embedded import generate  # noqa: E402
+from fastmlgan.data.types import LabeledImages  # noqa: E402
 from fastmlgan.errors import ConfigError, DataError  # noqa: E402
-from fastmlgan.loaders.base import LabeledImages  # noqa: E402
-from fastmlgan.loaders.coco import read_coco  # noqa: E402
-from fastmlgan.loaders.dali import build_dali_eval_loader, build_dali_train_loader  # noqa: E402
-from fastmlgan.loaders.embedded import generate  # noqa: E402
-from fastmlgan.loaders.five_crop import NUM_POSITIONS, NUM_SIZES, crop_window_normalized  # noqa: E402
-from fastmlgan.loaders.torch_loader import _resize, decode_rgb, eval_resize, five_crop, set_epoch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +110,7 @@ def test_roi_decode_matches_one_resize_of_the_window(generated):
         h, w = decoded.shape[1:]
         y0, x0, y1, x1 = crop_window_normalized(position, size_index, 32)
         window = decoded[:, round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)]
-        diff = (denormalize(image) - _resize(window, 32).long()).abs()
+        diff = (denormalize(image) - resize(window, 32).long()).abs()
         assert diff.float().mean() <= MEAN_ABS_TOLERANCE, (position, size_index)
         compared += 1
     assert compared >= 10
@@ -143,7 +150,7 @@ def test_train_sharding_partitions_each_epoch(generated):
     for epoch in range(3):
         shards = []
         for loader in loaders:
-            set_epoch(loader, epoch)
+            loader.set_epoch(epoch)
             batches = list(loader)
             assert len(batches) == len(loader) and all(b["image"].shape[0] == 6 for b in batches)
             shards.append([i for b in batches for i in b["index"].tolist()])
@@ -201,7 +208,7 @@ def test_a_broken_file_is_a_data_error_naming_the_fix(generated, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_text("<html>404</html>")
     images = LabeledImages("broken", [val.paths[0], str(broken)], val.labels[:2], val.class_names)
-    with pytest.raises(DataError, match="loaders.check"):
+    with pytest.raises(DataError, match="fastmlgan check"):
         list(build_dali_eval_loader(images, 16, 2, 0, 1))
 
 
@@ -244,8 +251,7 @@ import json, sys
 import torch.distributed as dist
 from fastmlgan.config import DataConfig
 from fastmlgan.distributed import init_distributed
-from fastmlgan.loaders.registry import build_loaders, build_splits
-from fastmlgan.loaders.torch_loader import set_epoch
+from fastmlgan.data.factory import build_loaders, build_splits
 
 info = init_distributed("gloo")
 cfg = DataConfig(dataset="embedded", root=sys.argv[2], embedded_num_train=61, embedded_num_val=29,
@@ -254,7 +260,7 @@ splits = build_splits(cfg, info)
 train, val = build_loaders(cfg, splits, info, seed=0)
 seen = {}
 for epoch in range(2):
-    set_epoch(train, epoch)
+    train.set_epoch(epoch)
     seen[f"train{epoch}"] = [i for b in train for i in b["index"].tolist()]
 seen["eval"] = [i for b in val for i in b["index"].tolist()]
 gathered = [None] * info.world_size

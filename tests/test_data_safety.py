@@ -30,17 +30,17 @@ from safety_helpers import (
 )
 from trained_model import restored_logging
 
-from fastmlgan import checkpoint as ckpt
 from fastmlgan.config import DataConfig, build_config, config_from_dict
 from fastmlgan.errors import ConfigError
-from fastmlgan.runlog import RunLog
 from fastmlgan.safeio import RunInUse, RunLock
+from fastmlgan.train import checkpoint as ckpt
+from fastmlgan.train.runlog import RunLog
 
 
 @pytest.fixture(scope="module")
 def smoke_data(tmp_path_factory) -> Path:
     """The smoke preset's embedded set (256 + 64 images at 40 px), written once."""
-    from fastmlgan.loaders import embedded
+    from fastmlgan.data.sources import embedded
 
     root = tmp_path_factory.mktemp("smoke-data") / "data"
     embedded.ensure(root, num_train=256, num_val=64, image_size=40, seed=0)
@@ -48,7 +48,7 @@ def smoke_data(tmp_path_factory) -> Path:
 
 
 def train_in_process(argv: list[str]) -> int:
-    from fastmlgan import train
+    from fastmlgan.commands import train
 
     with restored_logging():
         return train.main(argv)
@@ -131,13 +131,14 @@ def test_two_runs_started_together_on_one_out(tmp_path, smoke_data):
 
 
 def _smoke_images(data: Path):
-    from fastmlgan.loaders.coco import read_coco
+    from fastmlgan.data.sources.coco import read_coco
 
     return read_coco(data / "annotations" / "instances_train.json", data / "train2017", name="smoke")
 
 
 def test_an_edited_cache_is_refused_when_a_run_opens_it(tmp_path, smoke_data):
-    from fastmlgan.loaders.cache import PREAMBLE_BYTES, CacheError, Geometry, ensure_cache
+    from fastmlgan.data.imagecache.build import ensure_cache
+    from fastmlgan.data.imagecache.format import PREAMBLE_BYTES, CacheError, Geometry
 
     images = _smoke_images(smoke_data)
     cache = ensure_cache(images, Geometry("eval", 16), tmp_path, progress=False)
@@ -155,9 +156,10 @@ def test_an_edited_cache_is_refused_when_a_run_opens_it(tmp_path, smoke_data):
 def test_a_cache_truncated_while_a_run_reads_it_is_one_line_not_sigbus(tmp_path, smoke_data):
     code = f"""
 import os
-from fastmlgan.loaders.cache import Geometry, ensure_cache
-from fastmlgan.loaders.cache_loader import CacheLoader
-from fastmlgan.loaders.coco import read_coco
+from fastmlgan.data.imagecache.format import Geometry
+from fastmlgan.data.imagecache.build import ensure_cache
+from fastmlgan.data.imagecache.loader import CacheLoader
+from fastmlgan.data.sources.coco import read_coco
 images = read_coco({str(smoke_data / 'annotations' / 'instances_train.json')!r}, {str(smoke_data / 'train2017')!r})
 cache = ensure_cache(images, Geometry("train", 16), {str(tmp_path)!r}, progress=False)
 loader = CacheLoader(cache, 16, 8, 0, 1, train=True, num_threads=1)
@@ -202,18 +204,18 @@ def test_every_data_option_is_fixed_or_allowed_to_change_on_resume():
 DRIVER = """
 import os, signal, sys
 from pathlib import Path
-from fastmlgan import train
+from fastmlgan.commands import train
 {patch}
 sys.exit(train.main({argv!r}))
 """
 
 PATCHES = {
-    "start-up": "import fastmlgan.loaders.registry as r\norig = r.build_splits\n"
+    "start-up": "import fastmlgan.train.trainer as r\norig = r.build_splits\n"
                 "def hook(*a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return orig(*a, **k)\nr.build_splits = hook",
-    "cache build": "import fastmlgan.loaders.cache as c\norig = c._ROW_SOURCES['cpu']\n"
+    "cache build": "import fastmlgan.data.imagecache.build as c\norig = c._ROW_SOURCES['cpu']\n"
                    "def hook(*a, **k):\n    for i, chunk in enumerate(orig(*a, **k)):\n"
                    "        os.kill(os.getpid(), signal.SIGTERM)\n        yield chunk\nc._ROW_SOURCES['cpu'] = hook",
-    "final writing": "import fastmlgan.runlog as r\norig = r.RunLog.finish\n"
+    "final writing": "import fastmlgan.train.runlog as r\norig = r.RunLog.finish\n"
                      "def hook(*a, **k):\n    os.kill(os.getpid(), signal.SIGTERM)\n    return orig(*a, **k)\nr.RunLog.finish = hook",
 }
 
@@ -313,7 +315,7 @@ def _coco_split(tmp_path: Path, data: Path, annotate: bool, missing: bool) -> li
 
 @pytest.mark.parametrize("case", ["all unlabelled", "all missing", "image folder is a symlink loop"])
 def test_check_says_training_would_fail_when_nothing_is_usable(tmp_path, smoke_data, capsys, case):
-    from fastmlgan.loaders.check import main
+    from fastmlgan.commands.check import main
 
     args = _coco_split(tmp_path, smoke_data, annotate=case != "all unlabelled", missing=case == "all missing")
     if case == "image folder is a symlink loop":

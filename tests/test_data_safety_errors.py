@@ -12,12 +12,12 @@ from PIL import Image
 from safety_helpers import error_line, make_read_only, run_cli, smoke_args, undo_read_only
 from trained_model import restored_logging
 
-from fastmlgan import checkpoint as ckpt
+from fastmlgan.train import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")
 def smoke_data(tmp_path_factory) -> Path:
-    from fastmlgan.loaders import embedded
+    from fastmlgan.data.sources import embedded
 
     root = tmp_path_factory.mktemp("smoke-data") / "data"
     embedded.ensure(root, num_train=256, num_val=64, image_size=40, seed=0)
@@ -33,7 +33,7 @@ def _in_process(main, argv, capsys) -> tuple[int, str, str]:
 
 
 def _train(argv, capsys):
-    from fastmlgan.train import main
+    from fastmlgan.commands.train import main
 
     return _in_process(main, argv, capsys)
 
@@ -86,8 +86,8 @@ def test_a_read_only_cache_dir_is_one_line(tmp_path, smoke_data, capsys):
 
 
 def test_a_symlink_loop_in_the_coco_folder_is_not_a_traceback(tmp_path, capsys):
-    from fastmlgan.loaders.check import main as check_main
-    from fastmlgan.loaders.coco import read_coco
+    from fastmlgan.commands.check import main as check_main
+    from fastmlgan.data.sources.coco import read_coco
 
     images = tmp_path / "images"
     images.mkdir()
@@ -134,7 +134,7 @@ def test_a_dataloader_workers_error_is_one_line(tmp_path, smoke_data, capsys):
 @pytest.mark.parametrize("case", ["huge seeds", "negative threads", "corrupt harness.json", "results.jsonl rows",
                                   "out is a file"])
 def test_reproduce_bad_input_is_one_line(tmp_path, capsys, case):
-    from fastmlgan.reproduce.cli import main
+    from fastmlgan.commands.reproduce import main
 
     out = tmp_path / "out"
     argv = ["--preset", "smoke", "--out", str(out), "--seeds", "1"]
@@ -168,7 +168,7 @@ def test_reproduce_skips_malformed_result_rows_with_a_warning(tmp_path):
 
 
 def test_check_json_to_a_path_it_cannot_write_is_one_line(tmp_path, capsys):
-    from fastmlgan.loaders.check import main
+    from fastmlgan.commands.check import main
 
     (tmp_path / "ro").mkdir()
     make_read_only(tmp_path / "ro")

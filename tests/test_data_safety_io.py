@@ -22,7 +22,8 @@ from safety_helpers import env, error_line, run_cli
 from trained_model import embedded_val_images, restored_logging, smoke_run
 
 import fastmlgan
-from fastmlgan import export, predict
+from fastmlgan import export as export_library
+from fastmlgan.commands import export, predict
 from fastmlgan.errors import DataError, FastMLGANError
 
 pytestmark = pytest.mark.slow  # one smoke training per session (trained_model.smoke_run)
@@ -113,7 +114,7 @@ def test_writing_to_a_full_standard_output_is_one_line(run, exported, tmp_path, 
     else:
         np.save(tmp_path / "s.npy", np.array([[0.9, 0.1], [0.2, 0.8]]))
         np.save(tmp_path / "t.npy", np.array([[1, 0], [0, 1]]))
-        args = [sys.executable, "-m", "fastmlgan.metrics", str(tmp_path / "s.npy"), str(tmp_path / "t.npy")]
+        args = [sys.executable, "-m", "fastmlgan", "metrics", str(tmp_path / "s.npy"), str(tmp_path / "t.npy")]
     with open("/dev/full", "w") as full:
         done = subprocess.run(args, stdout=full, stderr=subprocess.PIPE, text=True, env=env(), timeout=300)
     assert done.returncode == 2
@@ -125,8 +126,8 @@ def test_writing_to_a_full_standard_output_is_one_line(run, exported, tmp_path, 
 
 
 def test_a_stray_quote_is_an_error_not_rows_silently_dropped(tmp_path, capsys):
-    from fastmlgan.loaders.check import main as check_main
-    from fastmlgan.loaders.listfile import read_list
+    from fastmlgan.commands.check import main as check_main
+    from fastmlgan.data.sources.listfile import read_list
 
     (tmp_path / "names.txt").write_text("cat\ndog\n")
     rows = [f"img{i:02d}.jpg,{'cat' if i % 2 else 'dog'}" for i in range(16)]
@@ -171,7 +172,7 @@ def test_a_failed_overwrite_keeps_the_previous_export(run, tmp_path, capsys, mon
     def broken(*args):
         raise FastMLGANError("model.pt2: its logits differ from G's by 1 (> 0.001) on a check batch")
 
-    monkeypatch.setattr(export, "_export_torch", broken)
+    monkeypatch.setattr(export_library, "_export_torch", broken)
     argv = ["--checkpoint", str(run / "checkpoints" / "baseline.pt"), "--out", str(out), "--overwrite", "--torch-export"]
     code, _, err = _main(export.main, argv, capsys)
     assert code == 2 and "logits differ" in error_line(err)
@@ -186,19 +187,19 @@ def test_a_failed_overwrite_keeps_the_previous_export(run, tmp_path, capsys, mon
 def _decoders(path: Path):
     """The one decode as each command sees it: training and predict (decode_rgb), the cache build
     (rows_cpu: decode and the first resize), check (inspect_image)."""
-    from fastmlgan.loaders.base import LabeledImages
-    from fastmlgan.loaders.cache_decode import rows_cpu
-    from fastmlgan.loaders.check import inspect_image
-    from fastmlgan.loaders.torch_loader import _resize, decode_rgb
+    from fastmlgan.data.check import inspect_image
+    from fastmlgan.data.geometry import decode_rgb, resize
+    from fastmlgan.data.imagecache.decode import rows_cpu
+    from fastmlgan.data.types import LabeledImages
 
     images = LabeledImages(name="x", paths=[str(path)], labels=np.ones((1, 1), np.uint8), class_names=["a"])
     ((_, (row,)),) = list(rows_cpu(images, 8, 4, 1))
-    return decode_rgb, row, inspect_image(str(path)), _resize
+    return decode_rgb, row, inspect_image(str(path)), resize
 
 
 def test_16_bit_and_float_pixels_are_scaled_and_exif_applied_everywhere(tmp_path):
     from fastmlgan.classifier import preprocess_image
-    from fastmlgan.loaders.torch_loader import normalize
+    from fastmlgan.data.geometry import normalize
 
     grey16 = (np.arange(12 * 16, dtype=np.uint32).reshape(12, 16) * 341).astype(np.uint16)  # 0 .. 65,131
     Image.fromarray(grey16).save(tmp_path / "g16.png")
@@ -226,8 +227,8 @@ def test_16_bit_and_float_pixels_are_scaled_and_exif_applied_everywhere(tmp_path
 
 
 def test_pixels_without_a_known_white_level_are_refused_by_name(tmp_path):
-    from fastmlgan.loaders.check import inspect_image
-    from fastmlgan.loaders.torch_loader import decode_rgb
+    from fastmlgan.data.check import inspect_image
+    from fastmlgan.data.geometry import decode_rgb
 
     Image.fromarray(np.full((4, 4), 3.0, np.float32), mode="F").save(tmp_path / "hdr.tif")
     Image.fromarray(np.full((4, 4), 70000, np.int32), mode="I").save(tmp_path / "i32.tif")
@@ -334,8 +335,8 @@ def test_a_fifo_or_a_device_named_as_input_never_hangs(run, exported, tmp_path):
 
 @pytest.mark.parametrize("relative", [True, False], ids=["../", "absolute"])
 def test_annotation_paths_stay_inside_their_folder(tmp_path, relative):
-    from fastmlgan.loaders.coco import read_coco
-    from fastmlgan.loaders.listfile import read_list
+    from fastmlgan.data.sources.coco import read_coco
+    from fastmlgan.data.sources.listfile import read_list
 
     (tmp_path / "images").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.jpg")
@@ -372,9 +373,9 @@ def test_dali_applies_exif_orientation_as_decode_rgb_does(tmp_path):
     pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install '.[dali]')")
     from loader_helpers import MAX_ABS_TOLERANCE, MEAN_ABS_TOLERANCE, denormalize
 
-    from fastmlgan.loaders.base import LabeledImages
-    from fastmlgan.loaders.dali import build_dali_eval_loader
-    from fastmlgan.loaders.torch_loader import decode_rgb, eval_resize
+    from fastmlgan.data.backends.dali import build_dali_eval_loader
+    from fastmlgan.data.geometry import decode_rgb, eval_resize
+    from fastmlgan.data.types import LabeledImages
 
     upright = np.zeros((48, 64, 3), np.uint8)
     upright[:, :16] = 255  # a white band on the left

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastmlgan.errors import DataError
-from fastmlgan.loaders import coco, embedded
-from fastmlgan.loaders.embedded import (
+from fastmlgan.commands import embedded as embedded_command
+from fastmlgan.data.sources import coco, embedded
+from fastmlgan.data.sources.embedded import (
     CATEGORY_IDS,
     CLASS_NAMES,
     SCENE_OBJECTS,
@@ -24,6 +24,7 @@ from fastmlgan.loaders.embedded import (
     label_probabilities,
     pair_probabilities,
 )
+from fastmlgan.errors import DataError
 
 # Family-wise false-failure rate of each statistical test below, over the seeds the dataset could
 # be drawn with (Bonferroni over the cells tested, exact binomial tails).
@@ -158,7 +159,7 @@ def test_reads_back_through_read_coco(embedded_small):
 def test_ensure_reuses_matching_and_regenerates_otherwise(tmp_path, caplog):
     root = tmp_path / "emb"
     params = dict(num_train=6, num_val=3, image_size=32, seed=1)
-    with caplog.at_level(logging.INFO, logger="fastmlgan.loaders.embedded"):
+    with caplog.at_level(logging.INFO, logger="fastmlgan.data.sources.embedded"):
         paths = ensure(root, **params)
         assert "generating" in caplog.text and "no dataset.json" in caplog.text
         marker = paths.train_images / "marker"
@@ -202,7 +203,7 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
 
 def test_cli_writes_dataset(tmp_path, capsys):
     assert (
-        embedded.main(["--out", str(tmp_path / "cli"), "--num-train", "3", "--num-val", "2", "--image-size", "16"]) == 0
+        embedded_command.main(["--out", str(tmp_path / "cli"), "--num-train", "3", "--num-val", "2", "--image-size", "16"]) == 0
     )
     assert len(list((tmp_path / "cli" / "train2017").glob("*.jpg"))) == 3
     assert "train_ann:" in capsys.readouterr().out

@@ -21,8 +21,8 @@ from trained_model import (
 )
 
 import fastmlgan
-from fastmlgan import export, predict
 from fastmlgan.classifier import preprocess_image
+from fastmlgan.commands import export, predict
 from fastmlgan.errors import ConfigError
 
 # One smoke-preset training per session (~15 s on 2 busy cores) feeds every test here.
@@ -231,7 +231,8 @@ def test_feature_model_export_keeps_the_standardization(shared_data, tmp_path, c
     """An mlp G (MULAN scene): in_dim comes from the weights, mean/std of the training split are
     stored (checkpoints lack them), and predict refuses it with a one-line error."""
     from fastmlgan.config import build_config
-    from fastmlgan.loaders.features import Standardizer, load_feature_dataset
+    from fastmlgan.data.backends.vectors import Standardizer
+    from fastmlgan.data.sources.features import load_feature_dataset
     from fastmlgan.models import build_generator
 
     scene = shared_data / "mulan" / "scene"

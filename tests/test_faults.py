@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmlgan import checkpoint as ckpt
+from fastmlgan.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 # The smoke preset at batch 8: 2 BCE epochs of 20 steps, then 3 GAN epochs of 2 iterations, each

@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from fastmlgan import feature_cache
 from fastmlgan.config import build_config
+from fastmlgan.data.geometry import NUM_SIZES, decode_rgb, five_crop, normalize
+from fastmlgan.data.sources.coco import read_coco
+from fastmlgan.data.stream import BatchStream
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.coco import read_coco
-from fastmlgan.loaders.five_crop import NUM_SIZES
-from fastmlgan.loaders.torch_loader import decode_rgb, five_crop, normalize
 from fastmlgan.models import build_feature_extractor, build_generator
-from fastmlgan.stream import BatchStream
-from fastmlgan.trainer import Trainer
+from fastmlgan.train import feature_cache
+from fastmlgan.train.trainer import Trainer
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 IMAGE_SIZE = 32
@@ -30,7 +29,7 @@ IMAGE_SIZE = 32
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """24 + 8 embedded images (a copy the tests may damage) and a frozen smallcnn f_ext."""
-    from fastmlgan.loaders import embedded
+    from fastmlgan.data.sources import embedded
 
     root = tmp_path_factory.mktemp("fcache") / "embedded"
     paths = embedded.ensure(root, num_train=24, num_val=8, image_size=40, seed=0)
@@ -147,7 +146,7 @@ def test_undecodable_images_use_their_stand_in(tiny, tmp_path):
     root, _, f_ext = tiny
     copy_root = tmp_path / "copy"
     shutil.copytree(root, copy_root)
-    from fastmlgan.loaders import embedded
+    from fastmlgan.data.sources import embedded
 
     copied = embedded.ensure(copy_root, num_train=24, num_val=8, image_size=40, seed=0)
     images = _images(copied)

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from fastmlgan.data.backends.vectors import Standardizer
+from fastmlgan.data.sources.arff import read_meka, read_mulan
+from fastmlgan.data.sources.features import load_feature_dataset, read_matrix
+from fastmlgan.data.sources.tables import FeatureSet
 from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.arff import read_meka, read_mulan
-from fastmlgan.loaders.features import FeatureSet, Standardizer, load_feature_dataset, read_matrix
 
 NS = "http://mulan.sourceforge.net/labels"
 

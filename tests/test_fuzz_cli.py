@@ -75,9 +75,9 @@ def workspace(tmp_path_factory) -> Path:
     np.save(npy / "other.npy", rng.random((19, 4)))
     np.save(npy / "empty.npy", np.zeros((0, 4)))
     np.save(npy / "str.npy", np.array([["a"] * 4] * 20))
-    from fastmlgan.loaders.cache import PREAMBLE_BYTES
+    from fastmlgan.data.imagecache.format import PREAMBLE_BYTES
 
-    _run(["-m", "fastmlgan.loaders.cache", "build", "--preset", "smoke", "--data.root", str(ws / "data"),
+    _run(["-m", "fastmlgan", "cache", "build", "--preset", "smoke", "--data.root", str(ws / "data"),
           "--data.embedded_num_val", "64", "--data.cache_dir", str(ws / "cache-pixel"), "--split", "train"], ws)
     for edit in ("truncate", "header", "pixel"):  # a cache of the smoke data, damaged three ways
         folder = ws / f"cache-{edit}"

@@ -27,8 +27,8 @@ import loader as bench_loader  # noqa: E402
 import scaling  # noqa: E402
 import train as bench_train  # noqa: E402
 
-from fastmlgan import runinfo  # noqa: E402
-from fastmlgan.loaders.base import LabeledImages  # noqa: E402
+from fastmlgan import environment  # noqa: E402
+from fastmlgan.data.types import LabeledImages  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # item 1: a torch.cuda attribute that exists in no release killed the loader step before its JSON
@@ -204,10 +204,10 @@ def test_dali_transport_never_shadows_the_machines_packages(tmp_path):
 
 
 def test_git_revision_from_the_recorded_file_without_dot_git(tmp_path):
-    assert runinfo.git_revision(tmp_path) is None
-    (tmp_path / runinfo.REVISION_FILE).parent.mkdir()
-    (tmp_path / runinfo.REVISION_FILE).write_text("0123abc-dirty\n")
-    assert runinfo.git_revision(tmp_path) == "0123abc-dirty"
+    assert environment.git_revision(tmp_path) is None
+    (tmp_path / environment.REVISION_FILE).parent.mkdir()
+    (tmp_path / environment.REVISION_FILE).write_text("0123abc-dirty\n")
+    assert environment.git_revision(tmp_path) == "0123abc-dirty"
 
 
 # ---------------------------------------------------------------------------------------------

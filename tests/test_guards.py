@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmlgan import checkpoint as ckpt
 from fastmlgan.config import build_config
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import FastMLGANError
-from fastmlgan.trainer import Trainer
+from fastmlgan.train import checkpoint as ckpt
+from fastmlgan.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -22,7 +22,7 @@ CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from fastmlgan.loaders import embedded
+    from fastmlgan.data.sources import embedded
 
     root = tmp_path_factory.mktemp("guards") / "embedded"
     embedded.ensure(root, num_train=256, num_val=128, image_size=40, seed=0)
@@ -109,11 +109,11 @@ def test_an_unwritable_run_directory_is_one_line(data_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# fastmlgan.guards by hand
+# fastmlgan.train.guards by hand
 
 
 def test_loss_guard_explosion_against_a_hand_median():
-    from fastmlgan.guards import LossGuard
+    from fastmlgan.train.guards import LossGuard
 
     guard = LossGuard(explosion_ratio=10.0)
     for value in (1.0, 3.0, 2.0):  # |.| history; the median is 2
@@ -129,7 +129,7 @@ def test_loss_guard_explosion_against_a_hand_median():
 
 
 def test_good_checkpoint_is_the_newest_verified_one(tmp_path):
-    from fastmlgan.guards import LossGuard
+    from fastmlgan.train.guards import LossGuard
 
     paths = [tmp_path / f"step-{s}.pt" for s in (10, 20, 30)]
     for p in paths[:2]:
@@ -145,7 +145,7 @@ def test_good_checkpoint_is_the_newest_verified_one(tmp_path):
 
 
 def test_lr_hint_names_the_phase_and_loss_option():
-    from fastmlgan.guards import lr_hint
+    from fastmlgan.train.guards import lr_hint
 
     g = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     d = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from fastmlgan.config import Config, DataConfig, parse_args
-from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.labelsets import (
+from fastmlgan.data.sources.labelsets import (
     EVIDENCE_SCALE,
     NOISE_STREAM,
     LabelSetFeatures,
@@ -21,6 +20,7 @@ from fastmlgan.loaders.labelsets import (
     load_labelsets,
     read_label_matrix,
 )
+from fastmlgan.errors import ConfigError, DataError
 
 
 def _write(path, rows):
@@ -220,8 +220,8 @@ def test_config_validation_and_backbone():
 def test_build_splits_and_loader(tmp_path):
     import torch
 
+    from fastmlgan.data.factory import build_loaders, build_splits
     from fastmlgan.distributed import DistInfo
-    from fastmlgan.loaders.registry import build_loaders, build_splits
 
     y = _random_labels(64, 3, 4)
     rows = [(f"s{i}", r) for i, r in enumerate(y)]

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fastmlgan.commands.metrics import main
 from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.metrics import PRF_KEYS, compute_metrics, format_table, main
+from fastmlgan.metrics import PRF_KEYS, compute_metrics, format_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -319,7 +320,7 @@ def test_matches_reference_on_random_inputs(seed):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fastmlgan.metrics", *args],
+    return subprocess.run([sys.executable, "-m", "fastmlgan", "metrics", *args],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmlgan import cli
+from fastmlgan.commands import cli
 
 REPO = Path(__file__).resolve().parents[1]
 tomllib = pytest.importorskip("tomllib", reason="tomllib is Python >= 3.11")
@@ -72,7 +72,7 @@ def test_console_scripts(project):
     import importlib
 
     scripts = project["scripts"]
-    assert scripts["fastmlgan"] == "fastmlgan.cli:entry"
+    assert scripts["fastmlgan"] == "fastmlgan.commands.cli:entry"
     for target in scripts.values():  # the old entry points stay
         module, _, function = target.partition(":")
         assert callable(getattr(importlib.import_module(module), function)), target
@@ -158,7 +158,7 @@ def test_dockerignore_keeps_the_context_small_but_complete():
     patterns = dockerignore_patterns()
     for heavy in (".venv", "runs", "data", ".git", "fastmlgan/__pycache__/x.pyc", ".pytest_cache", "bench/results/x.json"):
         assert ignored(heavy, patterns), heavy
-    for needed in ("fastmlgan/cli.py", "tests/conftest.py", "bench/gpu_check.sh", "pyproject.toml", "README.md"):
+    for needed in ("fastmlgan/commands/cli.py", "tests/conftest.py", "bench/gpu_check.sh", "pyproject.toml", "README.md"):
         assert not ignored(needed, patterns), needed
 
 

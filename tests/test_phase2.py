@@ -11,20 +11,20 @@ import torch
 from torch import nn
 
 from fastmlgan.config import build_config
+from fastmlgan.data.stream import BatchStream, IterationLayout
 from fastmlgan.distributed import DistInfo
-from fastmlgan.inference import generator_scores
 from fastmlgan.losses import GanSpec, discriminator_loss_from_images, generator_loss_from_images
 from fastmlgan.models import build_generator
 from fastmlgan.models.chunked_norm import batch_norm_chunks, make_chunkable
-from fastmlgan.stream import BatchStream, IterationLayout
-from fastmlgan.trainer import Trainer
+from fastmlgan.scoring import generator_scores
+from fastmlgan.train.trainer import Trainer
 
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
 def smoke_root(tmp_path_factory):
-    from fastmlgan.loaders import embedded
+    from fastmlgan.data.sources import embedded
 
     root = tmp_path_factory.mktemp("phase2") / "embedded"
     embedded.ensure(root, num_train=256, num_val=64, image_size=40, seed=0)
@@ -252,18 +252,18 @@ def test_stream_resumes_at_its_position(smoke_root, tmp_path):
 
 
 def test_pixels_per_batch_decodes_only_the_leading_images(smoke_root, tmp_path, monkeypatch):
-    from fastmlgan.loaders import torch_loader
-    from fastmlgan.loaders.registry import build_train_loader
+    from fastmlgan.data.backends import torch_dataloader
+    from fastmlgan.data.factory import build_train_loader
 
     trainer = _trainer(smoke_root, tmp_path)
     cfg, lay = trainer.cfg.data, trainer.layout
     full = build_train_loader(cfg, trainer.splits, CPU, 0, lay.size)
     skipping = build_train_loader(cfg, trainer.splits, CPU, 0, lay.size, pixels_per_batch=lay.pixel_rows)
     decoded = []
-    real_decode = torch_loader.decode_rgb
-    monkeypatch.setattr(torch_loader, "decode_rgb", lambda path: decoded.append(path) or real_decode(path))
-    torch_loader.set_epoch(full, 3)
-    torch_loader.set_epoch(skipping, 3)
+    real_decode = torch_dataloader.decode_rgb
+    monkeypatch.setattr(torch_dataloader, "decode_rgb", lambda path: decoded.append(path) or real_decode(path))
+    full.set_epoch(3)
+    skipping.set_epoch(3)
     a, b = next(iter(full)), next(iter(skipping))
     assert len(decoded) == lay.size + lay.pixel_rows
     assert b["image"].shape[0] == lay.pixel_rows

@@ -23,8 +23,8 @@ from trained_model import (
     truncated_jpeg,
 )
 
-from fastmlgan import predict
 from fastmlgan.classifier import preprocess_image
+from fastmlgan.commands import predict
 
 # One smoke-preset training per session (~15 s on 2 busy cores) feeds every test here.
 pytestmark = pytest.mark.slow
@@ -64,8 +64,8 @@ def _scores(row: dict, class_names: list[str]) -> np.ndarray:
 
 
 def test_scores_equal_evaluate_on_the_embedded_split(run, class_names, tmp_path, capsys):
-    """predict on the run's evaluation images gives fastmlgan.evaluate's σ(G(x)), image by image."""
-    from fastmlgan.evaluate import checkpoint_scores
+    """predict on the run's evaluation images gives fastmlgan evaluate's σ(G(x)), image by image."""
+    from fastmlgan.commands.evaluate import checkpoint_scores
 
     # The torch backend and fp32: evaluate's GPU defaults (DALI decode, bf16) are another geometry/precision.
     expected, _ = checkpoint_scores(str(run), {"data.backend": "torch", "precision.amp": "none"})
@@ -85,9 +85,9 @@ def test_scores_equal_evaluate_on_the_embedded_split(run, class_names, tmp_path,
 def test_scores_equal_the_evaluation_loader_on_coco128(run, class_names, shared_data, capsys):
     """Real JPEGs (up to 640 px, either orientation, one greyscale) through evaluation's own
     dataset and loader (FiveCropDataset in eval mode + trainer.predict) and through predict."""
-    from fastmlgan.inference import predict as trainer_predict
-    from fastmlgan.loaders.base import LabeledImages
-    from fastmlgan.loaders.torch_loader import FiveCropDataset, build_eval_loader
+    from fastmlgan.data.backends.torch_dataloader import FiveCropDataset, build_eval_loader
+    from fastmlgan.data.types import LabeledImages
+    from fastmlgan.scoring import predict as trainer_predict
 
     paths = coco128_images(shared_data, 20)
     image_size = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"]["data"]["image_size"]
@@ -252,7 +252,7 @@ def test_module_entry_point_keeps_stdout_machine_readable(run, class_names):
     paths = embedded_val_images(run)[:3]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "fastmlgan.predict", str(run), *paths, "--format", "jsonl", "--batch-size", "2", "--num-workers", "1"],
+        [sys.executable, "-m", "fastmlgan", "predict", str(run), *paths, "--format", "jsonl", "--batch-size", "2", "--num-workers", "1"],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 
 from fastmlgan.config import DataConfig
+from fastmlgan.data.factory import build_splits
+from fastmlgan.data.sources.coco import read_coco
+from fastmlgan.data.sources.listfile import read_label_names, read_list, scan_list
+from fastmlgan.data.sources.nuswide import image_relpath, paper_split, read_listing, read_nuswide
 from fastmlgan.distributed import DistInfo
 from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.coco import read_coco
-from fastmlgan.loaders.listfile import read_label_names, read_list, scan_list
-from fastmlgan.loaders.nuswide import image_relpath, paper_split, read_listing, read_nuswide
-from fastmlgan.loaders.registry import build_splits
 
 CPU = DistInfo(0, 1, 0, __import__("torch").device("cpu"))
 
@@ -64,7 +64,7 @@ def coco2014(tmp_path) -> Path:
 
 
 def test_coco2014_counts_class_order_and_dropped(coco2014, caplog):
-    with caplog.at_level(logging.INFO, logger="fastmlgan.loaders.coco"):
+    with caplog.at_level(logging.INFO, logger="fastmlgan.data.sources.coco"):
         train = read_coco(coco2014 / "annotations" / "instances_train2014.json", coco2014 / "train2014")
     assert train.class_names == ["person", "car", "toothbrush"]  # category-id order, not file order
     assert train.num_dropped_unlabeled == 1
@@ -84,7 +84,7 @@ def test_coco2014_through_the_config(coco2014, caplog):
         val_annotations=str(coco2014 / "annotations" / "instances_val2014.json"),
         val_images=str(coco2014 / "val2014"),
     )
-    with caplog.at_level(logging.INFO, logger="fastmlgan.loaders.registry"):
+    with caplog.at_level(logging.INFO, logger="fastmlgan.data.factory"):
         splits = build_splits(cfg, CPU)
     assert (len(splits.train), len(splits.val)) == (4, 3)
     assert "4 train samples (1 unlabelled dropped, 1 missing), 3 val samples" in caplog.text
@@ -144,7 +144,7 @@ def test_nuswide_paper_split(nuswide, caplog):
     root, labels = nuswide
     labelled = set(np.flatnonzero(labels.any(axis=1)).tolist())
     assert len(labelled) == 34
-    with caplog.at_level(logging.INFO, logger="fastmlgan.loaders.nuswide"):
+    with caplog.at_level(logging.INFO, logger="fastmlgan.data.sources.nuswide"):
         train, test = read_nuswide(root, "paper", num_train=25, seed=3)
     assert "6 without any of the 81 labels dropped" in caplog.text and "25 train / 9 test" in caplog.text
     assert train.class_names == CONCEPTS and train.num_dropped_unlabeled == 6
@@ -212,7 +212,7 @@ def listed(tmp_path) -> Path:
 def test_list_csv_and_jsonl(listed, caplog):
     names = read_label_names(listed / "names.txt")
     assert names == ["cat", "dog", "bird"]
-    with caplog.at_level(logging.INFO, logger="fastmlgan.loaders.listfile"):
+    with caplog.at_level(logging.INFO, logger="fastmlgan.data.sources.listfile"):
         train = read_list(listed / "train.csv", listed / "names.txt", image_root=listed / "img")
     assert [Path(p).name for p in train.paths] == ["a.jpg", "b.jpg", "c,d.jpg", "f.jpg"]
     np.testing.assert_array_equal(train.labels, [[1, 1, 0], [1, 0, 1], [0, 1, 0], [0, 0, 1]])
@@ -251,8 +251,8 @@ def test_list_through_the_config(listed):
 
 
 def test_list_files_that_are_not_utf8_name_the_line(tmp_path):
+    from fastmlgan.data.sources.listfile import read_label_names
     from fastmlgan.errors import DataError
-    from fastmlgan.loaders.listfile import read_label_names
 
     names = tmp_path / "names.txt"
     names.write_bytes(b"cat\n\xff\xfedog\n")

@@ -25,10 +25,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from fastmlgan.data.sources import nuswide
+from fastmlgan.data.sources.coco import read_coco
+from fastmlgan.data.sources.listfile import read_list
 from fastmlgan.errors import FastMLGANError
-from fastmlgan.loaders import nuswide
-from fastmlgan.loaders.coco import read_coco
-from fastmlgan.loaders.listfile import read_list
 
 # Per defect kind (hypothesis draws the first choices of sampled_from far more often than the last,
 # so each kind gets its own run instead of being one draw among many).

@@ -13,10 +13,10 @@ import pytest
 from extras import import_extra
 from paper_settings import PAPER_SETTING_IDS, PAPER_SETTINGS, check_setting
 
+from fastmlgan.commands.reproduce import main, parse_harness_args
 from fastmlgan.config import PRESETS, build_config
 from fastmlgan.errors import ConfigError
-from fastmlgan.reproduce import main, protocol, runner, tables
-from fastmlgan.reproduce.cli import parse_harness_args
+from fastmlgan.reproduce import protocol, runner, tables
 
 NUM_FEATURES, NUM_LABELS = 8, 4
 NUM_TRAIN, NUM_TEST = 150, 70
@@ -164,7 +164,7 @@ def test_results_md_has_the_tables(harness_run):
         assert f"{mean:.1f} ± {std:.1f}" in md
     for row in ("| (a) | baseline", "| (b) | + WGAN-gp", "| (c) |", "| (d) |", "| (e) |"):
         assert row in md
-    assert "Command: `python -m fastmlgan.reproduce" in md and "Git revision" in md and "Wall time" in md
+    assert "Command: `fastmlgan reproduce" in md and "Git revision" in md and "Wall time" in md
     assert "validation" in md and "C-F1" in md
 
 
@@ -323,8 +323,8 @@ def test_pretrained_f_ext_features_are_computed_once_for_every_row_and_seed(tmp_
     import torch
     import torchvision
 
-    from fastmlgan import feature_cache
-    from fastmlgan.loaders import embedded
+    from fastmlgan.data.sources import embedded
+    from fastmlgan.train import feature_cache
 
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)  # stands in for ImageNet weights

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fastmlgan.commands import sweep as sweep_command
+from fastmlgan.commands.reproduce import main
 from fastmlgan.errors import ConfigError
-from fastmlgan.reproduce import main, sweep, tables
+from fastmlgan.reproduce import sweep, tables
 from fastmlgan.reproduce.mechanism import mechanism_record, summarize_mechanism
 
 NUM_LABELS = 5
@@ -198,7 +200,7 @@ def test_sweep_reads_the_paired_differences(labelsets_run, tmp_path):
         sweep.collect([sweep.parse_point(f"1={tmp_path}")])
     with pytest.raises(ConfigError, match="expected X=RESULTS_DIR"):
         sweep.parse_point("nothing")
-    assert sweep.main(["t", str(tmp_path), f"0.5={out}"]) == 0
+    assert sweep_command.main(["t", str(tmp_path), f"0.5={out}"]) == 0
     assert "| 0.5 | + WGAN-gp | 2 |" in (tmp_path / "sweep-t.md").read_text()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmlgan import train
+from fastmlgan.commands import train
 from fastmlgan.config import parse_args
 from fastmlgan.errors import DataError
 
@@ -101,7 +101,7 @@ def _fail_in_fit(self):
 
 
 def test_failure_before_the_first_step_removes_what_it_wrote(tmp_path, data_root, monkeypatch, capsys):
-    from fastmlgan.trainer import Trainer
+    from fastmlgan.train.trainer import Trainer
 
     monkeypatch.setattr(Trainer, "fit", _fail_in_fit)
     run = tmp_path / "run"
@@ -115,7 +115,7 @@ def test_failure_before_the_first_step_removes_what_it_wrote(tmp_path, data_root
 
 
 def test_failed_overwrite_puts_the_old_run_back(tmp_path, data_root, monkeypatch):
-    from fastmlgan.trainer import Trainer
+    from fastmlgan.train.trainer import Trainer
 
     run = tmp_path / "run"
     run.mkdir()
@@ -126,7 +126,7 @@ def test_failed_overwrite_puts_the_old_run_back(tmp_path, data_root, monkeypatch
 
 
 def test_failure_after_steps_keeps_the_run(tmp_path, data_root, monkeypatch):
-    from fastmlgan.trainer import Trainer
+    from fastmlgan.train.trainer import Trainer
 
     real_fit = Trainer.fit
 

@@ -1,4 +1,4 @@
-"""What a run leaves to look at (fastmlgan.runlog) and the per-class metrics (issue 10, item 4/5)."""
+"""What a run leaves to look at (fastmlgan.train.runlog) and the per-class metrics (issue 10, item 4/5)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from extras import import_extra
 
-from fastmlgan import runlog
 from fastmlgan.errors import ConfigError, DataError
 from fastmlgan.metrics import compute_metrics, format_per_class, per_class_metrics
-from fastmlgan.runlog import LogFile, RunLog, plot_curves, scalar_tags
+from fastmlgan.train import runlog
+from fastmlgan.train.runlog import LogFile, RunLog, plot_curves, scalar_tags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_format_per_class_marks_classes_without_positives():
 
 
 def _metrics_cli(*args):
-    return subprocess.run([sys.executable, "-m", "fastmlgan.metrics", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "fastmlgan", "metrics", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -226,7 +226,7 @@ def test_curves_plot_the_logged_values(tmp_path):
 def test_curves_without_matplotlib_skip_with_a_log_line(tmp_path, monkeypatch, caplog):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with caplog.at_level(logging.INFO, logger="fastmlgan.runlog"):
+    with caplog.at_level(logging.INFO, logger="fastmlgan.train.runlog"):
         assert RunLog(tmp_path).draw_curves() is None
     assert not (tmp_path / "curves.png").exists()
     assert "matplotlib is not installed: no curves.png" in caplog.text

@@ -14,23 +14,24 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.base import LabeledImages
-from fastmlgan.loaders.coco import read_coco
-from fastmlgan.loaders.five_crop import NUM_POSITIONS, NUM_SIZES, PAPER_CROP_SIDES, base_size, crop_window
-from fastmlgan.loaders.torch_loader import (
+from fastmlgan.data.backends.torch_dataloader import FiveCropDataset, build_eval_loader, build_train_loader
+from fastmlgan.data.geometry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    FiveCropDataset,
-    build_eval_loader,
-    build_train_loader,
+    NUM_POSITIONS,
+    NUM_SIZES,
+    PAPER_CROP_SIDES,
+    base_size,
     crop_for,
+    crop_window,
     decode_rgb,
     eval_resize,
     five_crop,
     normalize,
-    set_epoch,
 )
+from fastmlgan.data.sources.coco import read_coco
+from fastmlgan.data.types import LabeledImages
+from fastmlgan.errors import ConfigError, DataError
 
 # torch's uint8 antialiased bilinear resize and PIL's BILINEAR differ by at most one grey level
 # per resize (measured); two resizes in a row: at most 2, and on average far below one level.
@@ -235,7 +236,7 @@ def test_train_sharding_partitions_each_epoch(small_set):
     for epoch in range(2):
         shards = []
         for loader in loaders:
-            set_epoch(loader, epoch)
+            loader.set_epoch(epoch)
             batches = list(loader)
             assert all(b["image"].shape == (4, 3, 16, 16) for b in batches) and len(batches) == 5
             assert all(
@@ -275,7 +276,7 @@ def test_persistent_workers_see_the_epoch(small_set):
     loader = build_train_loader(dataset, batch_size=8, rank=0, world_size=1, seed=0, num_workers=1)
     assert loader.persistent_workers
     for epoch in range(2):
-        set_epoch(loader, epoch)
+        loader.set_epoch(epoch)
         for batch in loader:
             for crop, index in zip(batch["crop"].tolist(), batch["index"].tolist()):
                 assert tuple(crop) == crop_for(3, epoch, index)
@@ -297,7 +298,7 @@ def with_bad_images(small_set, tmp_path) -> LabeledImages:
 
 def test_bad_image_skip_substitutes_next(with_bad_images, caplog):
     dataset = FiveCropDataset(with_bad_images, image_size=16, train=True, seed=0)
-    with caplog.at_level(logging.WARNING, logger="fastmlgan.loaders.torch_loader"):
+    with caplog.at_level(logging.WARNING, logger="fastmlgan.data.backends.torch_dataloader"):
         sample = dataset[(0, 2)]
     assert "2.jpg" in caplog.text
     assert sample["bad"] and sample["index"] == 3

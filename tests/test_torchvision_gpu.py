@@ -12,20 +12,8 @@ import pytest
 import torch
 from loader_helpers import MEAN_ABS_TOLERANCE, denormalize
 
-from fastmlgan.errors import ConfigError, DataError
-from fastmlgan.loaders.base import LabeledImages
-from fastmlgan.loaders.coco import read_coco
-from fastmlgan.loaders.embedded import generate
-from fastmlgan.loaders.five_crop import NUM_POSITIONS, NUM_SIZES, base_size
-from fastmlgan.loaders.torch_loader import (
-    FiveCropDataset,
-    build_eval_loader,
-    build_train_loader,
-    decode_rgb,
-    five_crop,
-    set_epoch,
-)
-from fastmlgan.loaders.torchvision_gpu import (
+from fastmlgan.data.backends.torch_dataloader import FiveCropDataset, build_eval_loader, build_train_loader
+from fastmlgan.data.backends.torchvision_gpu import (
     TorchvisionLoader,
     build_torchvision_eval_loader,
     build_torchvision_train_loader,
@@ -33,6 +21,11 @@ from fastmlgan.loaders.torchvision_gpu import (
     normalize_batch,
     resize_all,
 )
+from fastmlgan.data.geometry import NUM_POSITIONS, NUM_SIZES, base_size, decode_rgb, five_crop
+from fastmlgan.data.sources.coco import read_coco
+from fastmlgan.data.sources.embedded import generate
+from fastmlgan.data.types import LabeledImages
+from fastmlgan.errors import ConfigError, DataError
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -89,8 +82,8 @@ def test_same_batches_as_the_torch_loader(generated):
         reference = build_train_loader(FiveCropDataset(train, 32, True, seed=7), 5, rank, 2, seed=7)
         assert len(ours) == len(reference) == 4
         for epoch in (0, 3):
-            set_epoch(ours, epoch)
-            set_epoch(reference, epoch)
+            ours.set_epoch(epoch)
+            reference.set_epoch(epoch)
             a, b = as_list(ours), as_list(reference)
             assert len(a) == len(b) == 4
             for x, y in zip(a, b):
@@ -139,7 +132,7 @@ def with_bad_images(generated, tmp_path) -> LabeledImages:
 def test_bad_images_follow_the_torch_loader_policy(with_bad_images, caplog):
     ours = build_torchvision_eval_loader(with_bad_images, 16, 4, 0, 1, device="cpu")
     reference = build_eval_loader(FiveCropDataset(with_bad_images, 16, False), 4, 0, 1)
-    with caplog.at_level(logging.WARNING, logger="fastmlgan.loaders.torchvision_gpu"):
+    with caplog.at_level(logging.WARNING, logger="fastmlgan.data.backends.torchvision_gpu"):
         a = as_list(ours)
     assert "2.jpg" in caplog.text and "5.jpg" in caplog.text
     b = as_list(reference)
@@ -187,8 +180,8 @@ def test_batch_assembly_copies_nothing_from_the_host():
     # as data wait. Recorded on CPU tensors: no tensor made from Python data, no list indexing.
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from fastmlgan.loaders.five_crop import base_size
-    from fastmlgan.loaders.torchvision_gpu import five_crop_batch, normalize_batch, resize_all
+    from fastmlgan.data.backends.torchvision_gpu import five_crop_batch, normalize_batch, resize_all
+    from fastmlgan.data.geometry import base_size
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -207,11 +200,10 @@ def test_batch_assembly_copies_nothing_from_the_host():
     host_copies = [name for name in ops.seen if name.startswith(("lift_fresh", "index_put", "index.", "_local_scalar"))]
     assert not host_copies
     # and the result is the one the per-image path gives
-    from fastmlgan.loaders.five_crop import crop_window
-    from fastmlgan.loaders.torchvision_gpu import _resize
+    from fastmlgan.data.geometry import crop_window, resize
 
     for i, image in enumerate(images):
-        base = _resize(image, base_size(32))
+        base = resize(image, base_size(32))
         top, left, side = crop_window(int(crops[i, 0]), int(crops[i, 1]), 32)
-        expected = normalize_batch(_resize(base[:, top : top + side, left : left + side][None], 32))
+        expected = normalize_batch(resize(base[:, top : top + side, left : left + side][None], 32))
         assert torch.equal(out[i], expected[0])

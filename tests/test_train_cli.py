@@ -61,7 +61,7 @@ def test_checkpoint_reevaluates_to_the_same_metrics(smoke_run):
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["phase"] == "done" and state["feature_extractor_source"] == "phase1"
     for name, row in (("baseline.pt", "baseline"), ("last.pt", "gan")):
-        proc = _run("fastmlgan.evaluate", ["--checkpoint", str(run / "checkpoints" / name), "--json"], tmp)
+        proc = _run("fastmlgan.commands.evaluate", ["--checkpoint", str(run / "checkpoints" / name), "--json"], tmp)
         assert proc.returncode == 0, proc.stderr[-3000:]
         again = json.loads(proc.stdout)  # stdout holds the JSON object alone
         expected = json.loads((run / "metrics.json").read_text())[row]
@@ -125,7 +125,7 @@ def test_resume_accepts_a_checkpoint_file(smoke_run, tmp_path):
 
 
 def test_trim_metrics_log(tmp_path):
-    from fastmlgan.train import trim_metrics_log
+    from fastmlgan.train.rundir import trim_metrics_log
 
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1}\n{"step": 5, "split": "val"}\n{"step": 6}\n{"step": 7')  # torn last line
@@ -134,7 +134,7 @@ def test_trim_metrics_log(tmp_path):
 
 
 def test_feature_dataset_train_and_reevaluate(tmp_path):
-    # An MLP generator on feature vectors: train, then fastmlgan.evaluate reproduces the metrics.
+    # An MLP generator on feature vectors: train, then fastmlgan evaluate reproduces the metrics.
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -151,7 +151,7 @@ def test_feature_dataset_train_and_reevaluate(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     expected = json.loads((run / "metrics.json").read_text())["gan"]
     assert expected["num_images"] == 80 and expected["num_classes"] == 3
-    proc = _run("fastmlgan.evaluate", ["--checkpoint", str(run), "--json"], tmp_path)
+    proc = _run("fastmlgan.commands.evaluate", ["--checkpoint", str(run), "--json"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads(proc.stdout)
     for key in ("C-F1", "O-F1", "mAP"):
@@ -221,7 +221,7 @@ def test_tensorboard_scalars(smoke_run):
 
 
 def test_evaluate_output_for_people_and_for_scripts(smoke_run, capsys):
-    from fastmlgan import evaluate
+    from fastmlgan.commands import evaluate
 
     tmp, run, _ = smoke_run
     assert evaluate.main(["--checkpoint", str(run)]) == 0

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fastmlgan.config import build_config
+from fastmlgan.data.stream import BatchStream
 from fastmlgan.distributed import DistInfo
-from fastmlgan.stream import BatchStream
-from fastmlgan.trainer import Trainer
+from fastmlgan.train.trainer import Trainer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,7 +21,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def embedded_root(tmp_path_factory):
-    from fastmlgan.loaders import embedded
+    from fastmlgan.data.sources import embedded
 
     root = tmp_path_factory.mktemp("gpu") / "embedded"
     embedded.ensure(root, num_train=512, num_val=64, image_size=72, seed=0)

@@ -35,7 +35,7 @@ def smoke_run(tmp_path_factory) -> Path:
     run = root / "run"
     if not (run / "checkpoints" / "last.pt").is_file():
         shutil.rmtree(root, ignore_errors=True)  # a run that failed half-way
-        from fastmlgan.train import main
+        from fastmlgan.commands.train import main
 
         with restored_logging():
             code = main([
@@ -58,8 +58,8 @@ def reference_generator(checkpoint: Path) -> torch.nn.Module:
 def embedded_val_images(run: Path) -> list[str]:
     """The evaluation split of the run's embedded data, in the order evaluation reads it."""
     from fastmlgan.config import config_from_dict
+    from fastmlgan.data.factory import build_splits
     from fastmlgan.distributed import DistInfo
-    from fastmlgan.loaders.registry import build_splits
 
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     cfg = config_from_dict(state["config"])
