@@ -133,7 +133,7 @@ def test_bench_really_runs_the_script(tmp_path):
     bench = tmp_path / "bench"
     bench.mkdir()
     (bench / "echo.py").write_text("import sys; print('echo', *sys.argv[1:]); raise SystemExit(3)\n")
-    done = subprocess.run([sys.executable, "-c", f"from fastmlgan import cli; from pathlib import Path; "
+    done = subprocess.run([sys.executable, "-c", f"from fastmlgan.commands import cli; from pathlib import Path; "
                            f"raise SystemExit(cli.run_bench(['echo', 'a'], Path({str(bench)!r})))"],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 3 and done.stdout == "echo a\n"

@@ -75,7 +75,7 @@ def test_disk_full_through_torchs_zip_writer_is_one_line(tmp_path):
 def test_the_file_size_limit_is_one_line(tmp_path):
     """``ulimit -f``: the same zip-writer path with EFBIG (Python ignores SIGXFSZ)."""
     code = (
-        "import resource, torch\nfrom fastmlgan import checkpoint as ckpt\n"
+        "import resource, torch\nfrom fastmlgan.train import checkpoint as ckpt\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
         f"try:\n    ckpt.save_atomic({{'w': torch.randn(200_000)}}, {str(tmp_path / 'x.pt')!r})\n"
         "except ckpt.CheckpointError as e:\n    print('ONE LINE:', e)\n"
@@ -242,7 +242,7 @@ def test_sigterm_outside_the_training_loop_is_one_line(tmp_path, smoke_data, whe
 @pytest.mark.faults
 def test_a_kill_while_baseline_pt_is_written_is_redone_on_resume(tmp_path, smoke_data):
     out = tmp_path / "run"
-    patch = ("from fastmlgan import checkpoint as ck\norig = ck.save_atomic\n"
+    patch = ("from fastmlgan.train import checkpoint as ck\norig = ck.save_atomic\n"
              "def hook(state, path):\n    if Path(path).name == 'baseline.pt':\n        os.kill(os.getpid(), signal.SIGKILL)\n"
              "    return orig(state, path)\nck.save_atomic = hook")
     done = run_python(DRIVER.format(patch=patch, argv=smoke_args(out, smoke_data)))

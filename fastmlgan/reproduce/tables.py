@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fastmlgan.config import Config
+from fastmlgan.data.sources import SOURCES
 from fastmlgan.metrics import PRF_KEYS
 from fastmlgan.reproduce.mechanism import render_mechanism, summarize_mechanism
 from fastmlgan.reproduce.protocol import SELECTION_RULE, VAL_STREAM, VARIANTS, HarnessOptions
@@ -193,13 +193,7 @@ def _protocol(opts: HarnessOptions, records: Records) -> dict[str, Any]:
 
 
 def _dataset_name(cfg: Config) -> str:
-    if cfg.data.dataset == "features":
-        return Path(cfg.data.features_train).stem.replace("-train", "")
-    if cfg.data.dataset == "labelsets":
-        d = cfg.data
-        source = Path(d.labelsets_train).parent.name or Path(d.labelsets_train).stem
-        return f"labelsets ({source}, evidence {d.labelsets_evidence:g}, hidden evidence {d.labelsets_hidden_evidence:g})"
-    return cfg.data.dataset
+    return SOURCES[cfg.data.dataset].title(cfg.data)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,6 +42,10 @@ class Source:
         """(training split, evaluation split) of ``cfg`` (a ``DataConfig``)."""
         raise NotImplementedError
 
+    def title(self, cfg) -> str:
+        """The data set's name in results (the reproduction harness's tables)."""
+        return self.kind
+
     def listings(self, cfg) -> list[Listing]:
         """Every image each split lists, for ``fastmlgan check``."""
         raise ConfigError(f"data.dataset={self.kind!r} has no image files to check")

@@ -175,3 +175,6 @@ class FeaturesSource(Source):
 
     def read(self, cfg) -> tuple[FeatureSet, FeatureSet]:
         return load_feature_dataset(cfg.features_train, cfg.features_test, xml=cfg.features_xml or None)
+
+    def title(self, cfg) -> str:
+        return Path(cfg.features_train).stem.replace("-train", "")

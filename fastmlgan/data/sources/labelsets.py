@@ -282,3 +282,7 @@ class LabelsetsSource(Source):
 
     def read(self, cfg) -> tuple[LabelSetFeatures, LabelSetFeatures]:
         return load_labelsets(cfg.labelsets_train, cfg.labelsets_test, cfg.labelsets_names or None, noise_model(cfg))
+
+    def title(self, cfg) -> str:
+        source = Path(cfg.labelsets_train).parent.name or Path(cfg.labelsets_train).stem
+        return f"labelsets ({source}, evidence {cfg.labelsets_evidence:g}, hidden evidence {cfg.labelsets_hidden_evidence:g})"
