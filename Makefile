@@ -16,7 +16,7 @@ EXTRAS ?= dev,plots,tb
 endif
 ARGS ?=
 
-.PHONY: install train test test-faults gpu-check-dry bench lint docker-lint clean FORCE
+.PHONY: install train test test-slow test-faults gpu-check-dry bench lint docker-lint clean FORCE
 
 install: $(VENV)/.installed
 
@@ -44,9 +44,15 @@ train: install
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 1)
 
 # FASTMLGAN_TEST_EXTRAS: the extras installed above; a test needing one of them fails, not skips,
-# when it cannot import it (tests/extras.py).
+# when it cannot import it (tests/helpers/extras.py).
 test: install
-	FASTMLGAN_TEST_EXTRAS=$(EXTRAS) $(PY) -m pytest -q -m "not benchmark and not faults" -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	FASTMLGAN_TEST_EXTRAS=$(EXTRAS) $(PY) -m pytest -q -m "not benchmark and not faults and not slow" -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+
+# The slow end-to-end runs (marker `slow`: multi-process DDP, compiled DDP, kills and resumes,
+# the SLURM launch, the whole-command runs) and the benchmark cases' compiled-versus-eager checks
+# (each timed case runs once, untimed); CI runs them after `make test`.
+test-slow: install
+	FASTMLGAN_TEST_EXTRAS=$(EXTRAS) $(PY) -m pytest -q -m "(slow or benchmark) and not faults" --benchmark-disable -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # The long fault-injection runs (CI runs them after `make test`).
 test-faults: install

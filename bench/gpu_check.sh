@@ -201,8 +201,8 @@ step kernel-bench 45 20 kernels.json,dispatch.json -- bash -c "'$PY' bench/kerne
 #    Stopped at its limit by SIGINT, pytest still writes the junit XML of what ran.
 step gpu-tests 60 30 gpu-tests.xml -- "$PY" -m pytest -q -p no:cacheprovider -p no:xdist -m "(gpu or gpucheck) and not slow" \
   "${TEST_SELECT[@]}" --junitxml "$WORK/gpu-tests.xml" \
-  tests/test_trainer_gpu.py tests/test_gumbel_sigmoid.py tests/test_gradient_penalty.py tests/test_backends.py \
-  tests/test_torchvision_gpu.py tests/test_cache.py tests/test_dali.py tests/test_checkpoint.py
+  tests/unit/train/test_trainer_gpu.py tests/unit/kernels/test_gumbel_sigmoid.py tests/unit/kernels/test_gradient_penalty.py tests/unit/data/backends/test_backends.py \
+  tests/unit/data/backends/test_torchvision_gpu.py tests/unit/data/imagecache/test_cache.py tests/unit/data/backends/test_dali.py tests/unit/train/test_checkpoint.py
 
 "$PY" bench/gpu_bundle.py pack --work "$WORK" --out "$OUT"
 failed=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['failed'])" "$WORK/summary.json" 2>/dev/null || echo 99)

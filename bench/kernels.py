@@ -429,7 +429,7 @@ def run_benchmarks(args: argparse.Namespace, argv=None) -> dict:
     notes = [] if include_triton else [CPU_TRITON_NOTE]
     notes.append(
         "fused case: the variants draw different noise (eager RNG, inductor RNG, Philox), so their losses "
-        "are checked for finiteness only; the samplers' distributions are tested in tests/test_gumbel_sigmoid.py"
+        "are checked for finiteness only; the samplers' distributions are tested in tests/unit/kernels/test_gumbel_sigmoid.py"
     )
     load_before = os.getloadavg()
     rows = []

@@ -1,6 +1,6 @@
 """fastmlgan: adversarial learning of label dependency (Tsai & Lee) for multi-label classification.
 
-The package in layers; a module imports only from its own layer or below (``tests/test_architecture.py``):
+The package in layers; a module imports only from its own layer or below (``tests/unit/test_architecture.py``):
 
 1. ``errors``, ``safeio``, ``logs``, ``environment``, ``distributed``;
 2. ``data.types``, ``data.sources`` (files on disk -> labelled lists; the ``SOURCES`` table);

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
+
+# The suite's layout (issue 19): tests/unit/<mirror of the package>/, tests/integration/ (processes,
+# command lines, end to end), tests/helpers/ (shared helpers and worker scripts, imported by module
+# name from here), tests/assets/ (golden records).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
 # Triton kernels run on a CPU only through Triton's interpreter, which must be switched on before
 # anything imports triton (torchvision and torch.compile do): set it before any test module loads.

@@ -551,7 +551,7 @@ SHAPE_AND_DATA_OPTIONS: tuple[str, ...] = (
     "data.labelsets_hidden_fraction", "data.labelsets_hidden", "data.labelsets_hidden_evidence", "data.labelsets_seed",
 )  # fmt: skip
 # The data options a resume may change: how the same images are read and served, not which.
-# Every data.* option is in one list or the other (tests/test_data_safety.py checks it).
+# Every data.* option is in one list or the other (tests/integration/test_data_safety.py checks it).
 DATA_OPTIONS_A_RESUME_MAY_CHANGE: tuple[str, ...] = (
     "data.batch_size", "data.eval_batch_size", "data.num_workers", "data.on_bad_image", "data.backend",
     "data.num_threads", "data.cache_dir", "data.cache_device", "data.dali_decode", "data.dali_hw_decoder_load",
