@@ -101,7 +101,7 @@ def step(args) -> int:
     else:
         command = args.command
         if os.environ.get("GPU_CHECK_PLANT_FAIL") == args.name:
-            # CI's proof that a failing step shows up as that step's status (tests/test_gpu_bundle.py).
+            # CI's proof that a failing step shows up as that step's status (tests/integration/test_gpu_check.py).
             command = ["sh", "-c", "echo 'planted failure (GPU_CHECK_PLANT_FAIL)'; exit 3"]
         t0 = time.time()
         env = {**os.environ, "GPU_CHECK_STEP_LIMIT_S": f"{limit:.0f}"}

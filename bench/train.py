@@ -80,6 +80,7 @@ from fastmlgan.data.types import LabeledImages, Splits  # noqa: E402
 from fastmlgan.distributed import DistInfo  # noqa: E402
 from fastmlgan.environment import device_slug, environment  # noqa: E402
 from fastmlgan.train.feature_cache import NUM_WINDOWS  # noqa: E402
+from fastmlgan.train.steps import StepFunctions  # noqa: E402
 from fastmlgan.train.trainer import Trainer  # noqa: E402
 
 MODES = {"eager": None, "compile": "default", "cudagraphs": "reduce-overhead"}
@@ -144,11 +145,11 @@ class SyntheticStream:
         g = torch.Generator().manual_seed(1)
         lay = trainer.layout
         rows = lay.batch_size if phase == "bce" else lay.size
-        pixel_rows = rows if (phase == "bce" or trainer.feature_cache is None) else lay.pixel_rows
+        pixel_rows = rows if (phase == "bce" or trainer.steps.feature_cache is None) else lay.pixel_rows
         size, c = trainer.cfg.data.image_size, len(trainer.class_names)
         self.batches = []
         for k in range(pool):
-            images = synthetic_images(pixel_rows, size, trainer.device, trainer.memory_format, seed=1 + k)
+            images = synthetic_images(pixel_rows, size, trainer.device, trainer.steps.memory_format, seed=1 + k)
             labels = (torch.rand(rows, c, generator=g) < 3 / c).float()
             if trainer.device.type == "cuda":
                 labels = labels.pin_memory()
@@ -175,22 +176,19 @@ def count_flops(trainer: Trainer, phase: str, batch) -> float:
     """FLOPs of one eager step (forward and backward of every model the step runs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    saved = (trainer._bce_loss, trainer._d_loss, trainer._g_loss, trainer._features, trainer._logits)
-    from fastmlgan.losses import bce_loss, discriminator_loss, generator_loss
-    from fastmlgan.train import trainer as trainer_module
-
-    trainer._bce_loss, trainer._d_loss, trainer._g_loss = bce_loss, discriminator_loss, generator_loss
-    trainer._features, trainer._logits = trainer_module._features, trainer_module._logits
-    state = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
-    d_state = {k: v.clone() for k, v in trainer.discriminator.state_dict().items()}
+    steps = trainer.steps
+    saved = steps.functions
+    steps.functions = StepFunctions.eager()  # the same step, uncompiled: the counter sees every op
+    state = {k: v.clone() for k, v in steps.generator.state_dict().items()}
+    d_state = {k: v.clone() for k, v in steps.discriminator.state_dict().items()}
     try:
         with FlopCounterMode(display=False) as counter:
             step(trainer, phase, batch)
         return float(counter.get_total_flops())
     finally:
-        trainer._bce_loss, trainer._d_loss, trainer._g_loss, trainer._features, trainer._logits = saved
-        trainer.generator.load_state_dict(state)
-        trainer.discriminator.load_state_dict(d_state)
+        steps.functions = saved
+        steps.generator.load_state_dict(state)
+        steps.discriminator.load_state_dict(d_state)
 
 
 # Host calls that put work on a GPU stream: one per kernel outside a graph, one per graph replay.
@@ -300,7 +298,7 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def step(trainer: Trainer, phase: str, batch):
-    return trainer.bce_step(batch) if phase == "bce" else trainer.train_step(batch)
+    return trainer.steps.bce_step(batch) if phase == "bce" else trainer.steps.train_step(batch)
 
 
 def build_trainer(args, mode: str, batch: int, phase: str, cache: bool, workdir: Path, splits) -> Trainer:
@@ -327,11 +325,10 @@ def build_trainer(args, mode: str, batch: int, phase: str, cache: bool, workdir:
     info = DistInfo(0, 1, 0, args.device)
     trainer = Trainer(cfg, info, workdir, splits=splits)
     if phase == "gan":
-        trainer.phase = "gan"
-        if cache and args.data == "synthetic":
-            if trainer.spec.conditional and trainer.feature_extractor is None:
-                trainer._freeze_feature_extractor("phase1")
-            trainer.feature_cache = SyntheticFeatureCache(len(trainer.splits.train), trainer.generator.feature_dim)
+        trainer.state.phase = "gan"
+        if cache and args.data == "synthetic":  # the cache component swapped for an in-memory one
+            steps = trainer.steps
+            steps.feature_cache = SyntheticFeatureCache(len(trainer.splits.train), steps.generator.feature_dim)
         trainer.start_gan_phase()
     return trainer
 
@@ -382,8 +379,8 @@ def measure(args, mode: str, batch: int, phase: str, cache: bool, splits, workdi
     else:
         loader = trainer.train_loader if phase == "bce" else trainer.build_gan_loader()
         stream = BatchStream(loader, data_epoch=1)
-    trainer.generator.train()
-    trainer.discriminator.train()
+    trainer.steps.generator.train()
+    trainer.steps.discriminator.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()

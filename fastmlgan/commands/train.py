@@ -87,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, info, out_dir)
         if state is not None:
             trainer.load_state_dict(state)
-            trainer.last_checkpoint = resumed_from
-            trainer.checkpoints.append((trainer.global_step, resumed_from))
-        start_step = trainer.global_step
+            trainer.checkpointer.resumed_from(resumed_from)
+        start_step = trainer.state.global_step
         error = None
         if info.is_main:
             try:
@@ -108,14 +107,14 @@ def main(argv: list[str] | None = None) -> int:
             if run_dir.moved_to is not None:
                 logger.info("--overwrite: the previous run in it is now %s", run_dir.moved_to)
             if state is not None:
-                dropped = trim_metrics_log(out_dir / METRICS_LOG, trainer.global_step)
+                dropped = trim_metrics_log(out_dir / METRICS_LOG, trainer.state.global_step)
                 logger.info(
                     "resumed from %s: phase %s, %d epochs done, step %d (%d log records after it dropped: they are redone)",
-                    cfg.resume, trainer.phase, trainer.epoch, trainer.global_step, dropped,
+                    cfg.resume, trainer.state.phase, trainer.state.epoch, trainer.state.global_step, dropped,
                 )
             trainer.run_log = RunLog(out_dir, cfg.log.tensorboard, cfg.log.plots, log_file, start_step)
         signals.describe = lambda t=trainer: (
-            f"stopped after training, while writing the results; the final checkpoint is {t.last_checkpoint}: "
+            f"stopped after training, while writing the results; the final checkpoint is {t.checkpointer.last}: "
             f"fastmlgan train --resume {out_dir} writes metrics.json, the per-class table and curves.png again"
         )
         results = trainer.fit()
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # the run folder or the data changed under the run (removed, read-only, full)
         message = f"error: {e.filename or 'a file'}: {describe_os_error(e)}" + (
-            f"; the last checkpoint is {trainer.last_checkpoint}" if trainer is not None and trainer.last_checkpoint else ""
+            f"; the last checkpoint is {trainer.checkpointer.last}" if trainer is not None and trainer.checkpointer.last else ""
         )
         report(message)
         return 2
@@ -162,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         # A second Ctrl-C: no checkpoint of this step.
-        last = trainer.last_checkpoint if trainer is not None else None
+        last = trainer.checkpointer.last if trainer is not None else None
         report(f"aborted; the last checkpoint is {last}" if last else "aborted before any checkpoint was written")
         return 130
     finally:
         signals.defer()  # a signal now (torchrun stopping the other ranks) must not break the clean-up
         try:
-            if run_dir is not None and not finished and (trainer is None or trainer.global_step == start_step):
+            if run_dir is not None and not finished and (trainer is None or trainer.state.global_step == start_step):
                 run_dir.discard()  # failed before its first step: leave no half-made run behind
             if trainer is not None and trainer.run_log is not None:
                 trainer.run_log.close()

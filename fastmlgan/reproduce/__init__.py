@@ -33,7 +33,8 @@ Layout (each module imports only the ones above it):
 - ``diagnostics``: what the critic did in a GAN row;
 - ``tables``: ``results.json`` (``summarize``) and ``results.md`` (``render_markdown``);
 - ``plots``: the PNGs (matplotlib, imported only when plots are written);
-- ``runner``: ``SelectingTrainer`` and ``Harness``, the resumable loop over seeds and rows;
+- ``runner``: ``SelectingTrainer`` (a Trainer keeping its validation curve), ``LogisticControlSteps``
+  (the control row's steps) and ``Harness``, the resumable loop over seeds and rows;
 - ``sweep``: one row across several results folders.
 
 The command line is ``fastmlgan reproduce`` (``commands/reproduce.py``; also ``python -m

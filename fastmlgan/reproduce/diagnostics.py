@@ -21,15 +21,16 @@ def discriminator_diagnostics(trainer) -> dict[str, float]:
     image's real label set (the batch rolled by one). ``softness_gap`` = D(hard) − D(relaxed) is
     how much D rewards a sample only for being binary; ``dependency_gap`` = D(real) − D(hard) what
     is left for the label sets themselves. ``sample_softness``: mean min(ŷ, 1 − ŷ) of the samples."""
-    generator, discriminator, f_ext = trainer.generator, trainer.discriminator, trainer.feature_extractor
+    steps = trainer.steps
+    generator, discriminator, f_ext = steps.generator, steps.discriminator, steps.feature_extractor
     generator.eval()
     sums = {"real": 0.0, "generated": 0.0, "generated_hard": 0.0, "mismatched": 0.0, "sample_softness": 0.0}
     count = 0
     for batch in trainer.eval_loader:
         x = batch["image"].to(trainer.device)
         y = batch["labels"].to(trainer.device).float()
-        fake = sample_label_sets(generator(x).float(), trainer.spec)
-        z = f_ext(x).float() if trainer.spec.conditional else None
+        fake = sample_label_sets(generator(x).float(), steps.spec)
+        z = f_ext(x).float() if steps.spec.conditional else None
         for name, labels in (
             ("real", y),
             ("generated", fake),
@@ -52,7 +53,8 @@ def gradient_share(trainer, num_batches: int = 4) -> dict[str, float]:
     """How much of G's phase-2 update D contributes (eq. 2): the ratio of the norms of ∇θ L_G and
     ∇θ α·L_logistic over G's parameters, and their cosine, on the first ``num_batches`` training
     batches at the end of phase 2 (G in eval mode, so BatchNorm statistics stay untouched)."""
-    generator, discriminator, f_ext = trainer.generator, trainer.discriminator, trainer.feature_extractor
+    steps = trainer.steps
+    generator, discriminator, f_ext = steps.generator, steps.discriminator, steps.feature_extractor
     params = [p for p in generator.parameters() if p.requires_grad]
     generator.eval()
     ratios, cosines = [], []
@@ -61,9 +63,9 @@ def gradient_share(trainer, num_batches: int = 4) -> dict[str, float]:
             break
         x = batch["image"].to(trainer.device)
         logits = generator(x).float()
-        bce = trainer.spec.bce_weight * logistic_loss(logits, batch["labels"].to(trainer.device))
-        z = f_ext(x).float() if trainer.spec.conditional else None
-        adversarial = -discriminator(sample_label_sets(logits, trainer.spec), z).mean()
+        bce = steps.spec.bce_weight * logistic_loss(logits, batch["labels"].to(trainer.device))
+        z = f_ext(x).float() if steps.spec.conditional else None
+        adversarial = -discriminator(sample_label_sets(logits, steps.spec), z).mean()
         g_bce = torch.autograd.grad(bce, params, retain_graph=True, allow_unused=True)
         g_adv = torch.autograd.grad(adversarial, params, allow_unused=True)
         pairs = [(a, b) for a, b in zip(g_adv, g_bce) if b is not None]

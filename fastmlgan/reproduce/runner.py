@@ -37,6 +37,7 @@ from fastmlgan.safeio import describe_os_error, read_json, read_text
 from fastmlgan.scoring import amp_dtype
 from fastmlgan.train import checkpoint as ckpt
 from fastmlgan.train import feature_cache
+from fastmlgan.train.steps import TrainingSteps
 from fastmlgan.train.trainer import Trainer
 
 logger = logging.getLogger("fastmlgan.reproduce")
@@ -46,17 +47,26 @@ logger = logging.getLogger("fastmlgan.reproduce")
 # The trainer of one row
 
 
+class LogisticControlSteps(TrainingSteps):
+    """The control row's steps: phase 2's G updates on L_logistic alone, on the images the G
+    updates would see (the D updates' batches are drawn and left unused); D is never trained."""
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        g = self.layout.generator_rows()
+        return self.bce_step({k: v[g] for k, v in batch.items()})  # opt_g is at g_lr in phase 2
+
+
 class SelectingTrainer(Trainer):
     """A Trainer that keeps its validation curve and the state at the selected epoch.
 
-    ``Trainer`` evaluates on ``splits.val`` at the end of every ``eval_every``-th epoch (after
+    ``Trainer.evaluate`` runs on ``splits.val`` at the end of every ``eval_every``-th epoch (after
     counting it) and of each phase; that is the hook. ``keep="phase1"`` snapshots everything
     ``start_from_baseline`` needs; ``keep="generator"`` only G's weights. ``adversarial=False``
-    makes phase 2 the control: the same G steps on L_logistic alone, D never trained.
+    makes phase 2 the control (``LogisticControlSteps``).
     """
 
     def __init__(self, *args, keep: str, adversarial: bool = True, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, steps_class=TrainingSteps if adversarial else LogisticControlSteps, **kwargs)
         self.keep = keep
         self.adversarial = adversarial
         self.curve: list[dict[str, Any]] = []
@@ -65,10 +75,10 @@ class SelectingTrainer(Trainer):
 
     def evaluate(self) -> dict[str, Any]:
         metrics = super().evaluate()
-        point = {"phase": self.phase, "epoch": self.epoch, **metrics}
+        point = {"phase": self.state.phase, "epoch": self.state.epoch, **metrics}
         self.curve.append(point)
-        min_epoch = 1 if (self.phase == "gan" or self.cfg.train.bce_epochs > 0) else 0
-        best = protocol.select_epoch([p for p in self.curve if p["phase"] == self.phase], min_epoch)
+        min_epoch = 1 if (self.state.phase == "gan" or self.cfg.train.bce_epochs > 0) else 0
+        best = protocol.select_epoch([p for p in self.curve if p["phase"] == self.state.phase], min_epoch)
         if best is point:
             self.selected = point
             if self.keep == "phase1":
@@ -76,16 +86,8 @@ class SelectingTrainer(Trainer):
                 state["baseline_metrics"] = metrics
                 self.selected_state = state
             else:
-                self.selected_state = copy.deepcopy(self.generator.state_dict())
+                self.selected_state = copy.deepcopy(self.steps.generator.state_dict())
         return metrics
-
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.adversarial:
-            return super().train_step(batch)
-        # The control: the G updates of phase 2 on L_logistic alone, on the images the G updates
-        # would see (the D updates' batches are drawn and left unused).
-        g = self.layout.generator_rows()
-        return self.bce_step({k: v[g] for k, v in batch.items()})  # opt_g is at g_lr in phase 2
 
 
 @contextlib.contextmanager
@@ -124,12 +126,7 @@ def _predict_on(trainer, split) -> tuple[np.ndarray, np.ndarray]:
     """σ(G(x)) and targets on ``split``, preprocessed as the trainer's data (features are
     standardised with the statistics of its training split)."""
     loader = build_eval_loader(trainer.cfg.data, Splits(trainer.splits.train, split), trainer.info, trainer.cfg.train.seed)
-    saved = trainer.eval_loader
-    trainer.eval_loader = loader
-    try:
-        return trainer.predict()
-    finally:
-        trainer.eval_loader = saved
+    return trainer.predict(loader)
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -359,7 +356,7 @@ class Harness:
             trainer.fit()
             fit_s = time.perf_counter() - t_fit
             state = trainer.selected_state
-            trainer.generator.load_state_dict(state["generator"])
+            trainer.steps.generator.load_state_dict(state["generator"])
             val_scores, val_targets = _predict_on(trainer, splits.val)
             scores, targets = _predict_on(trainer, test)
         (run_dir / ckpt.CHECKPOINT_DIR / "baseline.pt").unlink(missing_ok=True)  # the last epoch; not the selected one
@@ -395,7 +392,7 @@ class Harness:
             trainer.fit()
             fit_s = time.perf_counter() - t_fit
             diagnostics = discriminator_diagnostics(trainer) if variant.adversarial else {}
-            trainer.generator.load_state_dict(trainer.selected_state)
+            trainer.steps.generator.load_state_dict(trainer.selected_state)
             val_scores, val_targets = _predict_on(trainer, splits.val)
             scores, targets = _predict_on(trainer, test)
         record = _row_record(seed, name, cfg, trainer, scores, targets, split_info, time.perf_counter() - t0, self.git)

@@ -319,24 +319,36 @@ def _free_bytes(folder: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-def open_feature_cache(trainer) -> FeatureCache:
-    """The cache ``--gan.feature_cache`` names for this trainer's f_ext and training data: opened,
-    checked and attached to the run's images, or built (rank 0, the others wait) when the file does
-    not exist."""
-    cfg = trainer.cfg
-    path = Path(cfg.gan.feature_cache)
-    if SOURCES[cfg.data.dataset].holds_features:
-        raise ConfigError(f"--gan.feature_cache caches image crops; data.dataset={cfg.data.dataset} has none (leave it empty)")
-    f_ext, images = trainer.feature_extractor, trainer.splits.train
-    compute_dtype = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype else "float32"
-    if not path.exists() and trainer.info.is_main:
-        logger.info("building the feature cache %s (f_ext from %s)", path, trainer.feature_source)
-        build(path, f_ext, images, cfg.data.image_size, trainer.device, trainer.amp_dtype,
-              on_bad_image=cfg.data.on_bad_image, num_workers=cfg.data.num_workers)
+def open_feature_cache(
+    path: str | os.PathLike,
+    feature_extractor: torch.nn.Module,
+    images,
+    *,
+    dataset: str,
+    image_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    on_bad_image: str,
+    num_workers: int,
+    is_main: bool,
+    source: str = "",
+) -> FeatureCache:
+    """The cache ``--gan.feature_cache`` names (``path``) for ``feature_extractor`` (frozen from
+    ``source``) and the run's training images (a ``LabeledImages`` of data set kind ``dataset``):
+    opened, checked and attached to those images, or built (rank 0, ``is_main``; the others wait)
+    when the file does not exist. ``image_size``, ``on_bad_image``, ``num_workers``: the
+    ``data.*`` options of the run; ``device``, ``amp_dtype``: where and in what f_ext runs."""
+    path = Path(path)
+    if SOURCES[dataset].holds_features:
+        raise ConfigError(f"--gan.feature_cache caches image crops; data.dataset={dataset} has none (leave it empty)")
+    compute_dtype = str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"
+    if not path.exists() and is_main:
+        logger.info("building the feature cache %s (f_ext from %s)", path, source)
+        build(path, feature_extractor, images, image_size, device, amp_dtype, on_bad_image=on_bad_image, num_workers=num_workers)
     barrier()
     cache = FeatureCache.open(path)
-    cache.check(expected_header(f_ext, cfg.data.image_size, compute_dtype))
+    cache.check(expected_header(feature_extractor, image_size, compute_dtype))
     cache.attach(images)
-    if trainer.info.is_main:
+    if is_main:
         logger.info("feature cache %s: f_ext is read from it, not computed", path)
     return cache

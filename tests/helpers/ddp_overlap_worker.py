@@ -58,7 +58,7 @@ def main() -> None:
             events.append("allreduce")
             return allreduce_hook(state, bucket)
 
-        trainer.g_model.register_comm_hook(dist.group.WORLD, hook)
+        trainer.steps.g_model.register_comm_hook(dist.group.WORLD, hook)
         stream = BatchStream(trainer.train_loader)
         counts = []
         for _ in range(3):  # DDP rebuilds its buckets after the first iteration: look at the last
@@ -66,7 +66,7 @@ def main() -> None:
             events.clear()
             x = batch["image"].requires_grad_(True)
             x.register_hook(lambda g: events.append("input-grad") or g)
-            loss = trainer.g_model(x).float().square().mean()
+            loss = trainer.steps.g_model(x).float().square().mean()
             pieces = compiled_backward_pieces(loss.grad_fn)
             loss.backward()
             counts.append({"before": events.index("input-grad"), "total": events.count("allreduce"), "pieces": pieces})

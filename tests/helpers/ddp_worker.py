@@ -26,21 +26,21 @@ def main() -> None:
     try:
         trainer = Trainer(cfg, info, out)
         params = lambda: torch.cat(  # noqa: E731
-            [p.detach().flatten() for p in [*trainer.generator.parameters(), *trainer.discriminator.parameters()]]
+            [p.detach().flatten() for p in [*trainer.steps.generator.parameters(), *trainer.steps.discriminator.parameters()]]
         )
         init = params().clone()
         stream = BatchStream(trainer.train_loader)
         first = stream.next()
-        trainer.bce_step(first)
+        trainer.steps.bce_step(first)
         for _ in range(2):
-            trainer.bce_step(stream.next())
+            trainer.steps.bce_step(stream.next())
         trainer.start_gan_phase()  # f_ext frozen from G
-        f_ext_state = torch.cat([t.detach().flatten().float() for t in trainer.feature_extractor.state_dict().values()])
+        f_ext_state = torch.cat([t.detach().flatten().float() for t in trainer.steps.feature_extractor.state_dict().values()])
         f_ext_all = [torch.zeros_like(f_ext_state) for _ in range(info.world_size)]
         dist.all_gather(f_ext_all, f_ext_state)
         gan_stream = BatchStream(trainer.build_gan_loader(), data_epoch=1)
         for _ in range(2):
-            trainer.train_step(gan_stream.next())
+            trainer.steps.train_step(gan_stream.next())
         final = params()
         gathered = [torch.zeros_like(final) for _ in range(info.world_size)]
         dist.all_gather(gathered, final)

@@ -176,17 +176,17 @@ def test_phase2_with_the_cache_equals_phase2_with_bf16_rounded_f_ext(tiny, tmp_p
                  "data.batch_size": "2", "data.image_size": str(IMAGE_SIZE)}
     cached = Trainer(build_config({**overrides, "gan.feature_cache": str(tmp_path / "f.cache")}, preset="smoke"), CPU, tmp_path)
     plain = Trainer(build_config(overrides, preset="smoke"), CPU, tmp_path)
-    plain.generator.load_state_dict(cached.generator.state_dict())
-    plain.discriminator.load_state_dict(cached.discriminator.state_dict())
+    plain.steps.generator.load_state_dict(cached.steps.generator.state_dict())
+    plain.steps.discriminator.load_state_dict(cached.steps.discriminator.state_dict())
     for t in (cached, plain):
         t.start_gan_phase()
-    assert cached.feature_cache is not None and plain.feature_cache is None
+    assert cached.steps.feature_cache is not None and plain.steps.feature_cache is None
     cached_batch = BatchStream(cached.build_gan_loader(), data_epoch=1).next()
     plain_batch = BatchStream(plain.build_gan_loader(), data_epoch=1).next()
     assert cached_batch["image"].shape[0] == cached.layout.pixel_rows < cached.layout.size
     torch.testing.assert_close(cached_batch["index"], plain_batch["index"])
     used: dict[str, torch.Tensor] = {}
-    exact, lookup = plain.iteration_features, cached.iteration_features
+    exact, lookup = plain.steps.iteration_features, cached.steps.iteration_features
 
     def rounded(batch, images):
         used["plain"] = exact(batch, images).bfloat16().float()
@@ -196,11 +196,11 @@ def test_phase2_with_the_cache_equals_phase2_with_bf16_rounded_f_ext(tiny, tmp_p
         used["cached"] = lookup(batch, images)
         return used["cached"]
 
-    plain.iteration_features, cached.iteration_features = rounded, recorded
+    plain.steps.iteration_features, cached.steps.iteration_features = rounded, recorded
     state = torch.get_rng_state()
-    out_cached = {k: float(v) for k, v in cached.train_step(cached_batch).items()}
+    out_cached = {k: float(v) for k, v in cached.steps.train_step(cached_batch).items()}
     torch.set_rng_state(state)
-    out_plain = {k: float(v) for k, v in plain.train_step(plain_batch).items()}
+    out_plain = {k: float(v) for k, v in plain.steps.train_step(plain_batch).items()}
     # The same features for every row (f_ext on the same crops, within bf16 and summation order)...
     torch.testing.assert_close(used["cached"], used["plain"], rtol=2**-7, atol=1e-6)
     # ...and the same losses.

@@ -45,7 +45,7 @@ def test_non_finite_weights_are_never_saved(data_root, tmp_path):
     phase's learning-rate option, and nothing is written."""
     trainer = _trainer(data_root, tmp_path, **{"train.max_steps_per_epoch": "1", "train.eval_every": "5",
                                                "train.bce_epochs": "3", "train.log_every": "5"})
-    for group in trainer.opt_g.param_groups:
+    for group in trainer.steps.opt_g.param_groups:
         group["lr"] = float("inf")
     with pytest.raises(FastMLGANError) as e:
         trainer.fit()
@@ -61,16 +61,16 @@ def test_exploding_loss_stops_and_names_the_verified_checkpoint(data_root, tmp_p
     was written from the bad update and no later sound loss vouches for it."""
     trainer = _trainer(data_root, tmp_path, **{"train.log_every": "1", "checkpoint.every_steps": "1",
                                                "checkpoint.keep": "5"})
-    step = trainer.bce_step
+    step = trainer.steps.bce_step
 
     def step_then_break(batch):
         out = step(batch)
-        if trainer.global_step + 1 == 4:  # bce_step runs before the counter moves: this was step 4
-            for group in trainer.opt_g.param_groups:
+        if trainer.state.global_step + 1 == 4:  # bce_step runs before the counter moves: this was step 4
+            for group in trainer.steps.opt_g.param_groups:
                 group["lr"] = 1e9
         return out
 
-    trainer.bce_step = step_then_break
+    trainer.steps.bce_step = step_then_break
     with pytest.raises(FastMLGANError) as e:
         trainer.fit()
     message = str(e.value)

@@ -90,28 +90,28 @@ def test_chunked_batch_norm_equals_separate_forwards(momentum):
 
 def _snapshot(trainer: Trainer):
     return {
-        "g": copy.deepcopy(trainer.generator.state_dict()),
-        "d": copy.deepcopy(trainer.discriminator.state_dict()),
-        "opt_g": copy.deepcopy(trainer.opt_g.state_dict()),
-        "opt_d": copy.deepcopy(trainer.opt_d.state_dict()),
+        "g": copy.deepcopy(trainer.steps.generator.state_dict()),
+        "d": copy.deepcopy(trainer.steps.discriminator.state_dict()),
+        "opt_g": copy.deepcopy(trainer.steps.opt_g.state_dict()),
+        "opt_d": copy.deepcopy(trainer.steps.opt_d.state_dict()),
         "rng": torch.get_rng_state(),
-        "mismatch": None if trainer.mismatch_sampler is None else trainer.mismatch_sampler.generator.get_state(),
+        "mismatch": None if trainer.steps.mismatch_sampler is None else trainer.steps.mismatch_sampler.generator.get_state(),
     }
 
 
 def _restore(trainer: Trainer, snap) -> None:
-    trainer.generator.load_state_dict(snap["g"])
-    trainer.discriminator.load_state_dict(snap["d"])
-    trainer.opt_g.load_state_dict(copy.deepcopy(snap["opt_g"]))
-    trainer.opt_d.load_state_dict(copy.deepcopy(snap["opt_d"]))
+    trainer.steps.generator.load_state_dict(snap["g"])
+    trainer.steps.discriminator.load_state_dict(snap["d"])
+    trainer.steps.opt_g.load_state_dict(copy.deepcopy(snap["opt_g"]))
+    trainer.steps.opt_d.load_state_dict(copy.deepcopy(snap["opt_d"]))
     torch.set_rng_state(snap["rng"])
     if snap["mismatch"] is not None:
-        trainer.mismatch_sampler.generator.set_state(snap["mismatch"])
+        trainer.steps.mismatch_sampler.generator.set_state(snap["mismatch"])
 
 
 def _reference_iteration(trainer: Trainer, batch, spec: GanSpec) -> dict[str, list[float]]:
     """§4.1 read literally: per D update, G and f_ext run on that update's three batches. ``spec``
-    is the test's own (from the options it passed), not ``trainer.spec``."""
+    is the test's own (from the options it passed), not ``trainer.steps.spec``."""
     lay = trainer.layout
     x, y = batch["image"], batch["labels"]
     record: dict[str, list[float]] = {"loss_d": [], "gp": [], "loss_g": []}
@@ -124,29 +124,29 @@ def _reference_iteration(trainer: Trainer, batch, spec: GanSpec) -> dict[str, li
         }
         if spec.negative_sampling:
             d_batch["mismatched_x"] = x[lay.mismatched_rows(k)]
-            d_batch["mismatched_y"] = trainer.mismatch_sampler.sample(y[lay.mismatched_rows(k)])
-        trainer.opt_d.zero_grad()
+            d_batch["mismatched_y"] = trainer.steps.mismatch_sampler.sample(y[lay.mismatched_rows(k)])
+        trainer.steps.opt_d.zero_grad()
         out = discriminator_loss_from_images(
-            trainer.discriminator, trainer.generator, trainer.feature_extractor, d_batch, spec, trainer.penalty
+            trainer.steps.discriminator, trainer.steps.generator, trainer.steps.feature_extractor, d_batch, spec, trainer.steps.penalty
         )
         out["loss_d"].backward()
-        trainer.opt_d.step()
+        trainer.steps.opt_d.step()
         record["loss_d"].append(out["loss_d"].item())
         record["gp"].append(out["gp"].item())
-    trainer.opt_g.zero_grad()
+    trainer.steps.opt_g.zero_grad()
     g = lay.generator_rows()
     out = generator_loss_from_images(
-        trainer.discriminator, trainer.generator, trainer.feature_extractor, {"x": x[g], "y": y[g]}, spec
+        trainer.steps.discriminator, trainer.steps.generator, trainer.steps.feature_extractor, {"x": x[g], "y": y[g]}, spec
     )
-    out["loss_g"].backward(inputs=list(trainer.generator.parameters()))
-    trainer.opt_g.step()
+    out["loss_g"].backward(inputs=list(trainer.steps.generator.parameters()))
+    trainer.steps.opt_g.step()
     record["loss_g"].append(out["loss_g"].item())
     return record
 
 
 def _batched_iteration(trainer: Trainer, batch) -> dict[str, list[float]]:
     record: dict[str, list[float]] = {"loss_d": [], "gp": [], "loss_g": []}
-    d_step, g_step = trainer.discriminator_step, trainer.generator_step
+    d_step, g_step = trainer.steps.discriminator_step, trainer.steps.generator_step
 
     def recording_d(d_batch):
         out = d_step(d_batch)
@@ -159,11 +159,11 @@ def _batched_iteration(trainer: Trainer, batch) -> dict[str, list[float]]:
         record["loss_g"].append(out["loss_g"].item())
         return out
 
-    trainer.discriminator_step, trainer.generator_step = recording_d, recording_g
+    trainer.steps.discriminator_step, trainer.steps.generator_step = recording_d, recording_g
     try:
-        trainer.train_step(batch)
+        trainer.steps.train_step(batch)
     finally:
-        trainer.discriminator_step, trainer.generator_step = d_step, g_step
+        trainer.steps.discriminator_step, trainer.steps.generator_step = d_step, g_step
     return record
 
 
@@ -204,7 +204,7 @@ def test_batched_iteration_equals_one_update_at_a_time(smoke_root, tmp_path, ove
     trainer = _trainer(smoke_root, tmp_path, **overrides)
     trainer.start_gan_phase()
     # f_ext exists only where D sees it (issue 12: no frozen copy of G for an unconditional D).
-    assert (trainer.feature_extractor is None) == (overrides.get("gan.conditional") == "false")
+    assert (trainer.steps.feature_extractor is None) == (overrides.get("gan.conditional") == "false")
     stream = BatchStream(trainer.build_gan_loader(), data_epoch=1)
     batch = stream.next()
     assert batch["image"].shape[0] == trainer.layout.size
@@ -221,15 +221,15 @@ def test_batched_iteration_equals_one_update_at_a_time(smoke_root, tmp_path, ove
             torch.testing.assert_close(after_batched[part][name], value, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
     # The check has teeth: G's generated forward as one BatchNorm batch of d·B gives other losses.
     _restore(trainer, snap)
-    unchunked = trainer.generated_logits
+    unchunked = trainer.steps.generated_logits
 
     def one_batch_norm_batch(images):
         with torch.no_grad():
-            return trainer.generator(images).float()
+            return trainer.steps.generator(images).float()
 
-    trainer.generated_logits = one_batch_norm_batch
+    trainer.steps.generated_logits = one_batch_norm_batch
     wrong = _batched_iteration(trainer, batch)
-    trainer.generated_logits = unchunked
+    trainer.steps.generated_logits = unchunked
     assert not np.allclose(wrong["loss_d"], reference["loss_d"], rtol=1e-4, atol=1e-5)
 
 

@@ -56,14 +56,14 @@ def test_trainer_steps_with_bf16_channels_last_triton_and_compile(embedded_root,
     if feature_cache:
         overrides["gan.feature_cache"] = str(tmp_path / "features.cache")
     trainer = Trainer(build_config(overrides, preset="smoke"), DistInfo(0, 1, 0, torch.device("cuda", 0)), tmp_path)
-    assert trainer.memory_format == torch.channels_last and trainer.amp_dtype == torch.bfloat16
-    g0, d0 = _flat(trainer.generator), _flat(trainer.discriminator)
+    assert trainer.steps.memory_format == torch.channels_last and trainer.steps.amp_dtype == torch.bfloat16
+    g0, d0 = _flat(trainer.steps.generator), _flat(trainer.steps.discriminator)
     stream = BatchStream(trainer.train_loader)
     logged = []
     for _ in range(3):
-        out = trainer.bce_step(stream.next())
+        out = trainer.steps.bce_step(stream.next())
         logged.append({k: float(v) for k, v in out.items()})
-    trainer.phase = "gan"
+    trainer.state.phase = "gan"
     trainer.start_gan_phase()
     gan = BatchStream(trainer.build_gan_loader(), data_epoch=1)
     for _ in range(3):
@@ -71,15 +71,15 @@ def test_trainer_steps_with_bf16_channels_last_triton_and_compile(embedded_root,
         assert batch["image"].is_contiguous(memory_format=torch.channels_last)
         if feature_cache:
             assert batch["image"].shape[0] == trainer.layout.pixel_rows
-        out = trainer.train_step(batch)
+        out = trainer.steps.train_step(batch)
         logged.append({k: float(v) for k, v in out.items()})
     assert {"loss_d", "gp", "wasserstein", "loss_g", "bce"} <= set(logged[-1])
     for record in logged:
         assert all(math.isfinite(v) for v in record.values()), record
     # Every model moved, and the logged D values are this iteration's (not a replayed graph's
     # overwritten buffers): the last two iterations logged different D losses.
-    assert not torch.equal(_flat(trainer.generator), g0)
-    assert not torch.equal(_flat(trainer.discriminator), d0)
+    assert not torch.equal(_flat(trainer.steps.generator), g0)
+    assert not torch.equal(_flat(trainer.steps.discriminator), d0)
     assert logged[-1]["loss_d"] != logged[-2]["loss_d"]
     metrics = trainer.evaluate()
     assert 0.0 <= metrics["mAP"] <= 100.0
