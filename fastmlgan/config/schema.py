@@ -103,7 +103,6 @@ class DataConfig:
     """labelsets: rho in [0, 1], a hidden label's evidence as a share of a visible label's (0 = none)."""
     labelsets_seed: int = 0
     """labelsets: seed of the evidence noise (the features are a pure function of labels, parameters and seed)."""
-
     def __post_init__(self) -> None:
         choice("data.dataset", self.dataset, tuple(SOURCES))
         for key in ("labelsets_evidence", "labelsets_hidden_fraction", "labelsets_hidden_evidence"):
@@ -208,6 +207,24 @@ class GanConfig:
 
 
 @dataclass
+class LossConfig:
+    kind: str = "bce"
+    """G's classification term, in phase 1 and as L_logistic in phase 2's eq. (2): bce (eq. 1) | asl (asymmetric loss, Ridnik et al., ICCV 2021)."""
+    gamma_neg: float = 4.0
+    """asl: focusing exponent of the negatives, gamma- (ASL's recommended 4)."""
+    gamma_pos: float = 0.0
+    """asl: focusing exponent of the positives, gamma+ (ASL's recommended 0)."""
+    clip: float = 0.05
+    """asl: probability margin m: a negative's probability p counts as max(p - m, 0) (ASL's recommended 0.05; 0 = none)."""
+
+    def __post_init__(self) -> None:
+        choice("loss.kind", self.kind, ("bce", "asl"))
+        finite("loss.gamma_neg", self.gamma_neg, 0.0, 100.0)
+        finite("loss.gamma_pos", self.gamma_pos, 0.0, 100.0)
+        finite("loss.clip", self.clip, 0.0, 1.0, hi_open=True)
+
+
+@dataclass
 class OptimConfig:
     bce_lr: float = 1e-4
     """Generator Adam learning rate in phase 1 (BCE pretraining; the paper gives none, 1e-4 as phase 2)."""
@@ -251,7 +268,6 @@ class TrainConfig:
     # near 0, 5x); --optim.bce_lr 1e9 gives 2e9, 4e8x. 1e3 keeps a 100x margin on both sides.
     loss_explosion_ratio: float = 1e3
     """Stop when a logged loss's magnitude exceeds this many times the running median of its magnitudes (0 = off)."""
-
     def __post_init__(self) -> None:
         integer("train.bce_epochs", self.bce_epochs, 0)
         integer("train.gan_epochs", self.gan_epochs, 0)
@@ -329,6 +345,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     gan: GanConfig = field(default_factory=GanConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -368,7 +385,7 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-SECTIONS = ("data", "model", "gan", "optim", "train", "precision", "compile", "dist", "checkpoint", "log")
+SECTIONS = ("data", "model", "gan", "loss", "optim", "train", "precision", "compile", "dist", "checkpoint", "log")
 TOP_LEVEL = ("preset", "out", "resume", "overwrite")
 # A --config file may not set these: they act on this invocation, not on what the run is. A run's
 # config.json holds them too, and taking them from it would resume or replace a run by accident.
@@ -379,6 +396,7 @@ SECTION_TYPES: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
     "gan": GanConfig,
+    "loss": LossConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
     "precision": PrecisionConfig,

@@ -31,7 +31,7 @@ from fastmlgan.distributed import (
 from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.kernels import gradient_penalty
 from fastmlgan.logs import Progress
-from fastmlgan.losses import GanSpec, bce_loss, discriminator_loss, generator_loss, gradient_penalty_autograd
+from fastmlgan.losses import GanSpec, LossSpec, bce_loss, discriminator_loss, generator_loss, gradient_penalty_autograd
 from fastmlgan.metrics import compute_metrics, format_table
 from fastmlgan.models import Discriminator, build_feature_extractor, build_generator
 from fastmlgan.models.chunked_norm import batch_norm_chunks, make_chunkable
@@ -82,7 +82,7 @@ class Trainer:
         self.info = info
         self.device = info.device
         self.out_dir = out_dir
-        self.spec = GanSpec.from_config(cfg.gan)
+        self.spec, self.loss_spec = GanSpec.from_config(cfg.gan), LossSpec.from_config(cfg.loss)
 
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
         self.splits = splits if splits is not None else build_splits(cfg.data, info)
@@ -273,7 +273,7 @@ class Trainer:
         self._mark_step()
         self.opt_g.zero_grad(set_to_none=True)
         with self.autocast():
-            out = self._bce_loss(self.g_model, {"x": self._images(batch), "y": to_device(batch["labels"], self.device)})
+            out = self._bce_loss(self.g_model, {"x": self._images(batch), "y": to_device(batch["labels"], self.device)}, self.loss_spec)
         self.scaler.scale(out["loss_g"]).backward()
         self._step_generator()
         return out
@@ -293,7 +293,7 @@ class Trainer:
         Only G's parameters receive gradients."""
         self.opt_g.zero_grad(set_to_none=True)
         with self.autocast():
-            out = self._g_loss(self.discriminator, self.g_model, g_batch, self.spec)
+            out = self._g_loss(self.discriminator, self.g_model, g_batch, self.spec, self.loss_spec)
         self.scaler.scale(out["loss_g"]).backward(inputs=list(self.generator.parameters()))
         self._step_generator()
         return out
