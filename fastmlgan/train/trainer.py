@@ -38,6 +38,8 @@ from fastmlgan.models.chunked_norm import batch_norm_chunks, make_chunkable
 from fastmlgan.safeio import replace_atomically
 from fastmlgan.scoring import amp_dtype, inputs_to_device, predict, to_device
 from fastmlgan.train import checkpoint as ckpt
+from fastmlgan.train import selection as sel
+from fastmlgan.train.ema import WeightEma
 from fastmlgan.train.feature_cache import open_feature_cache
 from fastmlgan.train.guards import LossGuard, lr_hint
 from fastmlgan.train.negatives import MismatchedLabelSampler
@@ -86,6 +88,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
         self.splits = splits if splits is not None else build_splits(cfg.data, info)
+        self.splits, validation = sel.validation_split(cfg, self.splits, splits is None)  # --data.val_fraction
         self.class_names = self.splits.class_names
         num_labels = len(self.class_names)
         channels_last = cfg.model.channels_last and self.device.type == "cuda" and cfg.model.backbone != "mlp"
@@ -114,6 +117,7 @@ class Trainer:
         # normalised as their own BatchNorm batch (fastmlgan.models.chunked_norm).
         make_chunkable(self.generator)
         self.generator = self.generator.to(memory_format=self.memory_format)
+        self.ema = WeightEma.create(cfg.train, self.generator)  # --train.ema_decay; D sees G's raw weights
         # §4.1: f_ext is the ImageNet-pretrained generator without its output layer, frozen. With
         # no pretrained weights it is G's trunk frozen at the end of the BCE phase instead. An
         # unconditional D (Table 3 (d)) never sees it, so then there is none.
@@ -207,6 +211,7 @@ class Trainer:
         self.gan_metrics: dict | None = None
         self.run_log = None  # metrics.jsonl, TensorBoard, train.log (fastmlgan.train.runlog); rank 0 writes
         self.last_predictions: tuple[np.ndarray, np.ndarray] | None = None  # of the last evaluate()
+        self.selection = sel.Selection.create(self, validation)  # thresholds, raw or EMA weights (train.selection)
         if info.is_main:
             logger.info(
                 "G: %s (%d params, pretrained=%r), D: %d params, device %s, world size %d, amp %s, compile %s",
@@ -366,6 +371,8 @@ class Trainer:
         self._sync_gradients(self.generator)
         self.scaler.step(self.opt_g)
         self.scaler.update()
+        if self.ema is not None:  # after every G optimiser step, both phases
+            self.ema.update(self.generator)
 
     def _mark_step(self) -> None:
         # CUDA graphs (compile.mode=reduce-overhead) reuse their output buffers: tell them where a
@@ -426,6 +433,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "baseline_metrics": self.baseline_metrics,
             "gan_metrics": self.gan_metrics,
+            **sel.checkpoint_state(self),  # the weight average, the rows' thresholds
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -472,6 +480,7 @@ class Trainer:
                 )
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        sel.load_checkpoint_state(self, state)
 
     def start_from_baseline(self, state: dict[str, Any]) -> None:
         """Start phase 2 from a finished phase 1 (a ``baseline.pt`` state): G, its optimizer,
@@ -491,6 +500,7 @@ class Trainer:
         self.data_epoch = state["data_epoch"] + (0 if state.get("stream") else 1)
         self.phase, self.epoch, self.gan_metrics = ("gan" if self.cfg.gan.enable else "done"), 0, None
         self.epoch_step, self.stream_state = 0, None
+        sel.load_checkpoint_state(self, state)
 
     def save_checkpoint(self, baseline: bool = False) -> None:
         """Write the state at this step (checkpoints/step-N.pt, last.pt; ``baseline.pt`` for the
@@ -648,6 +658,7 @@ class Trainer:
                     self.save_checkpoint()
                 if self.baseline_metrics is None:  # bce_epochs = 0: the (pretrained) starting point
                     self.baseline_metrics = self.evaluate()
+                sel.finish_phase(self, "baseline")  # thresholds and raw/EMA on the validation split
                 # Phase 2 starts a fresh data epoch.
                 self.num_bad += self.stream.num_bad
                 self.data_epoch = self.stream.data_epoch + 1
@@ -667,24 +678,21 @@ class Trainer:
                     self.save_checkpoint()
                 if self.gan_metrics is None:
                     self.gan_metrics = self.evaluate()
+                sel.finish_phase(self, "gan")
                 self.num_bad += self.stream.num_bad if self.stream is not None else 0
                 self.stream, self.stream_state = None, None
                 self.phase = "done"
                 self.save_checkpoint()
         finally:
             self.stop_control.close()
-        num_bad = self.num_bad
-        results = {
-            "baseline": self.baseline_metrics,
-            "gan": self.gan_metrics,
-            "bad_images": num_bad,
-            "class_names": list(self.class_names),
-        }
+        results = {"baseline": self.baseline_metrics, "gan": self.gan_metrics, "bad_images": self.num_bad,
+                   "class_names": list(self.class_names), **sel.run_results(self)}
         if self.info.is_main:
             with replace_atomically(self.out_dir / "metrics.json") as f:  # an OSError: the train command names it
                 f.write(json.dumps(results, indent=2) + "\n")
             rows = {self.cfg.model.backbone: self.baseline_metrics}
             if self.gan_metrics is not None:
                 rows["+ WGAN-gp"] = self.gan_metrics
+            rows.update(sel.table_rows(self, {"baseline": self.cfg.model.backbone, "gan": "+ WGAN-gp"}))
             print(format_table(rows, title=f"{self.splits.val.name}: {len(self.splits.val)} images"), flush=True)
         return results
