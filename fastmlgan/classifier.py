@@ -5,6 +5,11 @@ resized to image_size x image_size, ImageNet normalisation).
 This is the one place that rebuilds G outside the Trainer (``fastmlgan evaluate``,
 ``fastmlgan predict``, ``fastmlgan.export`` and ``fastmlgan.load_classifier`` all use it). G is
 always built with ``pretrained=""`` and then given the saved weights, so nothing is downloaded.
+
+It also says which weights and thresholds a model carries (``checkpoint_weights``,
+``thresholds_for``): a run with ``--data.val_fraction`` stores the thresholds it chose on its
+validation split (``train.selection``), and with ``--train.ema_decay`` the average of G's
+weights beside the raw ones; ``auto`` takes the weights that won on validation.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load
 from torch import nn
@@ -28,6 +34,7 @@ from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.models import Generator, build_generator
 from fastmlgan.safeio import inside_root, open_regular, read_bytes, read_json
 from fastmlgan.train import checkpoint as ckpt
+from fastmlgan.train.selection import applicable_row
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +42,9 @@ EXPORT_FORMAT = "fastmlgan-classifier"
 EXPORT_VERSION = 2
 """2: ``files.weights_sha256`` (1 had no checksum; still read, with a warning)."""
 SIDECAR = "fastmlgan.json"
+WEIGHT_CHOICES = ("auto", "raw", "ema")
+"""--weights: auto (those chosen on the validation split; raw without one) | raw (G's own) | ema (their average)."""
+THRESHOLD_WORDS = ("global", "per-class")
 WEIGHTS = "model.safetensors"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -51,6 +61,11 @@ class Classifier:
     """The checkpoint file or exported folder it was loaded from."""
     info: dict[str, Any] = field(default_factory=dict)
     """Exported folder: its sidecar. Checkpoint: phase, epoch and step."""
+    thresholds: dict[str, Any] | None = None
+    """Chosen on the run's validation split: ``global``, ``per_class`` (one per class), ``default``
+    (which of the two predict and evaluate use unless told); None when the run chose none."""
+    weights: str = "raw"
+    """raw (G's own weights) or ema (their moving average)."""
 
     @property
     def image_size(self) -> int:
@@ -92,11 +107,62 @@ def build_from_spec(spec: dict[str, Any], state_dict: dict[str, torch.Tensor], s
     return generator.eval()
 
 
-def generator_from_checkpoint(state: dict[str, Any], source: str) -> Generator:
-    """G of a training checkpoint (``checkpoint.load``'s dict)."""
+def checkpoint_weights(state: dict[str, Any], weights: str = "auto", source: str = "") -> tuple[dict, str, dict | None]:
+    """(G's state dict, "raw" or "ema", the thresholds chosen for those weights or None) of a
+    training checkpoint. ``weights``: one of ``WEIGHT_CHOICES``. Thresholds belong to the weights of
+    a finished phase (``selection.applicable_row``): a checkpoint from the middle of a phase has none."""
+    row = applicable_row(state)
+    record = (state.get("selection") or {}).get(row) if row else None
+    name = weights if weights != "auto" else (record["chosen"] if record else "raw")
+    if name == "ema" and not state.get("ema"):
+        raise ConfigError(f"--weights ema: {source} holds no average of G's weights (trained without --train.ema_decay)")
+    generator_state = state["ema"]["weights"] if name == "ema" else state["generator"]
+    entry = record["weights"].get(name) if record else None
+    thresholds = None
+    if entry and entry.get("thresholds"):
+        thresholds = {**entry["thresholds"], "default": record.get("default_threshold", "global"), "row": row}
+    return generator_state, name, thresholds
+
+
+def generator_from_checkpoint(state: dict[str, Any], source: str, weights: str = "raw") -> Generator:
+    """G of a training checkpoint (``checkpoint.load``'s dict), with its raw or averaged weights."""
     cfg = config_from_dict(state["config"])
-    spec = model_spec(cfg, len(state["class_names"]), state["generator"])
-    return build_from_spec(spec, state["generator"], source)
+    generator_state = checkpoint_weights(state, weights, source)[0]
+    spec = model_spec(cfg, len(state["class_names"]), generator_state)
+    return build_from_spec(spec, generator_state, source)
+
+
+def parse_threshold(text: str | None) -> float | str | None:
+    """``--threshold`` of predict and evaluate: None (the model's stored default), ``global``,
+    ``per-class`` or a number in [0, 1]."""
+    if text is None or text in THRESHOLD_WORDS:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--threshold must be a number in [0, 1], global or per-class, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ConfigError(f"--threshold must be in [0, 1], got {text}")
+    return value
+
+
+def thresholds_for(choice: float | str | None, stored: dict[str, Any] | None, num_classes: int, source: str) -> tuple[np.ndarray, str]:
+    """(one threshold per class, its description) for ``parse_threshold``'s ``choice``. Without
+    stored thresholds (a run without a validation split, or an older fastmlgan) the default is 0.5,
+    said in one log line; asking for ``global`` or ``per-class`` then is an error."""
+    if isinstance(choice, float):
+        return np.full(num_classes, choice), f"{choice:g}"
+    if stored is None:
+        if choice is None:
+            logger.info("%s carries no thresholds chosen on a validation split (trained without --data.val_fraction, "
+                        "or by an earlier fastmlgan): labels above 0.5", source)
+            return np.full(num_classes, 0.5), "0.5"
+        raise ConfigError(f"--threshold {choice}: {source} carries no thresholds chosen on a validation split "
+                          "(train with --data.val_fraction); give a number")
+    kind = choice or stored.get("default", "global").replace("_", "-")
+    if kind == "global":
+        return np.full(num_classes, float(stored["global"])), f"global {stored['global']:g} (chosen on validation)"
+    return np.asarray(stored["per_class"], dtype=np.float64), "per-class (chosen on validation)"
 
 
 def image_preprocessing(image_size: int) -> dict[str, Any]:
@@ -153,17 +219,22 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_model(path: str | Path) -> Classifier:
-    """A ``Classifier`` from an exported folder, a run directory or a checkpoint file."""
+def load_model(path: str | Path, weights: str = "auto") -> Classifier:
+    """A ``Classifier`` from an exported folder, a run directory or a checkpoint file; ``weights``
+    (``WEIGHT_CHOICES``) picks a checkpoint's raw or averaged weights (an export holds one of them)."""
     kind, p = locate(path)
     if kind == "export":
-        return _load_export(p)
+        model = _load_export(p)
+        if weights not in ("auto", model.weights):
+            raise ConfigError(f"--weights {weights}: {p} is an export of the {model.weights} weights (an export holds one)")
+        return model
     state = read_checkpoint(p)
     cfg = config_from_dict(state["config"])
-    spec = model_spec(cfg, len(state["class_names"]), state["generator"])
-    generator = build_from_spec(spec, state["generator"], str(p))
+    generator_state, name, thresholds = checkpoint_weights(state, weights, str(p))
+    spec = model_spec(cfg, len(state["class_names"]), generator_state)
+    generator = build_from_spec(spec, generator_state, str(p))
     info = {k: state.get(k) for k in ("phase", "epoch", "global_step")}
-    return Classifier(generator, list(state["class_names"]), preprocessing_of(cfg, spec), str(p), info)
+    return Classifier(generator, list(state["class_names"]), preprocessing_of(cfg, spec), str(p), info, thresholds, name)
 
 
 def _load_export(folder: Path) -> Classifier:
@@ -194,7 +265,10 @@ def _load_export(folder: Path) -> Classifier:
     except Exception as e:  # noqa: BLE001 - a torn or foreign file
         raise ConfigError(f"{weights}: cannot read the weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     generator = build_from_spec(sidecar["model"], state, str(weights))
-    return Classifier(generator, list(sidecar["class_names"]), sidecar["preprocessing"], str(folder), sidecar)
+    return Classifier(
+        generator, list(sidecar["class_names"]), sidecar["preprocessing"], str(folder), sidecar,
+        sidecar.get("thresholds"), sidecar.get("weights", "raw"),
+    )
 
 
 # fastmlgan.json's fields that loading reads: (path, type, check of the value, what it should be).
@@ -239,12 +313,34 @@ def check_sidecar(sidecar: dict[str, Any], path: Path) -> None:
     in_dim = model.get("in_dim")
     if model["backbone"] == "mlp" and (isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1):
         raise ConfigError(f"{path}: 'model.in_dim' must be an integer >= 1 for an mlp model, got {json.dumps(in_dim)[:60]}")
+    _check_thresholds(sidecar, path)
     digest = sidecar["files"].get("weights_sha256")
     if sidecar["format_version"] != 1 and not (isinstance(digest, str) and len(digest) == 64):
         raise ConfigError(f"{path}: 'files.weights_sha256' must be the 64 hex digits of the weights' SHA-256")
 
 
 _MISSING = object()
+
+
+def _check_thresholds(sidecar: dict[str, Any], path: Path) -> None:
+    """The optional ``thresholds`` (null, or chosen on validation) and ``weights`` of a sidecar."""
+    if sidecar.get("weights", "raw") not in ("raw", "ema"):
+        raise ConfigError(f"{path}: 'weights' must be raw or ema, got {json.dumps(sidecar.get('weights'))[:60]}")
+    t = sidecar.get("thresholds")
+    if t is None:
+        return
+
+    def unit(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+
+    num_labels = sidecar["model"]["num_labels"]
+    if not isinstance(t, dict) or not unit(t.get("global")):
+        raise ConfigError(f"{path}: 'thresholds.global' must be a number in [0, 1]; export the checkpoint again")
+    per_class = t.get("per_class")
+    if not isinstance(per_class, list) or len(per_class) != num_labels or not all(map(unit, per_class)):
+        raise ConfigError(f"{path}: 'thresholds.per_class' must be {num_labels} numbers in [0, 1]; export the checkpoint again")
+    if t.get("default", "global") not in ("global", "per_class", "per-class"):
+        raise ConfigError(f"{path}: 'thresholds.default' must be global or per_class, got {json.dumps(t.get('default'))[:60]}")
 
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, list[str]]:

@@ -3,9 +3,13 @@ behind): ``export_checkpoint`` (the command line: ``fastmlgan export``, ``comman
 
 The export folder receives:
 
-- ``model.safetensors``: G's weights (state dict names of ``fastmlgan.models.Generator``).
+- ``model.safetensors``: G's weights (state dict names of ``fastmlgan.models.Generator``): its
+  raw weights or, from a run with ``--train.ema_decay``, their average (``--weights``; by default
+  the ones that won on the run's validation split).
 - ``fastmlgan.json``: format version, class names, the model spec that rebuilds G, the
-  preprocessing of evaluation, the training config, versions, and the checkpoint it came from.
+  preprocessing of evaluation, which weights (``weights``), the thresholds chosen on the run's
+  validation split (``thresholds``: ``global``, ``per_class``, ``default``; null without one), the
+  training config, versions, and the checkpoint it came from.
 - ``model.onnx`` with ``--onnx`` (needs ``onnx`` and ``onnxscript``; input "images" or "features",
   output "logits", dynamic batch).
 - ``model.pt2`` with ``--torch-export`` (``torch.export.save``; ``torch.export.load(p).module()``).
@@ -39,6 +43,7 @@ from fastmlgan.classifier import (
     SIDECAR,
     WEIGHTS,
     build_from_spec,
+    checkpoint_weights,
     locate,
     model_spec,
     preprocessing_of,
@@ -218,22 +223,25 @@ def _versions() -> dict[str, str]:
 
 
 def export_checkpoint(
-    checkpoint: str | Path, out: str | Path, onnx: bool = False, torch_export: bool = False, overwrite: bool = False
+    checkpoint: str | Path, out: str | Path, onnx: bool = False, torch_export: bool = False, overwrite: bool = False,
+    weights: str = "auto",
 ) -> dict[str, Any]:
-    """Write G of ``checkpoint`` (a file or run directory) to the folder ``out``; returns the sidecar."""
+    """Write G of ``checkpoint`` (a file or run directory) to the folder ``out``; returns the sidecar.
+    ``weights``: auto | raw | ema (``classifier.WEIGHT_CHOICES``)."""
     if importlib.util.find_spec("safetensors") is None:
         raise ConfigError("export needs the safetensors package: pip install safetensors")
     kind, path = locate(checkpoint)
     if kind == "export":
         raise ConfigError(f"--checkpoint {checkpoint} is already an exported model folder, not a training checkpoint")
     state = read_checkpoint(path)
+    chosen = checkpoint_weights(state, weights, str(path))  # before anything is written: --weights ema of a run without EMA
     out = Path(out)
     created = not out.exists()
     writes = [WEIGHTS, SIDECAR] + [ONNX_FILE] * onnx + [TORCH_EXPORT_FILE] * torch_export
     earlier = _prepare_out_dir(out, overwrite, path, writes)
     staged: list[tuple[Path, Path]] = []
     try:
-        sidecar = _write_export(state, path, out, onnx, torch_export, staged)
+        sidecar = _write_export(state, chosen, path, out, onnx, torch_export, staged)
         _commit(staged)
     except OSError as e:
         raise FastMLGANError(f"--out {out}: cannot write the export ({e.filename or out}: {describe_os_error(e)}); "
@@ -249,11 +257,12 @@ def export_checkpoint(
 
 
 def _write_export(
-    state: dict[str, Any], path: Path, out: Path, onnx: bool, torch_export: bool, staged: list
+    state: dict[str, Any], chosen: tuple, path: Path, out: Path, onnx: bool, torch_export: bool, staged: list
 ) -> dict[str, Any]:
     cfg = config_from_dict(state["config"])
-    spec = model_spec(cfg, len(state["class_names"]), state["generator"])
-    generator = build_from_spec(spec, state["generator"], str(path))  # eval mode, CPU, fp32
+    generator_state, which, thresholds = chosen
+    spec = model_spec(cfg, len(state["class_names"]), generator_state)
+    generator = build_from_spec(spec, generator_state, str(path))  # eval mode, CPU, fp32
     preprocessing = preprocessing_of(cfg, spec)
     if spec["backbone"] == "mlp":
         preprocessing["standardize"] = _feature_standardization(cfg)
@@ -274,6 +283,13 @@ def _write_export(
         "class_names": list(state["class_names"]),
         "model": {**spec, "output": "logits (B, num_labels); sigmoid gives the per-label probabilities"},
         "preprocessing": preprocessing,
+        "weights": which,
+        "thresholds": None if thresholds is None else {
+            "global": thresholds["global"],
+            "per_class": thresholds["per_class"],
+            "default": thresholds["default"],
+            "chosen_on": (state.get("selection") or {}).get("validation"),
+        },
         "files": files,
         "source": {
             "checkpoint": str(Path(path).resolve()),

@@ -6,6 +6,7 @@ config), so each function traces to one graph for ``torch.compile``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,6 +54,21 @@ class GanSpec:
         )
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """G's classification term (``--loss.*``): eq. (1)'s BCE, or the asymmetric loss of Ridnik et
+    al. (ICCV 2021). Static and hashable, as ``GanSpec``."""
+
+    kind: str = "bce"  # bce | asl
+    gamma_neg: float = 4.0  # γ−, ASL's recommended value
+    gamma_pos: float = 0.0  # γ+
+    clip: float = 0.05  # m, the probability margin
+
+    @classmethod
+    def from_config(cls, loss) -> LossSpec:
+        return cls(kind=loss.kind, gamma_neg=loss.gamma_neg, gamma_pos=loss.gamma_pos, clip=loss.clip)
+
+
 def logistic_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Eq. (1) with the sign the paper's notes restore: −E[Σ_i y_i log ỹ_i + (1−y_i) log(1−ỹ_i)].
 
@@ -60,6 +76,53 @@ def logistic_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     per_label = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
     return per_label.sum(dim=1).mean()
+
+
+def asymmetric_loss(
+    logits: torch.Tensor, targets: torch.Tensor, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05
+) -> torch.Tensor:
+    """ASL (Ridnik et al., ICCV 2021, eqs. 4-5): with p = σ(z) and p_m = max(p − m, 0),
+
+        L = −Σ_i [ y_i (1−p_i)^γ+ log p_i + (1−y_i) p_m,i^γ− log(1 − p_m,i) ],
+
+    summed over the labels and averaged over the batch, as ``logistic_loss`` (the official code,
+    Alibaba-MIIL/ASL src/loss_functions/losses.py, returns the sum over the batch too: a mean
+    keeps the term's scale, hence α of eq. (2) against L_G and the learning rates, independent of
+    the batch size and of how DDP splits it). The focusing weights are differentiated, as in the
+    official ``AsymmetricLoss`` (its switch to detach them is commented out).
+
+    Computed from logits in fp32, without the official code's clamp of p at 1e-8 (which caps a
+    label's loss at 18.4 and zeroes its gradient beyond): log p = logsigmoid(z); −log(1−p) is
+    z − logsigmoid(z), the expression of ``F.binary_cross_entropy_with_logits``, so γ− = γ+ = 0
+    and m = 0 give eq. (1) bit for bit; log(1 − p_m) = min(0, log(σ(−z) + m)), through softplus; the
+    weights are exp(γ·log(·)), so no power of 0 has an infinite derivative."""
+    z, y = logits.float(), targets.float()
+    log_p = F.logsigmoid(z)
+    positive = -log_p
+    if gamma_pos:
+        positive = torch.exp(gamma_pos * F.logsigmoid(-z)) * positive  # (1 − p)^γ+
+    if clip > 0:
+        log_m = math.log(clip)  # log(σ(−z) + m) = log m + softplus(logsigmoid(−z) − log m)
+        negative = -torch.clamp(log_m + F.softplus(F.logsigmoid(-z) - log_m), max=0.0)
+        shifted = torch.sigmoid(z) - clip
+        above = shifted > 0
+        # p_m^γ− with 0^γ− where p <= m (0, or 1 when γ− = 0; the term is 0 there either way):
+        # the power of a stand-in 1 keeps the masked branch's gradient finite.
+        weight = torch.where(above, torch.where(above, shifted, 1.0) ** gamma_neg, 0.0**gamma_neg)
+        negative = weight * negative
+    else:
+        negative = z - log_p
+        if gamma_neg:
+            negative = torch.exp(gamma_neg * log_p) * negative  # p^γ−
+    per_label = y * positive + (1.0 - y) * negative
+    return per_label.sum(dim=1).mean()
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor, loss: LossSpec) -> torch.Tensor:
+    """L_logistic of eqs. (1)-(2), or ASL in its place (``--loss.kind asl``)."""
+    if loss.kind == "asl":
+        return asymmetric_loss(logits, targets, loss.gamma_neg, loss.gamma_pos, loss.clip)
+    return logistic_loss(logits, targets)
 
 
 def sample_label_sets(logits: torch.Tensor, spec: GanSpec) -> torch.Tensor:
@@ -148,14 +211,16 @@ def generator_loss(
     generator: nn.Module,
     batch: dict[str, torch.Tensor | None],
     spec: GanSpec,
+    loss: LossSpec = LossSpec(),
 ) -> dict[str, torch.Tensor]:
     """L'_G = L_G + α·L_logistic (eqs. 2, 3) with L_G = −E[D(ŷ, x)], ŷ a Gumbel-sigmoid sample.
 
     ``batch`` holds the images ``x``, their label sets ``y`` and their features ``z`` = f_ext(x)
-    (None for an unconditional D)."""
+    (None for an unconditional D). ``loss``: the classification term (ASL in L_logistic's place
+    with ``--loss.kind asl``; logged as ``bce`` either way)."""
     x, y, z = batch["x"], batch["y"], batch["z"]
     logits = generator(x)
-    bce = logistic_loss(logits, y)
+    bce = classification_loss(logits, y, loss)
     fake = sample_label_sets(logits, spec)
     # D is not trained here: call it with detached parameters, so that not even a compiled
     # backward computes its weight gradients.
@@ -168,9 +233,9 @@ def generator_loss(
     return {"loss_g": loss, "bce": bce.detach(), "g_adversarial": adversarial.detach()}
 
 
-def bce_loss(generator: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Phase 1 (§3.2): G trained as a plain multi-label classifier on L_logistic."""
-    bce = logistic_loss(generator(batch["x"]), batch["y"])
+def bce_loss(generator: nn.Module, batch: dict[str, torch.Tensor], loss: LossSpec = LossSpec()) -> dict[str, torch.Tensor]:
+    """Phase 1 (§3.2): G trained as a plain multi-label classifier on L_logistic (or ASL)."""
+    bce = classification_loss(generator(batch["x"]), batch["y"], loss)
     return {"loss_g": bce, "bce": bce.detach()}
 
 

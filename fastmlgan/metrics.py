@@ -25,7 +25,8 @@ returns precision, recall and F1 in percent, as the paper prints them:
 The paper's mechanism (§4.2, Table 1: more labels per image, recall up, precision down) has its own
 functions: ``mechanism_metrics`` (labels per image against the truth, co-occurrence distances,
 recovered label pairs) and the threshold check, ``tune_thresholds`` on a validation split and
-``metrics_at_thresholds`` on the test split (is a C-F1 gain just a shifted threshold?).
+``metrics_at_thresholds`` on the test split (is a C-F1 gain just a shifted threshold?), and
+``choose_thresholds``, the pair of them a trained model carries to ``predict`` and ``evaluate``.
 
 Conventions, part of the contract:
 
@@ -290,6 +291,24 @@ def metrics_at_thresholds(scores, targets, thresholds) -> dict:
     # from the raw scores (it does not depend on any threshold).
     metrics["top3"] = _top_k_metrics(scores, targets, targets.any(axis=0))
     return metrics
+
+
+def choose_thresholds(scores, targets) -> dict:
+    """The thresholds a run carries (``fastmlgan train --data.val_fraction``), chosen on validation
+    scores and targets only: ``global``, the one threshold of ``tune_thresholds`` (highest C-F1),
+    and ``per_class``, each class's own (``tune_thresholds(per_class=True)``), with the validation
+    C-F1 at 0.5 and at each (``validation_C-F1``)."""
+    global_t = float(tune_thresholds(scores, targets)[0])
+    per_class = tune_thresholds(scores, targets, per_class=True)
+    return {
+        "global": global_t,
+        "per_class": [float(t) for t in per_class],
+        "validation_C-F1": {
+            "0.5": compute_metrics(scores, targets)["C-F1"],
+            "global": compute_metrics(scores, targets, global_t)["C-F1"],
+            "per_class": metrics_at_thresholds(scores, targets, per_class)["C-F1"],
+        },
+    }
 
 
 def format_table(rows: Mapping[str, Mapping], title: str | None = None) -> str:

@@ -9,7 +9,7 @@ import logging
 import sys
 
 from fastmlgan import export
-from fastmlgan.classifier import SIDECAR, WEIGHTS
+from fastmlgan.classifier import SIDECAR, WEIGHT_CHOICES, WEIGHTS
 from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.export import export_checkpoint
 from fastmlgan.logs import setup_logging
@@ -30,6 +30,9 @@ def build_parser(prog: str = "fastmlgan export") -> argparse.ArgumentParser:
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx (needs onnx and onnxscript)")
     parser.add_argument("--torch-export", action="store_true", help="also write model.pt2 (torch.export)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR, replacing an earlier export")
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
+                        help="auto (default: the weights that won on the run's validation split; raw without one) | "
+                        "raw (G's own) | ema (their average, --train.ema_decay)")
     return parser
 
 
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("fastmlgan").setLevel(logging.INFO)  # not the exporters' own INFO chatter
     try:
         args = build_parser().parse_args(argv)
-        sidecar = export_checkpoint(args.checkpoint, args.out, args.onnx, args.torch_export, args.overwrite)
+        sidecar = export_checkpoint(args.checkpoint, args.out, args.onnx, args.torch_export, args.overwrite, args.weights)
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except FastMLGANError as e:
@@ -49,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     source = sidecar["source"]
     written = [WEIGHTS, SIDECAR] + [e["file"] for e in (sidecar["files"]["onnx"], sidecar["files"]["torch_export"]) if e]
+    thresholds = sidecar["thresholds"]
+    chosen = "no thresholds chosen on validation (0.5)" if thresholds is None else (
+        f"thresholds chosen on validation (global {thresholds['global']:g}, per class)"
+    )
     print(
         f"exported G of {source['checkpoint']} (phase {source['phase']}, step {source['global_step']}, "
-        f"{len(sidecar['class_names'])} classes) to {args.out}: {', '.join(written)}"
+        f"{len(sidecar['class_names'])} classes, {sidecar['weights']} weights, {chosen}) to {args.out}: {', '.join(written)}"
     )
     return 0
 

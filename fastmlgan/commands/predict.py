@@ -8,10 +8,16 @@ folder; ``--list -`` reads standard input, relative to the current folder).
 
 Each image is fed to G exactly as evaluation feeds it (§4.1: the whole image resized to
 image_size x image_size, ImageNet-normalised; G in eval mode, fp32). A row holds the path, the
-predicted labels (scores strictly above ``--threshold``, as ``fastmlgan.metrics`` counts them, or
+predicted labels (scores strictly above the threshold, as ``fastmlgan.metrics`` counts them, or
 the ``--top-k`` highest; highest score first, joined by ";" in CSV), an error message for an image
 that cannot be read (its scores are empty) and one score, σ(logit), per class. Scores are written
 as the shortest decimals that read back to the exact float32 values.
+
+The threshold: by default the one the run chose on its validation split (``--data.val_fraction``;
+its global threshold), 0.5 for a model trained without one (said in one log line); ``--threshold
+global`` or ``per-class`` picks a stored one, a number in [0, 1] any other. A checkpoint of a run
+with ``--train.ema_decay`` holds G's raw weights and their average: ``--weights auto`` (the default)
+takes the ones that won on validation.
 
 Rows go to standard output or ``--out``; progress and messages go to standard error only. ``--out``
 is written to a temporary file beside it and renamed over it when every row is written, so a failed
@@ -38,7 +44,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fastmlgan.classifier import IMAGE_EXTENSIONS, SIDECAR, WEIGHTS, load_model, preprocess_image
+from fastmlgan.classifier import (
+    IMAGE_EXTENSIONS,
+    SIDECAR,
+    WEIGHT_CHOICES,
+    WEIGHTS,
+    load_model,
+    parse_threshold,
+    preprocess_image,
+    thresholds_for,
+)
 from fastmlgan.errors import ConfigError, DataError, FastMLGANError
 from fastmlgan.logs import Progress, setup_logging
 from fastmlgan.safeio import describe_os_error, read_text, regular_or_absent, replace_atomically, stdout_failed
@@ -106,13 +121,15 @@ class ImageFiles(Dataset):
         return {"image": image, "index": i, "error": error}
 
 
-def select_labels(scores: np.ndarray, class_names: list[str], threshold: float | None, top_k: int | None) -> list[str]:
-    """The predicted labels of one row, highest score first (ties: the lower class index)."""
+def select_labels(scores: np.ndarray, class_names: list[str], threshold, top_k: int | None) -> list[str]:
+    """The predicted labels of one row, highest score first (ties: the lower class index).
+    ``threshold``: one number, or one per class."""
     order = np.argsort(-scores, kind="stable")
     if top_k is not None:
         chosen = order[:top_k]
     else:
-        chosen = [c for c in order if scores[c] > threshold]  # strictly greater, as fastmlgan.metrics
+        per_class = np.broadcast_to(np.asarray(threshold, dtype=np.float64), scores.shape)
+        chosen = [c for c in order if scores[c] > per_class[c]]  # strictly greater, as fastmlgan.metrics
     return [class_names[c] for c in chosen]
 
 
@@ -215,21 +232,22 @@ def build_parser(prog: str = "fastmlgan predict") -> argparse.ArgumentParser:
     parser.add_argument("paths", metavar="PATH", nargs="*", help="image files or folders (searched recursively)")
     parser.add_argument("--list", action="append", default=[], metavar="FILE", help="file of image paths, one a line (- = stdin); repeatable")
     choose = parser.add_mutually_exclusive_group()
-    choose.add_argument("--threshold", type=float, default=None, metavar="T", help="labels with a score above it (default 0.5)")
+    choose.add_argument("--threshold", default=None, metavar="T",
+                        help="labels with a score above it: a number in [0, 1], global or per-class (the thresholds the run "
+                        "chose on its validation split); default: the run's global one, 0.5 for a model without")
     choose.add_argument("--top-k", type=int, default=None, metavar="K", help="the K highest-scoring labels instead")
     parser.add_argument("--format", choices=FORMATS, default="csv", help="csv (default) or jsonl")
     parser.add_argument("--out", default="", metavar="FILE", help="write rows to FILE instead of standard output")
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (default 64)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when there is one")
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
+                        help="a checkpoint's weights: auto (default: those that won on validation) | raw | ema")
     parser.add_argument("--num-workers", type=int, default=2, metavar="N", help="decoding worker processes (default 2; 0 = in this process, as for a single batch)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.top_k is None and args.threshold is None:
-        args.threshold = 0.5
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
+    choice = parse_threshold(args.threshold)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     if args.num_workers < 0:
@@ -237,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.paths and not args.list:
         raise ConfigError("no images given: pass image files or folders after MODEL, or --list FILE")
     device = resolve_device(args.device)
-    model = load_model(args.model)
+    model = load_model(args.model, args.weights)
     if args.top_k is not None and not 1 <= args.top_k <= len(model.class_names):
         raise ConfigError(f"--top-k must be in [1, {len(model.class_names)}] (the model's classes), got {args.top_k}")
     image_size = model.image_size
@@ -249,9 +267,12 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("%s: no image files (%s) in this folder", folder, extensions)
     if args.out:
         check_out(args.out, [*paths, *(f for f in args.list if f != "-")], model_files(args.model))
+    described = f"the {args.top_k} highest"
+    if args.top_k is None:  # last of the checks: an error stays the one line on stderr
+        args.threshold, described = thresholds_for(choice, model.thresholds, len(model.class_names), model.source)
     logger.info(
-        "%s: %s G, %d classes, %d px; %d images on %s",
-        model.source, model.generator.backbone, len(model.class_names), image_size, len(paths), device,
+        "%s: %s G (%s weights), %d classes, %d px, labels: %s; %d images on %s",
+        model.source, model.generator.backbone, model.weights, len(model.class_names), image_size, described, len(paths), device,
     )
     # One batch has nothing to overlap: worker start-up would only add to it.
     workers = args.num_workers if len(paths) > args.batch_size else 0

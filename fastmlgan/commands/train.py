@@ -28,6 +28,7 @@ from fastmlgan.train.rundir import (
     write_config,
 )
 from fastmlgan.train.runlog import METRICS_LOG, TRAIN_LOG, LogFile, RunLog, require_tensorboard
+from fastmlgan.train.selection import table_rows
 from fastmlgan.train.trainer import Trainer
 
 logger = logging.getLogger("fastmlgan.train")
@@ -129,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = {cfg.model.backbone: results["baseline"]}
             if results["gan"] is not None:
                 rows["+ WGAN-gp"] = results["gan"]
-            trainer.run_log.finish(
-                results, scores, targets, trainer.class_names, model=list(rows)[-1], summary=format_table(rows)
-            )
+            model = list(rows)[-1]
+            rows.update(table_rows(trainer.selection, {"baseline": cfg.model.backbone, "gan": "+ WGAN-gp"}))
+            trainer.run_log.finish(results, scores, targets, trainer.class_names, model=model, summary=format_table(rows))
         # Every rank leaves together: a rank tearing its process group down while another still
         # writes results can abort the other's communication threads.
         barrier()

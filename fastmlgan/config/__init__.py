@@ -27,6 +27,7 @@ from fastmlgan.config.schema import (
     DistConfig,
     GanConfig,
     LogConfig,
+    LossConfig,
     ModelConfig,
     OptimConfig,
     PrecisionConfig,
@@ -36,7 +37,7 @@ from fastmlgan.config.schema import (
 
 __all__ = [
     "BACKBONES", "BOOL_WORDS", "NOT_FROM_FILE", "PRESETS", "SECTIONS", "SECTION_TYPES", "TOP_LEVEL",
-    "CheckpointConfig", "CompileConfig", "Config", "DataConfig", "DistConfig", "GanConfig", "LogConfig",
+    "CheckpointConfig", "CompileConfig", "Config", "DataConfig", "DistConfig", "GanConfig", "LogConfig", "LossConfig",
     "ModelConfig", "OptimConfig", "PrecisionConfig", "TrainConfig",
     "build_config", "config_from_dict", "help_text", "load_config_file", "parse_args", "unknown_option_message",
     "valid_keys",

@@ -103,12 +103,18 @@ class DataConfig:
     """labelsets: rho in [0, 1], a hidden label's evidence as a share of a visible label's (0 = none)."""
     labelsets_seed: int = 0
     """labelsets: seed of the evidence noise (the features are a pure function of labels, parameters and seed)."""
+    val_fraction: float = 0.0
+    """Hold out this share of the training split as a validation split (seeded by val_seed, as fastmlgan reproduce carves it): G trains on the rest, and the thresholds (and raw or EMA weights) are chosen on it at the end of each phase. 0 = off."""
+    val_seed: int = 0
+    """Seed of the validation split's draw (val_fraction)."""
 
     def __post_init__(self) -> None:
         choice("data.dataset", self.dataset, tuple(SOURCES))
         for key in ("labelsets_evidence", "labelsets_hidden_fraction", "labelsets_hidden_evidence"):
             finite(f"data.{key}", getattr(self, key), 0.0, 1.0)
         integer("data.labelsets_seed", self.labelsets_seed, 0)
+        finite("data.val_fraction", self.val_fraction, 0.0, 1.0, hi_open=True)
+        integer("data.val_seed", self.val_seed, 0, 2**32 - 1)
         choice("data.on_bad_image", self.on_bad_image, ("skip", "error"))
         choice("data.backend", self.backend, BACKEND_CHOICES)
         choice("data.cache_device", self.cache_device, ("cpu", "cuda"))
@@ -208,6 +214,24 @@ class GanConfig:
 
 
 @dataclass
+class LossConfig:
+    kind: str = "bce"
+    """G's classification term, in phase 1 and as L_logistic in phase 2's eq. (2): bce (eq. 1) | asl (asymmetric loss, Ridnik et al., ICCV 2021)."""
+    gamma_neg: float = 4.0
+    """asl: focusing exponent of the negatives, gamma- (ASL's recommended 4)."""
+    gamma_pos: float = 0.0
+    """asl: focusing exponent of the positives, gamma+ (ASL's recommended 0)."""
+    clip: float = 0.05
+    """asl: probability margin m: a negative's probability p counts as max(p - m, 0) (ASL's recommended 0.05; 0 = none)."""
+
+    def __post_init__(self) -> None:
+        choice("loss.kind", self.kind, ("bce", "asl"))
+        finite("loss.gamma_neg", self.gamma_neg, 0.0, 100.0)
+        finite("loss.gamma_pos", self.gamma_pos, 0.0, 100.0)
+        finite("loss.clip", self.clip, 0.0, 1.0, hi_open=True)
+
+
+@dataclass
 class OptimConfig:
     bce_lr: float = 1e-4
     """Generator Adam learning rate in phase 1 (BCE pretraining; the paper gives none, 1e-4 as phase 2)."""
@@ -251,6 +275,12 @@ class TrainConfig:
     # near 0, 5x); --optim.bce_lr 1e9 gives 2e9, 4e8x. 1e3 keeps a 100x margin on both sides.
     loss_explosion_ratio: float = 1e3
     """Stop when a logged loss's magnitude exceeds this many times the running median of its magnitudes (0 = off)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of G's weights with this decay (e.g. 0.999), updated after every G step of both phases, evaluated beside the raw weights. 0 = off."""
+    ema_warmup: bool = True
+    """ema_decay: warm the decay up as timm's ModelEmaV3: min(ema_decay, 1 - (1 + n)^-ema_warmup_power) at the (n+1)-th update (0 at the first: a copy)."""
+    ema_warmup_power: float = 2 / 3
+    """ema_decay with ema_warmup: the power of the warm-up (timm's default 2/3; 3/4 reaches a decay of 0.999 sooner, at 10k updates)."""
 
     def __post_init__(self) -> None:
         integer("train.bce_epochs", self.bce_epochs, 0)
@@ -262,6 +292,8 @@ class TrainConfig:
         positive("train.eval_every", self.eval_every)
         if self.loss_explosion_ratio != 0:
             finite("train.loss_explosion_ratio", self.loss_explosion_ratio, 1.0, lo_open=True, off=0)
+        finite("train.ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
+        finite("train.ema_warmup_power", self.ema_warmup_power, 0.0, 10.0, lo_open=True)
 
 
 @dataclass
@@ -329,6 +361,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     gan: GanConfig = field(default_factory=GanConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -368,7 +401,7 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-SECTIONS = ("data", "model", "gan", "optim", "train", "precision", "compile", "dist", "checkpoint", "log")
+SECTIONS = ("data", "model", "gan", "loss", "optim", "train", "precision", "compile", "dist", "checkpoint", "log")
 TOP_LEVEL = ("preset", "out", "resume", "overwrite")
 # A --config file may not set these: they act on this invocation, not on what the run is. A run's
 # config.json holds them too, and taking them from it would resume or replace a run by accident.
@@ -379,6 +412,7 @@ SECTION_TYPES: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
     "gan": GanConfig,
+    "loss": LossConfig,
     "optim": OptimConfig,
     "train": TrainConfig,
     "precision": PrecisionConfig,

@@ -3,21 +3,17 @@ split, and which evaluated epoch is selected. Written into ``results.json`` and 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fastmlgan.config import DataConfig
 from fastmlgan.data.factory import build_splits
+from fastmlgan.data.holdout import VAL_STREAM, carve_validation, hold_out  # noqa: F401 (the harness's names too)
 from fastmlgan.data.types import Splits
 from fastmlgan.distributed import DistInfo
-from fastmlgan.errors import ConfigError
 
-VAL_STREAM = 20190512  # first entry of the validation-split seed sequence (any fixed constant)
 SELECTION_KEY = "C-F1"
 SELECTION_RULE = (
     f"per seed, the evaluated epoch with the highest validation {SELECTION_KEY} (ties: the earliest); "
@@ -87,36 +83,22 @@ class HarnessOptions:
 # Split and selection
 
 
-def carve_validation(num_train: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit indices, validation indices) into the training split: a seeded random ``fraction``."""
-    num_val = int(round(fraction * num_train))
-    if not 0 < num_val < num_train:
-        raise ConfigError(f"--val-fraction {fraction} leaves no validation or no fit rows of {num_train}")
-    order = np.random.default_rng([VAL_STREAM, seed]).permutation(num_train)
-    return np.sort(order[num_val:]), np.sort(order[:num_val])
-
-
 def seed_splits(data: DataConfig, info: DistInfo, val_fraction: float, seed: int):
     """Seed ``seed``'s splits: (``Splits(fit, validation)``, the test split, their sizes).
 
-    The validation rows come out of the training split (``carve_validation``); the config's
-    evaluation split is the test split, which selection never sees."""
+    The validation rows come out of the training split (``data.holdout.carve_validation``, the
+    rule ``fastmlgan train --data.val_fraction`` uses too); the config's evaluation split is the
+    test split, which selection never sees."""
     full = build_splits(data, info)
-    fit_idx, val_idx = carve_validation(len(full.train), val_fraction, seed)
-    fit = full.train.subset(fit_idx, name=f"{full.train.name}-fit")
-    val = full.train.subset(val_idx, name=f"{full.train.name}-selection")
+    fit_test, val, record = hold_out(full, val_fraction, seed, option="--val-fraction")
     split_info = {
-        "train_rows": len(full.train),
-        "fit_rows": len(fit_idx),
-        "val_rows": len(val_idx),
+        "train_rows": record["train_rows"],
+        "fit_rows": record["fit_rows"],
+        "val_rows": record["val_rows"],
         "test_rows": len(full.val),
-        "val_indices_sha": _index_digest(val_idx),
+        "val_indices_sha": record["val_indices_sha"],
     }
-    return Splits(fit, val), full.val, split_info
-
-
-def _index_digest(indices: np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+    return Splits(fit_test.train, val), full.val, split_info
 
 
 def select_epoch(curve: Sequence[dict[str, Any]], min_epoch: int = 1) -> dict[str, Any] | None:

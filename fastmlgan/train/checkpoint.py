@@ -549,6 +549,7 @@ SHAPE_AND_DATA_OPTIONS: tuple[str, ...] = (
     "data.features_train", "data.features_test", "data.features_xml",
     "data.labelsets_train", "data.labelsets_test", "data.labelsets_names", "data.labelsets_evidence",
     "data.labelsets_hidden_fraction", "data.labelsets_hidden", "data.labelsets_hidden_evidence", "data.labelsets_seed",
+    "data.val_fraction", "data.val_seed",
 )  # fmt: skip
 # The data options a resume may change: how the same images are read and served, not which.
 # Every data.* option is in one list or the other (tests/integration/test_data_safety.py checks it).

@@ -25,6 +25,7 @@ from fastmlgan.data.stream import BatchStream
 from fastmlgan.distributed import DistInfo, all_gather_objects, broadcast_object
 from fastmlgan.errors import FastMLGANError
 from fastmlgan.train import checkpoint as ckpt
+from fastmlgan.train.selection import Selection, checkpoint_state, load_checkpoint_state
 from fastmlgan.train.steps import TrainingSteps
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ class Checkpointer:
     back for a resume or a phase-2 start from a finished phase 1."""
 
     def __init__(
-        self, cfg: Config, info: DistInfo, out_dir: Path, class_names: list[str], steps: TrainingSteps, state: TrainState
+        self, cfg: Config, info: DistInfo, out_dir: Path, class_names: list[str], steps: TrainingSteps, state: TrainState,
+        selection: Selection | None = None,
     ) -> None:
         self.cfg = cfg
         self.info = info
@@ -89,6 +91,7 @@ class Checkpointer:
         self.class_names = class_names
         self.steps = steps
         self.state = state
+        self.selection = selection  # thresholds and raw/EMA choice (train.selection), None when off
         self.last: Path | None = None  # the newest checkpoint this run wrote (or resumed from)
         # (step, path) of the checkpoints written (or resumed from); the loss guard knows which of
         # them a later sound loss verified.
@@ -120,6 +123,7 @@ class Checkpointer:
             "scaler": steps["scaler"],
             "baseline_metrics": s.baseline_metrics,
             "gan_metrics": s.gan_metrics,
+            **checkpoint_state(self.steps, self.selection),  # the weight average, the rows' thresholds
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -148,6 +152,7 @@ class Checkpointer:
         load_rank_streams(self.steps, saved.get("rank_streams"), cfg, self.info, s.global_step)
         if saved.get("scaler"):
             self.steps.scaler.load_state_dict(saved["scaler"])
+        load_checkpoint_state(self.steps, self.selection, saved, s.baseline_metrics, s.gan_metrics)
 
     def start_from_baseline(self, saved: dict[str, Any]) -> None:
         """Start phase 2 from a finished phase 1 (a ``baseline.pt`` state): G, its optimizer,
@@ -162,6 +167,7 @@ class Checkpointer:
         s.data_epoch = saved["data_epoch"] + (0 if saved.get("stream") else 1)
         s.phase, s.epoch, s.gan_metrics = ("gan" if self.cfg.gan.enable else "done"), 0, None
         s.epoch_step, s.stream_state = 0, None
+        load_checkpoint_state(self.steps, self.selection, saved, s.baseline_metrics, s.gan_metrics)
 
     def save(self, stream: BatchStream | None, baseline: bool = False, hint: Callable[[], str] = str) -> bool:
         """Write the state at this step (checkpoints/step-N.pt, last.pt; ``baseline.pt`` for the

@@ -42,10 +42,11 @@ from fastmlgan.data.types import LabeledImages
 from fastmlgan.distributed import DistInfo, allreduce_gradients, broadcast_module
 from fastmlgan.errors import ConfigError
 from fastmlgan.kernels import gradient_penalty
-from fastmlgan.losses import GanSpec, bce_loss, discriminator_loss, generator_loss, gradient_penalty_autograd
+from fastmlgan.losses import GanSpec, LossSpec, bce_loss, discriminator_loss, generator_loss, gradient_penalty_autograd
 from fastmlgan.models import Discriminator, build_feature_extractor, build_generator
 from fastmlgan.models.chunked_norm import batch_norm_chunks, make_chunkable
 from fastmlgan.scoring import amp_dtype, inputs_to_device, to_device
+from fastmlgan.train.ema import WeightEma
 from fastmlgan.train.negatives import MismatchedLabelSampler
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class TrainingSteps:
         self.device = info.device
         self.layout = layout
         self.spec = GanSpec.from_config(cfg.gan)
+        self.loss_spec = LossSpec.from_config(cfg.loss)  # the classification term: BCE or ASL (--loss.kind)
         self.channels_last = uses_channels_last(cfg, self.device)
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.mismatch_sampler = (
@@ -132,6 +134,7 @@ class TrainingSteps:
         # normalised as their own BatchNorm batch (fastmlgan.models.chunked_norm).
         make_chunkable(self.generator)
         self.generator = self.generator.to(memory_format=self.memory_format)
+        self.ema = WeightEma.create(cfg.train, self.generator)  # --train.ema_decay; D sees G's raw weights
         # §4.1: f_ext is the ImageNet-pretrained generator without its output layer, frozen. With
         # no pretrained weights it is G's trunk frozen at the end of the BCE phase instead. An
         # unconditional D (Table 3 (d)) never sees it, so then there is none.
@@ -265,7 +268,9 @@ class TrainingSteps:
     def after_generator_step(self) -> None:
         """Called right after every optimiser step of G (phase 1's ``bce_step`` and phase 2's
         ``generator_step``), once per G update, outside any compiled region. Nothing by default:
-        the place for what follows G's weights (a moving average of them, say)."""
+        the place for what follows G's weights: the weight average (``--train.ema_decay``)."""
+        if self.ema is not None:
+            self.ema.update(self.generator)
 
     # ------------------------------------------------------------------------------------------
     # the steps: each a function of (models, batch) followed by its optimizer update
@@ -276,7 +281,7 @@ class TrainingSteps:
         self.opt_g.zero_grad(set_to_none=True)
         with self.autocast():
             x = self.model_input(batch)
-            out = self.functions.bce_loss(self.g_model, {"x": x, "y": to_device(batch["labels"], self.device)})
+            out = self.functions.bce_loss(self.g_model, {"x": x, "y": to_device(batch["labels"], self.device)}, self.loss_spec)
         self.scaler.scale(out["loss_g"]).backward()
         self._step_generator()
         return out
@@ -296,7 +301,7 @@ class TrainingSteps:
         Only G's parameters receive gradients."""
         self.opt_g.zero_grad(set_to_none=True)
         with self.autocast():
-            out = self.functions.generator_loss(self.discriminator, self.g_model, g_batch, self.spec)
+            out = self.functions.generator_loss(self.discriminator, self.g_model, g_batch, self.spec, self.loss_spec)
         self.scaler.scale(out["loss_g"]).backward(inputs=list(self.generator.parameters()))
         self._step_generator()
         return out

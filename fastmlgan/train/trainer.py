@@ -33,6 +33,7 @@ from fastmlgan.logs import Progress
 from fastmlgan.metrics import compute_metrics, format_table
 from fastmlgan.safeio import replace_atomically
 from fastmlgan.scoring import predict
+from fastmlgan.train import selection as sel
 from fastmlgan.train.feature_cache import open_feature_cache
 from fastmlgan.train.guards import LossGuard, lr_hint
 from fastmlgan.train.preemption import StopControl, StopRequested
@@ -63,6 +64,7 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
         self.splits = splits if splits is not None else build_splits(cfg.data, info)
+        self.splits, validation = sel.validation_split(cfg, self.splits, splits is None)  # --data.val_fraction
         self.class_names = self.splits.class_names
         self.channels_last = uses_channels_last(cfg, self.device)
         self.train_loader, self.eval_loader = build_loaders(
@@ -79,7 +81,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed * 1000003 + info.rank)  # per-rank noise streams
 
         self.state = TrainState()
-        self.checkpointer = Checkpointer(cfg, info, out_dir, self.class_names, self.steps, self.state)
+        # Thresholds and raw/EMA weights chosen on the validation split (train.selection); None when off.
+        self.selection = sel.Selection.create(cfg, info, self.splits, validation, self.steps)
+        self.checkpointer = Checkpointer(cfg, info, out_dir, self.class_names, self.steps, self.state, self.selection)
         self.stream: BatchStream | None = None  # the current phase's data stream
         self.loss_guard = LossGuard(cfg.train.loss_explosion_ratio)
         self._steps_since_checkpoint = 0
@@ -90,6 +94,10 @@ class Trainer:
         self.last_predictions: tuple[np.ndarray, np.ndarray] | None = None  # of the last evaluate()
         if info.is_main:
             logger.info("%s", self.steps.describe())
+
+    def _finish_phase(self, row: str) -> None:
+        if self.selection is not None:
+            self.selection.finish_phase(self.steps, self.eval_loader, row)
 
     # ------------------------------------------------------------------------------------------
     # phase 2's set-up
@@ -283,6 +291,7 @@ class Trainer:
                     self.save_checkpoint()
                 if s.baseline_metrics is None:  # bce_epochs = 0: the (pretrained) starting point
                     s.baseline_metrics = self.evaluate()
+                self._finish_phase("baseline")  # thresholds and raw/EMA on the validation split
                 # Phase 2 starts a fresh data epoch.
                 s.num_bad += self.stream.num_bad
                 s.data_epoch = self.stream.data_epoch + 1
@@ -301,6 +310,7 @@ class Trainer:
                     self.save_checkpoint()
                 if s.gan_metrics is None:
                     s.gan_metrics = self.evaluate()
+                self._finish_phase("gan")
                 s.num_bad += self.stream.num_bad if self.stream is not None else 0
                 self.stream, s.stream_state = None, None
                 s.phase = "done"
@@ -312,6 +322,7 @@ class Trainer:
             "gan": s.gan_metrics,
             "bad_images": s.num_bad,
             "class_names": list(self.class_names),
+            **sel.run_results(self.selection),
         }
         if self.info.is_main:
             with replace_atomically(self.out_dir / "metrics.json") as f:  # an OSError: the train command names it
@@ -319,5 +330,6 @@ class Trainer:
             rows = {self.cfg.model.backbone: s.baseline_metrics}
             if s.gan_metrics is not None:
                 rows["+ WGAN-gp"] = s.gan_metrics
+            rows.update(sel.table_rows(self.selection, {"baseline": self.cfg.model.backbone, "gan": "+ WGAN-gp"}))
             print(format_table(rows, title=f"{self.splits.val.name}: {len(self.splits.val)} images"), flush=True)
         return results

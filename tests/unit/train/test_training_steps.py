@@ -24,7 +24,7 @@ CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 FORMAT_1_KEYS = [
     "format", "config", "class_names", "phase", "epoch", "global_step", "data_epoch", "epoch_step", "stream", "num_bad",
     "generator", "discriminator", "feature_extractor", "feature_extractor_source", "opt_g", "opt_d", "mismatch_sampler",
-    "rng", "scaler", "baseline_metrics", "gan_metrics",
+    "rng", "scaler", "baseline_metrics", "gan_metrics", "ema", "selection",  # issue 21: the weight average, the thresholds
 ]
 
 
