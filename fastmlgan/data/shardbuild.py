@@ -56,6 +56,11 @@ def _member_bytes(size: int) -> int:
     return _BLOCK + -(-size // _BLOCK) * _BLOCK
 
 
+def _tar_bytes(members: int) -> int:
+    """A tar's size from its members' bytes: two zero blocks end it, padded to tarfile's 10 KB records."""
+    return -(-(members + 2 * _BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def dali_index(tar_path) -> str:
     """The tar's index in DALI's ``wds2idx`` format (v1.2): a line ``v1.2 <samples>``, then per
     sample ``<ext> <data offset> <size> <member name>`` for each of its members, in tar order."""
@@ -93,8 +98,9 @@ class _ShardWriter:
         name = f"{self.split}-{len(self.shards):06d}.tar"
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.out)
         self._file, self._tmp = os.fdopen(fd, "wb"), Path(tmp)
-        # encoder=False: members are stored as given; a fixed owner, mode and mtime make the bytes reproducible.
-        self._tar = webdataset.TarWriter(self._file, encoder=False, mtime=0.0, user="fastmlgan", group="fastmlgan",
+        # encoder=False: members are stored as given; a fixed owner, mode and mtime make the bytes
+        # reproducible (an integer mtime: a float one adds a 1 KB PAX header to every member).
+        self._tar = webdataset.TarWriter(self._file, encoder=False, mtime=0, user="fastmlgan", group="fastmlgan",
                                          mode=0o444)
         self.shards.append({"name": name, "index": name[:-4] + ".idx", "first": first, "num_samples": 0})
         self._count = self._bytes = 0
@@ -106,7 +112,7 @@ class _ShardWriter:
         size = _member_bytes(len(image)) + _member_bytes(len(row)) + _member_bytes(len(meta))
         full = self._tar is not None and (
             (self.max_samples is not None and self._count >= self.max_samples)
-            or (self.max_bytes is not None and self._bytes + size > self.max_bytes))
+            or (self.max_bytes is not None and _tar_bytes(self._bytes + size) > self.max_bytes))
         if full:
             self._close()
         if self._tar is None:

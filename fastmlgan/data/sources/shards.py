@@ -181,7 +181,7 @@ def open_split(pattern: str, manifest_path: str, option: str) -> ShardImages:
 
 def _labels(path: Path, n: int, c: int) -> np.ndarray:
     try:
-        labels = np.load(path, mmap_mode="r", allow_pickle=False)
+        labels = np.load(path, mmap_mode="c", allow_pickle=False)  # copy-on-write: writable for torch.from_numpy, pages shared
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read the label rows ({e})") from None
     if labels.dtype != np.uint8 or labels.shape != (n, c):
