@@ -39,7 +39,9 @@
 #   loader-bench    45    20   6 backends x (1 warm-up + 3 timed epochs of 2,048 coco128 entries) at
 #                              >= 4,000 img/s for the GPU backends (~2 s each), the torch loader at
 #                              ~1,000 img/s with 8 workers (8 s), one cache build of 2,048 images
-#                              (~2 s), DALI pipeline builds (~2 s each) and imports (~10 s): ~40 + 5
+#                              (~2 s), DALI pipeline builds (~2 s each) and imports (~10 s): ~40 + 5;
+#                              dali-shards takes the 5: writing 2,048 entries as shards (~2 s, a copy
+#                              of 330 MB), its pipeline build (~2 s) and 4 epochs at GPU speed (~1 s)
 #   kernel-bench    45    20   ~10 small compilations (Gumbel, fused head, D step) x ~3 s + timing
 #   gpu-tests       60    30   2 ResNet-18 trainer runs at 64 px (compile ~20 s each, was 4) + the
 #                              Triton path of the kernel tests compiled for the GPU, DALI tests (~20 s)
@@ -69,6 +71,19 @@ prepare() {
     echo "$rev" >"$CHECK_DIR/revision"
     echo "gpu_check prepare: revision $rev -> $CHECK_DIR/revision"
   fi
+  # webdataset and braceexpand (pure Python, 0.7 MB; the machine has no package index) for the
+  # loader bench's dali-shards row, which writes coco128 as shards first.
+  rm -rf "$CHECK_DIR/pylib"
+  mkdir -p "$CHECK_DIR/pylib"
+  if "$PY" -c "import webdataset, braceexpand" 2>/dev/null; then
+    "$PY" -c "import os, shutil, sys, webdataset, braceexpand
+for m in (webdataset, braceexpand):
+    d = os.path.dirname(m.__file__)
+    shutil.copytree(d, os.path.join(sys.argv[1], os.path.basename(d)), ignore=shutil.ignore_patterns('__pycache__'))
+" "$CHECK_DIR/pylib" && echo "gpu_check prepare: webdataset, braceexpand -> $CHECK_DIR/pylib"
+  else
+    echo "gpu_check prepare: webdataset is not installed here (the shards extra): the dali-shards row is skipped"
+  fi
   local src=../shared/data/coco128
   if [ -f "$src/instances_coco128.json" ]; then
     rm -rf "$COCO"
@@ -92,7 +107,7 @@ OUT="${OUT:-bench/results/gpu-check}"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-scratch.XXXXXX")
 trap 'rm -rf "$WORK" "$SCRATCH"' EXIT
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}:$PWD/$CHECK_DIR/pylib" PYTHONUNBUFFERED=1
 if [ "$DEVICE" = cpu ] || { [ ! -f "$CHECK_DIR/revision" ] && [ -e .git ]; }; then
   prepare  # the dry run prepares the same folder the GPU call carries
 fi
@@ -104,7 +119,7 @@ if [ "$DEVICE" = cpu ]; then
   # builds take minutes on 2 cores); CUDA-graph rows then record that no graph ran.
   BACKBONE=smallcnn; SIZE=32; B_BIG=4; B_SMALL=2; STEPS="--steps 1 --warmup 1 --repeats 1"; COPIES=1
   TRAIN_EXTRA=(--compile-backend aot_eager --threads 2 --workers 0); LOADER_STEPS_BIG=1; LOADER_STEPS_SMALL=1
-  LOADER_ARGS=(--device cpu --backend torch,torchvision-gpu,cache,dali,dali-roi --threads 2 --batch-size 8
+  LOADER_ARGS=(--device cpu --backend torch,torchvision-gpu,cache,dali,dali-roi,dali-shards --threads 2 --batch-size 8
                --image-size 64 --repeats 1 --min-batches 2 --copies 1 --limit 32)
   KERNEL_ARGS=(--device cpu --quick --repeats 1 --batch 8 --threads 1 --compile-backend aot_eager)
   TEST_SELECT=(-k "(triton and interpolate_matches_reference and 3) or labels_match_the_annotation")
@@ -118,7 +133,7 @@ else
   BACKBONE=resnet101; SIZE=224; B_BIG=256; B_SMALL=32; STEPS="--steps 8 --warmup 2 --repeats 3"; COPIES=8
   TRAIN_EXTRA=(--make-weights /tmp/fastmlgan-resnet101-random.pth --threads 8 --workers 8); LOADER_STEPS_BIG=6
   LOADER_STEPS_SMALL=10
-  LOADER_ARGS=(--device cuda --backend torch,torchvision-gpu,cache,cache-gpu,dali,dali-roi --threads 8
+  LOADER_ARGS=(--device cuda --backend torch,torchvision-gpu,cache,cache-gpu,dali,dali-roi,dali-shards --threads 8
                --batch-size 128 --repeats 3 --min-batches 16 --copies 8)
   KERNEL_ARGS=(--device cuda --quick)
   TEST_SELECT=()
@@ -185,7 +200,7 @@ step train-b32 80 60 train-b32.json -- "$PY" bench/train.py --device "$DEVICE" -
   --out "$WORK/train-b32.json"
 
 # 4. Loaders on real JPEGs (coco128, carried): torch, torchvision-gpu, cache (host and GPU), DALI
-#    full and ROI decoding.
+#    full and ROI decoding, DALI's webdataset reader on the same JPEGs written as shards.
 step loader-bench 45 20 loader.json -- "$PY" bench/loader.py --dataset auto --coco128 "$COCO" --split train \
   "${LOADER_ARGS[@]}" --data.root "$SCRATCH/embedded" --cache-dir "$SCRATCH/cache" --out "$WORK/loader.json"
 

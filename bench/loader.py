@@ -17,6 +17,9 @@ Backends (``--backend``, comma-separated, default all available on the device):
                    build time and size are reported), rows staged in host memory, ``--threads``
                    threads; with ``--device cuda`` the crops are cut on the GPU
   cache-gpu        (``--device cuda`` only) the same with the whole cache in GPU memory
+  shards           the images written as WebDataset shards first (build time reported), read by the
+                   shards loader (``--data.dataset shards``), ``--threads`` threads (bench/loader_shards.py)
+  dali-shards      the same shards through DALI's ``fn.readers.webdataset`` and the five-crop
 
 Datasets (``--dataset``): ``embedded`` (generated 320 px JPEGs), ``coco128x8`` (a COCO JSON that
 lists the 126 labelled coco128 images 8 times under new ids: 1,008 real JPEG entries, written to
@@ -43,6 +46,7 @@ load average before the run (the machine may be shared).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -54,6 +58,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # bench/loader_shards.py
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -63,7 +68,7 @@ from fastmlgan.data.sources.coco import read_coco  # noqa: E402
 from fastmlgan.data.types import LabeledImages  # noqa: E402
 from fastmlgan.environment import device_name, device_slug, git_revision, versions  # noqa: E402
 
-ALL_BACKENDS = ("torch", "dali", "dali-roi", "torchvision-gpu", "cache", "cache-gpu")
+ALL_BACKENDS = ("torch", "dali", "dali-roi", "torchvision-gpu", "cache", "cache-gpu", "shards", "dali-shards")
 SHARED_DATA = REPO / ".." / "shared" / "data"
 
 
@@ -167,6 +172,10 @@ def build_cache_for(split: str, images: LabeledImages, args, device: torch.devic
 
 def build(backend: str, train: bool, images: LabeledImages, args, device: torch.device, cache=None):
     batch, threads, size = args.batch_size, args.threads, args.image_size
+    if backend in ("shards", "dali-shards"):
+        from loader_shards import build_loader
+
+        return build_loader(backend, train, cache, args, device)  # cache: the split's shards here
     if backend in ("cache", "cache-gpu"):
         from fastmlgan.data.imagecache.loader import CacheLoader
 
@@ -327,11 +336,26 @@ def main(argv=None) -> int:
         if backend.startswith("dali") and not dali_available():
             print(f"skipping {backend}: DALI is not installed", flush=True)
             continue
+        if backend.endswith("shards") and importlib.util.find_spec("webdataset") is None:
+            print(f"skipping {backend}: webdataset (the shards extra) is not installed", flush=True)
+            continue
         for split in args.split.split(","):
             if backend == "dali-roi" and split == "eval":
                 continue  # the same eval pipeline as dali
             images = train if split == "train" else val
             extra = {}
+            if backend.endswith("shards"):
+                if "shards-" + split not in caches:
+                    from loader_shards import shards_for
+
+                    caches["shards-" + split] = shards_for(split, images, args)
+                    print(f"  shards build     {split:<5} {caches['shards-' + split]['shards_build_s']:9.1f} s", flush=True)
+                extra = {k: v for k, v in caches["shards-" + split].items() if k != "shard_images"}
+                row = {**measure(backend, split, images, args, device, caches["shards-" + split]["shard_images"]), **extra}
+                rows.append(row)
+                print(f"  {backend:<16} {split:<5} {row['images_per_s']:9.1f} img/s  (min {row['min']:.1f}, "
+                      f"max {row['max']:.1f}, {row['cores_used']:.2f} cores)", flush=True)
+                continue
             if backend.startswith("cache"):
                 if split not in caches:
                     caches[split] = build_cache_for(split, images, args, device)
@@ -352,6 +376,8 @@ def main(argv=None) -> int:
     for split in ("train", "eval"):
         rate = {r["backend"]: r["images_per_s"] for r in rows if r["split"] == split}
         cpu = {r["backend"]: r["cpu_ms_per_image"] for r in rows if r["split"] == split}
+        if "torch" in rate and "shards" in rate:
+            speedups[f"shards/torch {split} img/s"] = round(rate["shards"] / rate["torch"], 2)
         if "torch" in rate and "cache" in rate:
             speedups[f"cache/torch {split} img/s"] = round(rate["cache"] / rate["torch"], 2)
             speedups[f"torch/cache {split} CPU time per image"] = round(cpu["torch"] / cpu["cache"], 2)

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("fastmlgan.commands.export", "export a checkpoint's generator (safetensors + JSON sidecar)"),
     "check": ("fastmlgan.commands.check", "scan a dataset for missing, broken or unlabelled images before training"),
     "cache": ("fastmlgan.commands.cache", "build, list or verify the decoded-image caches of --data.backend cache"),
+    "shards": ("fastmlgan.commands.shards", "write a data set as WebDataset shards (--data.dataset shards), verify them"),
     "embedded": ("fastmlgan.commands.embedded", "write the embedded synthetic dataset to a folder (or describe it)"),
     "metrics": ("fastmlgan.commands.metrics", "score saved predictions (.npy) against targets: the paper's metrics as JSON"),
     "reproduce": ("fastmlgan.commands.reproduce", "run the paper's Tables 1 and 3 over several seeds"),

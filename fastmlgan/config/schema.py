@@ -20,7 +20,7 @@ BACKBONES = ("smallcnn", "mlp", "resnet18", "resnet50", "resnet101", "resnet152"
 @dataclass
 class DataConfig:
     dataset: str = "embedded"
-    """embedded (generated on first use) | coco (any COCO instances-format JSON + image folder) | nuswide (official layout) | list (CSV/JSONL lists) | features | labelsets (real label sets, synthetic evidence)."""
+    """embedded (generated on first use) | coco (any COCO instances-format JSON + image folder) | nuswide (official layout) | list (CSV/JSONL lists) | features | labelsets (real label sets, synthetic evidence) | shards (WebDataset tar shards from fastmlgan shards build, streamed)."""
     root: str = "data/embedded"
     """embedded: where the generated dataset lives (created when missing)."""
     train_annotations: str = ""
@@ -107,6 +107,14 @@ class DataConfig:
     """Hold out this share of the training split as a validation split (seeded by val_seed, as fastmlgan reproduce carves it): G trains on the rest, and the thresholds (and raw or EMA weights) are chosen on it at the end of each phase. 0 = off."""
     val_seed: int = 0
     """Seed of the validation split's draw (val_fraction)."""
+    shards: str = ""
+    """shards: the training shards, a webdataset URL pattern: 'DIR/train-{000000..000123}.tar', or 'pipe:CMD ...' (object stores)."""
+    shards_val: str = ""
+    """shards: the evaluation shards, same form ('DIR/val-{000000..000009}.tar')."""
+    shards_manifest: str = ""
+    """shards: the shards' manifest.json ('' = beside the first training shard; needed for pipe: URLs)."""
+    shards_window: int = 1024
+    """shards: samples shuffled together in a rank's stream (held in memory as JPEG bytes); shard order is shuffled per epoch too."""
 
     def __post_init__(self) -> None:
         choice("data.dataset", self.dataset, tuple(SOURCES))
@@ -137,6 +145,7 @@ class DataConfig:
         integer("data.embedded_num_val", self.embedded_num_val, 1, 10**7)
         integer("data.embedded_image_size", self.embedded_image_size, 16, 4096)  # sources.embedded's smallest scene
         integer("data.embedded_seed", self.embedded_seed, 0)
+        integer("data.shards_window", self.shards_window, 1, 10**7)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -69,6 +70,13 @@ def inspect_image(path: str, decode: bool = True) -> tuple[str, str] | None:
         data = read_bytes(path, "image file")
     except DataError as e:
         return "unreadable", str(e).removeprefix(f"image file {path}").removeprefix(" ").removeprefix(": ")
+    return inspect_data(data, path, decode)
+
+
+def inspect_data(data: bytes | None, path: str, decode: bool = True) -> tuple[str, str] | None:
+    """``inspect_image`` of an image's bytes (None: could not be read, e.g. from a broken shard)."""
+    if data is None:
+        return "unreadable", "could not be read"
     if not data:
         return "unreadable", "empty file"
     if data[:3] == JPEG_SOI:
@@ -149,16 +157,17 @@ def check(cfg, threads: int = 8, decode: bool = True, progress: bool = True) -> 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for listing in splits:
             n = {k: 0 for k in KINDS}
-            for message in listing.unknown_labels:
-                n["unknown_label"] += 1
-                offenders["unknown_label"].append(f"[{listing.split}] {message}")
             for i in np.flatnonzero(~listing.labelled):
                 n["unlabeled"] += 1
                 offenders["unlabeled"].append(f"[{listing.split}] {listing.paths[i]}")
             used = listing.labelled if cfg.drop_unlabeled else np.ones(len(listing.paths), dtype=bool)
             fatal_files = 0
             usable = used.copy()
-            for i, result in enumerate(pool.map(lambda p: inspect_image(p, decode), listing.paths, chunksize=64)):
+            if listing.read_images is not None:  # shards: the bytes come from a stream, not from files
+                results = _map_ahead(pool, lambda d: inspect_data(d, "", decode), listing.read_images())
+            else:
+                results = pool.map(lambda p: inspect_image(p, decode), listing.paths, chunksize=64)
+            for i, result in enumerate(results):
                 bar.update(1)
                 if result is None:
                     continue
@@ -167,6 +176,9 @@ def check(cfg, threads: int = 8, decode: bool = True, progress: bool = True) -> 
                 offenders[kind].append(f"[{listing.split}] {listing.paths[i]}: {detail}")
                 fatal_files += int(bool(used[i]))
                 usable[i] &= kind == "non_jpeg"  # the torch loader decodes PNG, GIF...; DALI is strict below
+            for message in listing.unknown_labels:  # after the images: a stream adds what it finds
+                n["unknown_label"] += 1
+                offenders["unknown_label"].append(f"[{listing.split}] {message}")
             counts[listing.split] = n
             if not usable.any():
                 # Nothing left to train on: every image unlabelled, missing or broken (an image folder
@@ -183,6 +195,17 @@ def check(cfg, threads: int = 8, decode: bool = True, progress: bool = True) -> 
                 fatal.append(f"{listing.split}: {fatal_files} missing/unreadable/truncated/non-JPEG image(s) ({why})")
     bar.close()
     return Report(offenders, counts, {s.split: len(s.paths) for s in splits}, fatal, cfg.backend)
+
+
+def _map_ahead(pool, fn, items, ahead: int = 256):
+    """``pool.map`` over a stream with at most ``ahead`` items in flight (``map`` would read it all first)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def format_report(report: Report, first: int = 10) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fastmlgan.config import DataConfig
-from fastmlgan.data.backends import CHOICES, dali, torch_dataloader, torchvision_gpu, vectors
+from fastmlgan.data.backends import CHOICES, dali, shards, torch_dataloader, torchvision_gpu, vectors
 from fastmlgan.data.imagecache import loader as cache_loader
 from fastmlgan.data.imagecache.build import find_current
 from fastmlgan.data.imagecache.format import Geometry, resolve_cache_dir
@@ -43,6 +43,9 @@ BACKENDS: dict[str, Backend] = {
     "torchvision-gpu": Backend(torchvision_gpu.train_loader_from_config, torchvision_gpu.eval_loader_from_config),
     "dali": Backend(dali.train_loader_from_config, dali.eval_loader_from_config),
     "cache": Backend(cache_loader.train_loader_from_config, cache_loader.eval_loader_from_config),
+    # Not --data.backend choices: the loader of every source that holds feature vectors, and of
+    # shards (data.dataset=shards with --data.backend auto or torch).
+    "shards": Backend(shards.train_loader_from_config, shards.eval_loader_from_config),
     # Not a --data.backend choice: the loader of every source that holds feature vectors.
     "features": Backend(vectors.train_loader_from_config, vectors.eval_loader_from_config),
 }
@@ -177,8 +180,24 @@ def data_backend(cfg: DataConfig, splits: Splits, info: DistInfo, train: bool = 
             "use --data.backend auto"
         )
     cached = _current_caches(cfg, splits, info) if cfg.backend == "auto" and not holds_features else ""
+    if SOURCES[cfg.dataset].streams and not (cfg.backend == "cache" or cached):
+        return streamed_backend(cfg, info, train)
     backend = resolve_backend(cfg.backend, info.device, log=info.is_main and train, cached=cached)
     return "features" if holds_features else backend
+
+
+def streamed_backend(cfg: DataConfig, info: DistInfo, train: bool) -> str:
+    """The loader of a source read as a stream (shards): its own CPU-thread loader, for ``auto``
+    (without current caches) and ``torch``; the decoded-image cache with ``cache``."""
+    if cfg.backend not in ("auto", "torch"):
+        raise ConfigError(
+            f"--data.backend {cfg.backend} reads image files; data.dataset={cfg.dataset} streams its images: use "
+            "--data.backend auto or torch (the shards loader, CPU threads) or cache (fastmlgan cache build first)"
+        )
+    if info.is_main and train:
+        logger.info("data.backend %s -> shards (data.dataset=%s: the shards loader, %d CPU threads)",
+                    cfg.backend, cfg.dataset, cfg.num_threads)
+    return "shards"
 
 
 def _current_caches(cfg: DataConfig, splits: Splits, info: DistInfo) -> str:

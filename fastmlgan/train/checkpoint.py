@@ -550,13 +550,14 @@ SHAPE_AND_DATA_OPTIONS: tuple[str, ...] = (
     "data.labelsets_train", "data.labelsets_test", "data.labelsets_names", "data.labelsets_evidence",
     "data.labelsets_hidden_fraction", "data.labelsets_hidden", "data.labelsets_hidden_evidence", "data.labelsets_seed",
     "data.val_fraction", "data.val_seed",
+    "data.shards", "data.shards_val", "data.shards_window",  # the window: the shards' sample order
 )  # fmt: skip
 # The data options a resume may change: how the same images are read and served, not which.
 # Every data.* option is in one list or the other (tests/integration/test_data_safety.py checks it).
 DATA_OPTIONS_A_RESUME_MAY_CHANGE: tuple[str, ...] = (
     "data.batch_size", "data.eval_batch_size", "data.num_workers", "data.on_bad_image", "data.backend",
     "data.num_threads", "data.cache_dir", "data.cache_device", "data.dali_decode", "data.dali_hw_decoder_load",
-    "data.allow_outside_root",
+    "data.allow_outside_root", "data.shards_manifest",
 )  # fmt: skip
 
 

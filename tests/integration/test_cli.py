@@ -13,7 +13,7 @@ import pytest
 from fastmlgan.commands import cli
 
 REPO = Path(__file__).resolve().parents[2]
-SUBCOMMANDS = ("train", "evaluate", "predict", "export", "check", "cache", "embedded", "metrics", "reproduce", "sweep", "bench")
+SUBCOMMANDS = ("train", "evaluate", "predict", "export", "check", "cache", "shards", "embedded", "metrics", "reproduce", "sweep", "bench")
 
 
 def test_help_lists_every_subcommand_on_one_line(capsys):

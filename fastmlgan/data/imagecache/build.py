@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from fastmlgan.data.backends.dali import dali_available
+from fastmlgan.data.backends.shards import rows_shards
 from fastmlgan.data.geometry import ON_BAD_IMAGE
 from fastmlgan.data.imagecache.decode import DaliFailed, rows_cpu, rows_dali, rows_torchvision
 from fastmlgan.data.imagecache.format import (
@@ -46,6 +47,7 @@ from fastmlgan.data.imagecache.format import (
     read_header,
     sha256_hex,
 )
+from fastmlgan.data.sources.shards import ShardImages
 from fastmlgan.data.types import LabeledImages
 from fastmlgan.distributed import broadcast_object
 from fastmlgan.errors import ConfigError, DataError, FastMLGANError
@@ -75,7 +77,7 @@ def resolve_decoder(decoder: str, device) -> str:
     return decoder
 
 
-_ROW_SOURCES = {"cpu": rows_cpu, "torchvision-gpu": rows_torchvision, "dali": rows_dali}
+_ROW_SOURCES = {"cpu": rows_cpu, "torchvision-gpu": rows_torchvision, "dali": rows_dali, "shards": rows_shards}
 """decoder -> generator of (first row, [HWC uint8 row | DataError, ...]) chunks, in file order."""
 
 
@@ -114,7 +116,8 @@ def build_cache(
     if len(images) == 0:
         raise DataError(f"{images.name}: no images to cache")
     path = Path(path)
-    decoder = resolve_decoder(decoder, device)
+    # Images in shards are read as a stream, in order, and decoded on CPU threads.
+    decoder = "shards" if isinstance(images, ShardImages) else resolve_decoder(decoder, device)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - closed by the with below

@@ -13,11 +13,13 @@ from fastmlgan.data.sources.features import FeaturesSource
 from fastmlgan.data.sources.labelsets import LabelsetsSource
 from fastmlgan.data.sources.listfile import ListSource
 from fastmlgan.data.sources.nuswide import NuswideSource
+from fastmlgan.data.sources.shards import ShardsSource
 
 # The order is the order of the choices in --help and in error messages.
 SOURCES: dict[str, Source] = {
     source.kind: source
-    for source in (EmbeddedSource(), CocoSource(), NuswideSource(), ListSource(), FeaturesSource(), LabelsetsSource())
+    for source in (EmbeddedSource(), CocoSource(), NuswideSource(), ListSource(), FeaturesSource(), LabelsetsSource(),
+                   ShardsSource())
 }
 
 __all__ = ["SOURCES", "Listing", "Source"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,9 @@ class Listing:
     paths: list[str]
     labelled: np.ndarray  # (N,) bool
     unknown_labels: list[str] = field(default_factory=list)
+    read_images: Callable | None = None
+    """Where the images are not files (shards): ``read_images()`` yields each one's bytes (None:
+    unreadable) in ``paths`` order, adding what is wrong with the container to ``unknown_labels``."""
 
 
 class Source:
@@ -32,6 +36,7 @@ class Source:
     required: tuple[str, ...] = ()
     holds_features = False
     prepared_by_rank0 = False
+    streams = False  # the images are read as a stream (shards): the shards backend or the decoded-image cache
 
     def check_options(self, cfg) -> None:
         for key in self.required:
