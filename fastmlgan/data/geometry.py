@@ -160,13 +160,40 @@ def eval_resize(image: torch.Tensor, image_size: int) -> torch.Tensor:
     return resize(image, image_size)
 
 
+def resize_into(window: torch.Tensor, out: torch.Tensor) -> None:
+    """``resize(window, out's side)`` written into ``out`` (both (B, 3, h, w) uint8): the same
+    kernel without a new tensor, so a loader fills its batch in place (the cache loader)."""
+    # What TF.resize runs for uint8 bilinear antialiased on a tensor, with out=; equality with
+    # ``resize`` is tests/test_uint8_path.py::test_resize_into_equals_resize.
+    torch._C._nn._upsample_bilinear2d_aa(window, list(out.shape[-2:]), False, None, None, out=out)
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (3, H, W) or (B, 3, H, W) in [0, 255] -> float32 normalised with ImageNet mean/std."""
     if images.dim() not in (3, 4) or images.shape[-3] != 3:
         raise ValueError(f"expected (3, H, W) or (B, 3, H, W) images, got shape {tuple(images.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(3, 1, 1) * 255.0
+    mean, std = _mean_std(images.device)
     return (images.to(torch.float32) - mean) / std
+
+
+def _mean_std(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std in grey levels, float32 (3, 1, 1): what every normalisation uses."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(3, 1, 1) * 255.0
+    return mean, std
+
+
+def normalize_batch(images: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """The consumer's half of the uint8 path: uint8 (B, 3, H, W) on any device -> float32
+    normalised in ``memory_format``, equal to ``normalize`` bit for bit (the same float32
+    subtraction and division, in place on the converted copy). The trainer runs it as the first
+    op of its step, on its device (``Trainer._images``); under ``torch.compile`` it is one kernel."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected (B, 3, H, W) images, got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images (the loaders' output=uint8), got {images.dtype}")
+    mean, std = _mean_std(images.device)
+    return images.to(dtype=torch.float32, memory_format=memory_format).sub_(mean).div_(std)
 
 
 def crop_for(seed: int, epoch: int, index: int) -> tuple[int, int]:
