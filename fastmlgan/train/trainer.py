@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastmlgan.config import Config
 from fastmlgan.data.factory import build_iteration_loader, build_loaders, build_splits, per_rank_batch
+from fastmlgan.data.geometry import normalize_batch
 from fastmlgan.data.stream import BatchStream, IterationLayout
 from fastmlgan.distributed import (
     DistInfo,
@@ -92,7 +94,7 @@ class Trainer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.channels_last = channels_last
         self.train_loader, self.eval_loader = build_loaders(
-            cfg.data, self.splits, info, cfg.train.seed, channels_last=channels_last
+            cfg.data, self.splits, info, cfg.train.seed, channels_last=channels_last, output="uint8"
         )
         self.gan_loader = None  # phase 2's loader: one batch per iteration, built when phase 2 starts
         self.layout = IterationLayout(
@@ -243,7 +245,13 @@ class Trainer:
             logger.info("f_ext frozen from %s", source)
 
     def _images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return inputs_to_device(batch, self.device, self.memory_format)
+        # uint8 batches (the cache loader) are normalised here, on the device: the step's first op.
+        return inputs_to_device(batch, self.device, self.memory_format, normalize=self._normalize_images)
+
+    @functools.cached_property
+    def _normalize_images(self):
+        """``geometry.normalize_batch``, compiled with the steps (one fused kernel) when they are."""
+        return torch.compile(normalize_batch, fullgraph=True, dynamic=False) if self.compiled else normalize_batch
 
     def build_gan_loader(self):
         """Phase 2's loader: each batch is one whole iteration (``IterationLayout``). With a

@@ -258,7 +258,7 @@ class CacheLoader(BatchPlan):
             order, groups = np.arange(k), [(-1, 0, k)] if k else []
         used = torch.from_numpy(self.cache.source[idx])
         part = {
-            "labels": self._labels[used].pin_memory(),  # pinned: the trainer copies non_blocking
+            "labels": self._pin_if_gpu(self._labels[used]),  # pinned: the trainer copies non_blocking
             "crop": torch.from_numpy(crops),
             "index": used,
             "bad": torch.from_numpy(self.cache.bad[idx]),
@@ -268,12 +268,15 @@ class CacheLoader(BatchPlan):
         rows = idx[order]
         if self._gpu_pixels is not None:
             local = rows if self.train else (rows - self.rank) // self.world_size
-            part["rows"] = torch.from_numpy(local).pin_memory()
+            part["rows"] = self._pin_if_gpu(torch.from_numpy(local))
             return part
-        staged = torch.empty((k, self.side, self.side, 3), dtype=torch.uint8, pin_memory=True)
+        staged = torch.empty((k, self.side, self.side, 3), dtype=torch.uint8, pin_memory=self._pin)
         read_rows(self.cache, rows.tolist(), staged.numpy())  # one pread of a contiguous row each
         part["staged"] = staged
         return part
+
+    def _pin_if_gpu(self, t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if self._pin else t  # (the GPU path runs on CPU tensors in the tests)
 
     def _finish_gpu(self, part: dict) -> dict:
         if "rows" in part:
@@ -366,18 +369,20 @@ def _cache(cfg, images, purpose: str, info) -> ImageCache:
                         info, num_threads=cfg.num_threads, progress=info.is_main)
 
 
-def _from_config(cfg, info, channels_last: bool) -> dict:
-    return dict(device=info.device, num_threads=cfg.num_threads, channels_last=channels_last, cache_device=cfg.cache_device)
+def _from_config(cfg, info, channels_last: bool, output: str) -> dict:
+    return dict(device=info.device, num_threads=cfg.num_threads, channels_last=channels_last, cache_device=cfg.cache_device,
+                output=output)
 
 
 def train_loader_from_config(cfg, splits, info, seed: int, batch: int, channels_last: bool = False,
-                             pixels_per_batch: int | None = None) -> CacheLoader:
+                             pixels_per_batch: int | None = None, output: str = "float") -> CacheLoader:
     """``factory.BACKENDS["cache"]``: the training loader of ``cfg`` (a ``DataConfig``), over the
     training split's cache (built on first use)."""
     return CacheLoader(_cache(cfg, splits.train, "train", info), cfg.image_size, batch, info.rank, info.world_size,
-                       train=True, seed=seed, pixels_per_batch=pixels_per_batch, **_from_config(cfg, info, channels_last))
+                       train=True, seed=seed, pixels_per_batch=pixels_per_batch, **_from_config(cfg, info, channels_last, output))
 
 
-def eval_loader_from_config(cfg, splits, info, seed: int, batch: int, channels_last: bool = False) -> CacheLoader:
+def eval_loader_from_config(cfg, splits, info, seed: int, batch: int, channels_last: bool = False,
+                            output: str = "float") -> CacheLoader:
     return CacheLoader(_cache(cfg, splits.val, "eval", info), cfg.image_size, batch, info.rank, info.world_size,
-                       train=False, **_from_config(cfg, info, channels_last))
+                       train=False, **_from_config(cfg, info, channels_last, output))
