@@ -17,8 +17,9 @@ threads, ``prefetch`` batches ahead, so every thread stays busy even at an epoch
 last batch. A chunk reads each row with one ``pread`` into a buffer of its thread (reused: no
 page faults, and the row stays in the core's cache) and resizes the crop window straight into
 the batch (``geometry.resize_into``: no scatter copy afterwards). Both are ATen or system calls
-that release the GIL; what holds it per sample is the crop draw and a few Python lines
-(docs/performance.md, "The decoded-image cache loader", has the profile). Measured on the
+that release the GIL; the crops of a batch are drawn together (``geometry.crops_for``), so what
+holds the GIL per sample is a few Python lines (docs/performance.md, "The decoded-image cache
+loader", has the profile). Measured on the
 2-core CPU: the float32 normalisation cost 0.2 ms an image plus 0.6 ms of page faults on the
 fresh 600 KB an image it writes, against 0.17 ms for the crop and resize: the uint8 output
 leaves it to the device.
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 
 from fastmlgan.data.backends.plan import BatchPlan
-from fastmlgan.data.geometry import IMAGENET_MEAN, IMAGENET_STD, NUM_SIZES, crop_for, crop_window, resize, resize_into
+from fastmlgan.data.geometry import IMAGENET_MEAN, IMAGENET_STD, NUM_SIZES, crop_window, crops_for, resize, resize_into
 from fastmlgan.data.imagecache.build import ensure_cache
 from fastmlgan.data.imagecache.format import CacheError, Geometry, ImageCache, read_rows, resolve_cache_dir
 from fastmlgan.errors import ConfigError
@@ -190,9 +191,11 @@ class CacheLoader(BatchPlan):
         size = self.image_size
         # channels_last uint8: the memory of (k, S, S, 3) rows, as the resize writes it.
         pixels = torch.empty((k, 3, size, size), dtype=torch.uint8, memory_format=torch.channels_last)
+        # The crop belongs to the requested slot (seed, epoch, index), substitute or not.
+        crops = crops_for(self.seed, epoch, idx) if self.train else np.full((len(idx), 2), -1, dtype=np.int64)
         batch = {
             "labels": self._labels[used],
-            "crop": torch.full((len(idx), 2), -1, dtype=torch.int64),  # the chunks fill in training crops
+            "crop": torch.from_numpy(crops),
             "index": used,
             "bad": torch.from_numpy(self.cache.bad[idx]),
             "image": pixels,
@@ -207,7 +210,7 @@ class CacheLoader(BatchPlan):
         idx, k, batch = plan["idx"], plan["k"], plan["batch"]
         pixels = batch["image"]
         if not self.train:
-            rows = idx[lo:min(hi, k)]
+            rows = idx[lo : min(hi, k)]
             if len(rows):  # evaluation rows are the input already: one pread straight into the batch
                 read_rows(self.cache, rows, pixels[lo : lo + len(rows)].permute(0, 2, 3, 1).numpy())
         else:
@@ -217,12 +220,8 @@ class CacheLoader(BatchPlan):
                 buf = self._local.row = np.empty((self.side, self.side, 3), dtype=np.uint8)
             row = torch.from_numpy(buf).permute(2, 0, 1).unsqueeze(0)  # (1, 3, side, side) channels_last view
             size = self.image_size
-            for j in range(lo, hi):
-                # The crop belongs to the requested slot (seed, epoch, index), substitute or not.
-                position, size_index = crop_for(self.seed, plan["epoch"], int(idx[j]))
-                crops[j] = position, size_index
-                if j >= k:
-                    continue
+            for j in range(lo, min(hi, k)):
+                position, size_index = int(crops[j, 0]), int(crops[j, 1])
                 read_rows(self.cache, idx[j : j + 1], buf[None])  # one pread of a contiguous row
                 top, left, side = crop_window(position, size_index, size)
                 window = row[:, :, top : top + side, left : left + side]
@@ -248,7 +247,7 @@ class CacheLoader(BatchPlan):
         k = len(idx) if self.pixels_per_batch is None else min(self.pixels_per_batch, len(idx))
         if self.train:
             # The crop belongs to the requested slot (seed, epoch, index), substitute or not.
-            crops = np.array([crop_for(self.seed, epoch, int(i)) for i in idx], dtype=np.int64).reshape(-1, 2)
+            crops = crops_for(self.seed, epoch, idx)
             key = crops[:k, 0] * NUM_SIZES + crops[:k, 1]
             order = np.argsort(key, kind="stable")
             cuts = np.flatnonzero(np.diff(key[order])) + 1
