@@ -20,6 +20,14 @@ Backends (``--backend``, comma-separated, default all available on the device):
   shards           the images written as WebDataset shards first (build time reported), read by the
                    shards loader (``--data.dataset shards``), ``--threads`` threads (bench/loader_shards.py)
   dali-shards      the same shards through DALI's ``fn.readers.webdataset`` and the five-crop
+                   pipeline of ``dali`` (DALI only; skipped without it or webdataset)
+  ffcv             FFCV's loader on an FFCV file of the cache's own rows, the same five-crop windows,
+                   ``--threads`` threads and batch (``bench/ffcv_rows.py``); skipped, with the reason,
+                   when ``ffcv`` is not importable
+
+Output kinds (``--output``, cache, cache-gpu and ffcv): ``uint8`` (channels_last (B, 3, S, S), to be
+normalised on the consumer's device) and ``float`` (float32, normalised by the loader); every other
+backend hands over float32. Each row names its kind.
 
 Datasets (``--dataset``): ``embedded`` (generated 320 px JPEGs), ``coco128x8`` (a COCO JSON that
 lists the 126 labelled coco128 images 8 times under new ids: 1,008 real JPEG entries, written to
@@ -58,17 +66,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))  # bench/loader_shards.py
+sys.path.insert(0, str(REPO / "bench"))  # bench/loader_shards.py, bench/ffcv_rows.py
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from ffcv_rows import ffcv_missing, ffcv_version, write_ffcv  # noqa: E402
 
 from fastmlgan.data.backends.dali import dali_available  # noqa: E402
 from fastmlgan.data.sources.coco import read_coco  # noqa: E402
 from fastmlgan.data.types import LabeledImages  # noqa: E402
 from fastmlgan.environment import device_name, device_slug, git_revision, versions  # noqa: E402
 
-ALL_BACKENDS = ("torch", "dali", "dali-roi", "torchvision-gpu", "cache", "cache-gpu", "shards", "dali-shards")
+ALL_BACKENDS = ("torch", "dali", "dali-roi", "torchvision-gpu", "cache", "cache-gpu", "ffcv", "shards", "dali-shards")
+OUTPUTS = ("uint8", "float")
+KINDED = ("cache", "cache-gpu", "ffcv")
+"""The backends that hand over either output kind."""
 SHARED_DATA = REPO / ".." / "shared" / "data"
 
 
@@ -170,7 +182,8 @@ def build_cache_for(split: str, images: LabeledImages, args, device: torch.devic
             "cache_decoder": decoder, "cache_file": path.name}
 
 
-def build(backend: str, train: bool, images: LabeledImages, args, device: torch.device, cache=None):
+def build(backend: str, train: bool, images: LabeledImages, args, device: torch.device, cache=None, output="float",
+          ffcv_file=None):
     batch, threads, size = args.batch_size, args.threads, args.image_size
     if backend in ("shards", "dali-shards"):
         from loader_shards import build_loader
@@ -180,7 +193,11 @@ def build(backend: str, train: bool, images: LabeledImages, args, device: torch.
         from fastmlgan.data.imagecache.loader import CacheLoader
 
         return CacheLoader(cache, size, batch, 0, 1, train=train, seed=0, device=device, num_threads=threads,
-                           cache_device="cuda" if backend == "cache-gpu" else "cpu")
+                           cache_device="cuda" if backend == "cache-gpu" else "cpu", output=output)
+    if backend == "ffcv":
+        from ffcv_rows import FFCVLoader
+
+        return FFCVLoader(ffcv_file, train, size, batch, threads, output)
     if backend == "torch":
         from fastmlgan.data.backends.torch_dataloader import FiveCropDataset, build_eval_loader, build_train_loader
 
@@ -219,8 +236,8 @@ def run_epoch(loader, epoch: int, device: torch.device) -> tuple[int, float, flo
     return n, seconds, (cpu_seconds() - cpu0) / seconds
 
 
-def measure(backend: str, split: str, images, args, device, cache=None) -> dict:
-    loader = build(backend, split == "train", images, args, device, cache)
+def measure(backend: str, split: str, images, args, device, cache=None, output="float", ffcv_file=None) -> dict:
+    loader = build(backend, split == "train", images, args, device, cache, output, ffcv_file)
     run_epoch(loader, 0, device)  # warm-up: worker start, pipeline build, allocations
     rates, counts, cores = [], [], []
     for r in range(args.repeats):
@@ -234,6 +251,7 @@ def measure(backend: str, split: str, images, args, device, cache=None) -> dict:
     return {
         "backend": backend,
         "split": split,
+        "output": output,
         "images_per_s": statistics.median(rates),
         "min": min(rates),
         "max": max(rates),
@@ -242,6 +260,8 @@ def measure(backend: str, split: str, images, args, device, cache=None) -> dict:
         "cores_used": round(statistics.median(cores), 2),
         # CPU time per image: less sensitive than img/s to other processes on a shared machine.
         "cpu_ms_per_image": round(1000 * statistics.median(c / r for c, r in zip(cores, rates)), 3),
+        # The machine may be shared: cores used means little when the load exceeds the core count.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -294,6 +314,7 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--split", default="train,eval", help="train, eval or both")
+    parser.add_argument("--output", default="uint8,float", help="cache, cache-gpu, ffcv: the output kinds, uint8 and/or float")
     parser.add_argument("--quick", action="store_true", help="smaller dataset and 3 repeats")
     parser.add_argument("--out", default="", help="JSON output (default bench/results/loader-<device>.json)")
     parser.add_argument("--cache-dir", default="", help="where the cache backend's caches are built (default: a temporary folder)")
@@ -318,6 +339,8 @@ def main(argv=None) -> int:
     unknown = set(backends) - set(ALL_BACKENDS)
     if unknown:
         sys.exit(f"unknown backend(s) {sorted(unknown)}; known: {', '.join(ALL_BACKENDS)}")
+    if set(args.output.split(",")) - set(OUTPUTS):
+        sys.exit(f"--output: {args.output!r}: a comma-separated subset of {', '.join(OUTPUTS)}")
     if "cache-gpu" in backends and device.type != "cuda":
         sys.exit("cache-gpu keeps the cache in GPU memory: it needs --device cuda")
     train, val, description = load_data(args)
@@ -332,18 +355,25 @@ def main(argv=None) -> int:
     print(f"device {device} ({device_slug(device)}), {description}, batch {args.batch_size}, "
           f"{args.threads} threads, image size {args.image_size}, {args.repeats} repeats", flush=True)
     rows, caches = [], {}
+    skipped = {}
+    outputs = args.output.split(",")
     for backend in backends:
         if backend.startswith("dali") and not dali_available():
             print(f"skipping {backend}: DALI is not installed", flush=True)
             continue
         if backend.endswith("shards") and importlib.util.find_spec("webdataset") is None:
-            print(f"skipping {backend}: webdataset (the shards extra) is not installed", flush=True)
+            skipped[backend] = "webdataset (the shards extra) is not installed"
+            print(f"skipping {backend}: {skipped[backend]}", flush=True)
+            continue
+        if backend == "ffcv" and ffcv_missing():
+            skipped["ffcv"] = ffcv_missing()
+            print(f"skipping ffcv: {skipped['ffcv']} (install it in its own environment: README, Benchmarks)", flush=True)
             continue
         for split in args.split.split(","):
             if backend == "dali-roi" and split == "eval":
                 continue  # the same eval pipeline as dali
             images = train if split == "train" else val
-            extra = {}
+            extra, ffcv_file = {}, None
             if backend.endswith("shards"):
                 if "shards-" + split not in caches:
                     from loader_shards import shards_for
@@ -353,37 +383,52 @@ def main(argv=None) -> int:
                 extra = {k: v for k, v in caches["shards-" + split].items() if k != "shard_images"}
                 row = {**measure(backend, split, images, args, device, caches["shards-" + split]["shard_images"]), **extra}
                 rows.append(row)
-                print(f"  {backend:<16} {split:<5} {row['images_per_s']:9.1f} img/s  (min {row['min']:.1f}, "
-                      f"max {row['max']:.1f}, {row['cores_used']:.2f} cores)", flush=True)
+                print(f"  {backend:<10} float {split:<5} {row['images_per_s']:9.1f} img/s  (min {row['min']:.1f}, "
+                      f"max {row['max']:.1f}, {row['cores_used']:.2f} cores, {row['cpu_ms_per_image']:.2f} CPU ms/img, "
+                      f"load {row['load_average'][0]:.2f})", flush=True)
                 continue
-            if backend.startswith("cache"):
+            if backend.startswith("cache") or backend == "ffcv":
                 if split not in caches:
                     caches[split] = build_cache_for(split, images, args, device)
                     built = caches[split]
                     print(f"  cache build      {split:<5} {built['build_s']:9.1f} s ({built['build_images_per_s']:.1f} img/s, "
                           f"{built['cache_decoder']} decoder), {built['cache_bytes']} bytes", flush=True)
                 extra = {k: v for k, v in caches[split].items() if k != "cache"}
-            row = {**measure(backend, split, images, args, device, caches.get(split, {}).get("cache")), **extra}
-            rows.append(row)
-            print(f"  {backend:<16} {split:<5} {row['images_per_s']:9.1f} img/s  (min {row['min']:.1f}, max {row['max']:.1f}, "
-                  f"{row['cores_used']:.2f} cores, {row['cpu_ms_per_image']:.2f} CPU ms/img)", flush=True)
-    header = f"{'backend':<16} {'split':<6} {'img/s (median)':>15} {'min':>9} {'max':>9} {'cores':>6}"
+            if backend == "ffcv":
+                ffcv_file = Path(args.workdir) / f"{split}.beton"
+                extra = {**extra, **write_ffcv(caches[split]["cache"], ffcv_file, args.threads), "ffcv_version": ffcv_version()}
+                print(f"  ffcv write       {split:<5} {extra['ffcv_write_s']:9.1f} s, {extra['ffcv_file_bytes']} bytes", flush=True)
+            for output in outputs if backend in KINDED else ["float"]:
+                row = {**measure(backend, split, images, args, device, caches.get(split, {}).get("cache"), output, ffcv_file),
+                       **extra}
+                rows.append(row)
+                print(f"  {backend:<10} {output:<5} {split:<5} {row['images_per_s']:9.1f} img/s  (min {row['min']:.1f}, "
+                      f"max {row['max']:.1f}, {row['cores_used']:.2f} cores, {row['cpu_ms_per_image']:.2f} CPU ms/img, "
+                      f"load {row['load_average'][0]:.2f})", flush=True)
+    header = f"{'backend':<16} {'output':<6} {'split':<6} {'img/s (median)':>15} {'min':>9} {'max':>9} {'cores':>6} {'load':>6}"
     print("\n" + header + "\n" + "-" * len(header))
     for row in rows:
-        print(f"{row['backend']:<16} {row['split']:<6} {row['images_per_s']:>15.1f} {row['min']:>9.1f} {row['max']:>9.1f} "
-              f"{row['cores_used']:>6.2f}")
+        print(f"{row['backend']:<16} {row['output']:<6} {row['split']:<6} {row['images_per_s']:>15.1f} {row['min']:>9.1f} "
+              f"{row['max']:>9.1f} {row['cores_used']:>6.2f} {row['load_average'][0]:>6.2f}")
     speedups = {}
     for split in ("train", "eval"):
-        rate = {r["backend"]: r["images_per_s"] for r in rows if r["split"] == split}
-        cpu = {r["backend"]: r["cpu_ms_per_image"] for r in rows if r["split"] == split}
-        if "torch" in rate and "shards" in rate:
-            speedups[f"shards/torch {split} img/s"] = round(rate["shards"] / rate["torch"], 2)
-        if "torch" in rate and "cache" in rate:
-            speedups[f"cache/torch {split} img/s"] = round(rate["cache"] / rate["torch"], 2)
-            speedups[f"torch/cache {split} CPU time per image"] = round(cpu["torch"] / cpu["cache"], 2)
+        for output in OUTPUTS:
+            rate = {r["backend"]: r["images_per_s"] for r in rows if r["split"] == split and r["output"] in (output, "float")
+                    and (r["backend"] not in KINDED or r["output"] == output)}
+            cpu = {r["backend"]: r["cpu_ms_per_image"] for r in rows if r["split"] == split
+                   and (r["backend"] not in KINDED or r["output"] == output)}
+            if "torch" in rate and "cache" in rate:
+                speedups[f"cache {output}/torch {split} img/s"] = round(rate["cache"] / rate["torch"], 2)
+                speedups[f"torch/cache {output} {split} CPU time per image"] = round(cpu["torch"] / cpu["cache"], 2)
+            if "ffcv" in rate and "cache" in rate:
+                speedups[f"cache/ffcv {output} {split} img/s"] = round(rate["cache"] / rate["ffcv"], 2)
+                speedups[f"ffcv/cache {output} {split} CPU time per image"] = round(cpu["ffcv"] / cpu["cache"], 2)
+            if "torch" in rate and "shards" in rate and output == "float":
+                speedups[f"shards/torch {split} img/s"] = round(rate["shards"] / rate["torch"], 2)
     if speedups:
         print("\n" + ", ".join(f"{k}: {v}x" for k, v in speedups.items()))
     result = record(device, args, description, command, load_before, speedups, rows)
+    result["skipped"] = skipped
     out = Path(args.out or REPO / "bench" / "results" / f"loader-{device_slug(device)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

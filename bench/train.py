@@ -311,6 +311,8 @@ def build_trainer(args, mode: str, batch: int, phase: str, cache: bool, workdir:
         "data.num_workers": str(args.workers),
         "data.num_threads": str(args.threads),
         "data.backend": args.backend,
+        # Synthetic splits name no real files: auto must not build a decoded-image cache of them.
+        "data.cache_auto_share": "0" if args.data == "synthetic" else "0.25",
         "precision.amp": args.amp,
         "compile.enable": str(mode != "eager"),
         "compile.mode": MODES[mode] or "default",

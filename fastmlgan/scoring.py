@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastmlgan.data.geometry import normalize_batch
+
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``--precision.amp`` on ``device`` (None: no autocast)."""
@@ -20,9 +22,13 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-def inputs_to_device(batch: dict[str, torch.Tensor], device: torch.device, memory_format) -> torch.Tensor:
-    """G's input on the device: images in the model's memory format, feature vectors as they are."""
+def inputs_to_device(batch: dict[str, torch.Tensor], device: torch.device, memory_format, normalize=normalize_batch) -> torch.Tensor:
+    """G's input on the device: images in the model's memory format, feature vectors as they are.
+    uint8 images (the cache loader's ``output="uint8"``) are normalised here, on the device, by
+    ``normalize`` (``geometry.normalize_batch``; the trainer passes its compiled copy)."""
     x = to_device(batch["image"], device)
+    if x.dtype == torch.uint8:
+        return normalize(x, memory_format)
     return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 
 

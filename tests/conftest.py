@@ -34,6 +34,17 @@ if _WORKERS > 1:
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# --data.backend auto builds decoded-image caches on first use (issue 20), in $FASTMLGAN_CACHE or
+# ~/.cache/fastmlgan: every test's runs (and the CLI runs they start) build theirs in one folder
+# of this test session instead, removed at its end.
+if "FASTMLGAN_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["FASTMLGAN_CACHE"] = tempfile.mkdtemp(prefix="fastmlgan-test-caches-")
+    atexit.register(shutil.rmtree, os.environ["FASTMLGAN_CACHE"], True)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_logging():

@@ -44,13 +44,15 @@ class DataConfig:
     on_bad_image: str = "skip"
     """An image that cannot be decoded: skip (substitute the next one, count and log it) | error (stop, naming it)."""
     backend: str = "auto"
-    """Loader backend: auto (cache when current caches of both splits exist, else dali on a GPU when installed, else torchvision-gpu on a GPU, else torch) | dali | torchvision-gpu | torch (CPU decode and five-crop) | cache (decoded-image cache, built on first use)."""
+    """Loader backend: auto (the decoded-image cache when current caches of both splits exist or building them fits data.cache_auto_share, else dali on a GPU when installed, else torchvision-gpu on a GPU, else torch) | dali | torchvision-gpu | torch (CPU decode and five-crop) | cache (decoded-image cache, built on first use)."""
     num_threads: int = 4
     """dali / torchvision-gpu / cache: CPU threads per rank (file reading, CPU decoding, cache staging)."""
     cache_dir: str = ""
     """cache: folder of the decoded-image caches ('' = $FASTMLGAN_CACHE, else ~/.cache/fastmlgan: large, derived files reused by every run, kept out of the project and run folders)."""
     cache_device: str = "cpu"
     """cache: serve from cpu (memory-mapped file, rows staged in pinned host memory) | cuda (the cache copied into GPU memory; it must fit)."""
+    cache_auto_share: float = 0.25
+    """auto: build missing decoded-image caches on first use when they take at most this share of the free disk in cache_dir (and, with cache_device cuda, of the free GPU memory); 0: only use caches that exist."""
     dali_decode: str = "full"
     """dali: full (decode, resize to base, crop, resize: the paper's geometry) | roi (decode only the crop window, one resize)."""
     dali_hw_decoder_load: float = 0.65
@@ -126,6 +128,7 @@ class DataConfig:
         choice("data.on_bad_image", self.on_bad_image, ("skip", "error"))
         choice("data.backend", self.backend, BACKEND_CHOICES)
         choice("data.cache_device", self.cache_device, ("cpu", "cuda"))
+        finite("data.cache_auto_share", self.cache_auto_share, 0.0, 1.0)
         if SOURCES[self.dataset].holds_features and self.backend == "cache":
             raise ConfigError(
                 f"--data.backend cache stores decoded images, but data.dataset={self.dataset} holds feature vectors "

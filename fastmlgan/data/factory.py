@@ -10,8 +10,10 @@ is one module with its two builders and one entry here.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -36,13 +38,19 @@ class Backend:
 
     train: Callable
     eval: Callable
+    uint8: bool = False
+    """Whether its builders take ``output="uint8"`` (pixels normalised by the consumer, on its device)."""
+
+    def output(self, requested: str) -> dict:
+        """The builders' ``output`` argument: uint8 only where the backend has it (else float)."""
+        return {"output": requested} if self.uint8 else {}
 
 
 BACKENDS: dict[str, Backend] = {
     "torch": Backend(torch_dataloader.train_loader_from_config, torch_dataloader.eval_loader_from_config),
     "torchvision-gpu": Backend(torchvision_gpu.train_loader_from_config, torchvision_gpu.eval_loader_from_config),
     "dali": Backend(dali.train_loader_from_config, dali.eval_loader_from_config),
-    "cache": Backend(cache_loader.train_loader_from_config, cache_loader.eval_loader_from_config),
+    "cache": Backend(cache_loader.train_loader_from_config, cache_loader.eval_loader_from_config, uint8=True),
     # Not --data.backend choices: the loader of every source that holds feature vectors, and of
     # shards (data.dataset=shards with --data.backend auto or torch).
     "shards": Backend(shards.train_loader_from_config, shards.eval_loader_from_config),
@@ -87,13 +95,16 @@ def per_rank_batch(global_batch: int, info: DistInfo, option: str) -> int:
     return global_batch // info.world_size
 
 
-def build_loaders(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int, channels_last: bool = False):
+def build_loaders(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int, channels_last: bool = False,
+                  output: str = "float"):
     """(train loader, eval loader) for this rank. ``channels_last``: the dali and torchvision-gpu
-    backends deliver images in that memory format (the torch backend leaves it to the caller)."""
+    backends deliver images in that memory format (the torch backend leaves it to the caller).
+    ``output="uint8"``: the backends that can (the cache) hand over uint8 pixels for the consumer
+    to normalise on its device (``scoring.inputs_to_device``); the others float32, normalised."""
     batch = per_rank_batch(cfg.batch_size, info, "data.batch_size")
     backend = data_backend(cfg, splits, info)
-    train = build_train_loader(cfg, splits, info, seed, batch, channels_last, backend=backend)
-    return train, build_eval_loader(cfg, splits, info, seed, channels_last, backend=backend)
+    train = build_train_loader(cfg, splits, info, seed, batch, channels_last, backend=backend, output=output)
+    return train, build_eval_loader(cfg, splits, info, seed, channels_last, backend=backend, output=output)
 
 
 def build_train_loader(
@@ -105,6 +116,7 @@ def build_train_loader(
     channels_last: bool = False,
     pixels_per_batch: int | None = None,
     backend: str | None = None,
+    output: str = "float",
 ):
     """This rank's training loader with ``batch`` samples per batch (phase 2 asks for a whole
     iteration's batches at once). ``pixels_per_batch=K``: only the first K images of each batch
@@ -116,16 +128,18 @@ def build_train_loader(
             f"--data.batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images)"
         )
     backend = backend or data_backend(cfg, splits, info)
-    return BACKENDS[backend].train(cfg, splits, info, seed, batch, channels_last, pixels_per_batch)
+    return BACKENDS[backend].train(cfg, splits, info, seed, batch, channels_last, pixels_per_batch,
+                                   **BACKENDS[backend].output(output))
 
 
 def build_eval_loader(
-    cfg: DataConfig, splits: Splits, info: DistInfo, seed: int, channels_last: bool = False, backend: str | None = None
+    cfg: DataConfig, splits: Splits, info: DistInfo, seed: int, channels_last: bool = False, backend: str | None = None,
+    output: str = "float",
 ):
     """This rank's evaluation loader: every image of ``splits.val`` once across ranks."""
     batch = per_rank_batch(cfg.eval_batch_size, info, "data.eval_batch_size")
     backend = backend or data_backend(cfg, splits, info, train=False)
-    return BACKENDS[backend].eval(cfg, splits, info, seed, batch, channels_last)
+    return BACKENDS[backend].eval(cfg, splits, info, seed, batch, channels_last, **BACKENDS[backend].output(output))
 
 
 def build_iteration_loader(cfg: DataConfig, splits: Splits, info: DistInfo, seed: int, train_loader, batch: int,
@@ -140,7 +154,7 @@ def build_iteration_loader(cfg: DataConfig, splits: Splits, info: DistInfo, seed
 
 def resolve_backend(requested: str, device, log: bool = True, cached: str = "") -> str:
     """The loader backend actually used: ``auto`` takes the decoded-image cache when ``cached``
-    (the folder holding current caches of both splits) is given, else DALI on a GPU when it is
+    (why: current caches of both splits, or room to build them) is given, else DALI on a GPU when it is
     installed, else torchvision-gpu on a GPU, else torch. ``dali`` without a GPU runs DALI's CPU
     pipeline; ``torchvision-gpu`` without a GPU is an error."""
     if requested not in CHOICES:
@@ -148,7 +162,7 @@ def resolve_backend(requested: str, device, log: bool = True, cached: str = "") 
     on_gpu = torch.device(device).type == "cuda"
     if requested == "auto":
         if cached:
-            backend, reason = "cache", f"current caches of both splits in {cached}"
+            backend, reason = "cache", cached
         elif on_gpu:
             backend = "dali" if dali.dali_available() else "torchvision-gpu"
             reason = "GPU, DALI installed" if backend == "dali" else "GPU, DALI not installed (pip install '.[dali]')"
@@ -179,8 +193,10 @@ def data_backend(cfg: DataConfig, splits: Splits, info: DistInfo, train: bool = 
             f"--data.backend cache stores decoded images, but data.dataset={cfg.dataset} holds feature vectors: "
             "use --data.backend auto"
         )
-    cached = _current_caches(cfg, splits, info) if cfg.backend == "auto" and not holds_features else ""
-    if SOURCES[cfg.dataset].streams and not (cfg.backend == "cache" or cached):
+    streams = SOURCES[cfg.dataset].streams
+    # A stream's caches are built by `fastmlgan cache build`, never on first use.
+    cached = _cache_decision(cfg, splits, info, may_build=not streams) if cfg.backend == "auto" and not holds_features else ""
+    if streams and not (cfg.backend == "cache" or cached):
         return streamed_backend(cfg, info, train)
     backend = resolve_backend(cfg.backend, info.device, log=info.is_main and train, cached=cached)
     return "features" if holds_features else backend
@@ -200,20 +216,57 @@ def streamed_backend(cfg: DataConfig, info: DistInfo, train: bool) -> str:
     return "shards"
 
 
-def _current_caches(cfg: DataConfig, splits: Splits, info: DistInfo) -> str:
-    """For ``auto``: the cache folder when current caches of both splits exist there (rank 0's
-    answer on every rank, so that all ranks pick one backend), else ''."""
+def free_disk_bytes(directory: Path) -> int:
+    """Free bytes on the file system of ``directory`` (or of its nearest existing parent)."""
+    path = Path(directory).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def cache_bytes(images, geometry: Geometry) -> int:
+    """The pixel rows of a cache: what its size comes to (the other sections are a few bytes a row)."""
+    return len(images) * geometry.side * geometry.side * 3
+
+
+def worth_building(needed: int, free: int, share: float, where: str) -> tuple[bool, str]:
+    """(build?, why): ``auto`` builds the missing caches when they take at most ``share`` of what
+    is free (``--data.cache_auto_share``): a cache pays from its second epoch on (one decode
+    instead of one per epoch), but a disk it fills stops the run."""
+    gib = 2**30
+    fits = needed <= share * free
+    return fits, (f"{needed / gib:.2f} GiB of decoded images, {'within' if fits else 'more than'} "
+                  f"{share:.0%} of the {free / gib:.2f} GiB free {where} (--data.cache_auto_share)")
+
+
+def _cache_decision(cfg: DataConfig, splits: Splits, info: DistInfo, may_build: bool = True) -> str:
+    """For ``auto``: why the decoded-image cache is used (current caches of both splits, or room
+    to build the missing ones on first use), else ''. Rank 0's answer on every rank, so that all
+    ranks pick one backend."""
     found = ""
     if info.is_main:
         directory = resolve_cache_dir(cfg.cache_dir)
-        reasons = []
+        missing, reasons = [], []
         for images, purpose in ((splits.train, "train"), (splits.val, "eval")):
-            path, why = find_current(images, Geometry(purpose, cfg.image_size), directory)
+            geometry = Geometry(purpose, cfg.image_size)
+            path, why = find_current(images, geometry, directory)
             if path is None:
+                missing.append(cache_bytes(images, geometry))
                 reasons.append(why)
-        if not reasons:
-            found = str(directory)
+        if not missing:
+            found = f"current caches of both splits in {directory}"
         elif any("no cache" not in r for r in reasons):
-            # A cache exists but cannot be used: say so, never use it silently.
+            # A cache exists but cannot be used: say so, never use it silently (nor rebuild it unasked).
             logger.info("data.backend auto: not using the decoded-image cache: %s", "; ".join(reasons))
+        elif cfg.cache_auto_share > 0 and may_build:
+            build, why = worth_building(sum(missing), free_disk_bytes(directory), cfg.cache_auto_share, f"in {directory}")
+            if build and cfg.cache_device == "cuda" and info.device.type == "cuda":
+                train_bytes = cache_bytes(splits.train, Geometry("train", cfg.image_size))
+                free, _ = cache_loader.usable_gpu_memory(info.device)
+                build, gpu_why = worth_building(train_bytes, free, cfg.cache_auto_share, f"on {info.device}")
+                why += "; " + gpu_why
+            if build:
+                found = f"building the decoded-image caches on first use: {why}"
+            else:
+                logger.info("data.backend auto: not building the decoded-image cache: %s", why)
     return broadcast_object(found, info)

@@ -12,8 +12,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 BATCH_KEYS = ("image", "labels", "index", "crop", "bad")
-"""A batch is a dict of tensors: ``image`` float32 (B, 3, S, S) normalised (or (B, D) feature
-vectors), ``labels`` float32 (B, C) multi-hot, ``index`` int64 (B,) the sample actually served,
+"""A batch is a dict of tensors: ``image`` float32 (B, 3, S, S) normalised, or uint8 (B, 3, S, S)
+channels_last for the consumer to normalise on its device (the cache loader's ``output="uint8"``;
+``scoring.inputs_to_device`` does it), or (B, D) feature vectors; ``labels`` float32 (B, C) multi-hot, ``index`` int64 (B,) the sample actually served,
 ``crop`` int64 (B, 2) [position, size index] of the five-crop ([-1, -1] in evaluation), ``bad``
 bool (B,) a stand-in for an undecodable image. With ``pixels_per_batch=K`` ``image`` has K rows."""
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from fastmlgan.losses import logistic_loss, sample_label_sets
+from fastmlgan.scoring import inputs_to_device
 
 D_LOG_KEYS = ("loss_d", "wasserstein", "gp", "d_matched", "d_generated", "d_mismatched", "g_adversarial", "bce")
 
@@ -27,7 +28,7 @@ def discriminator_diagnostics(trainer) -> dict[str, float]:
     sums = {"real": 0.0, "generated": 0.0, "generated_hard": 0.0, "mismatched": 0.0, "sample_softness": 0.0}
     count = 0
     for batch in trainer.eval_loader:
-        x = batch["image"].to(trainer.device)
+        x = inputs_to_device(batch, trainer.device, trainer.memory_format)
         y = batch["labels"].to(trainer.device).float()
         fake = sample_label_sets(generator(x).float(), steps.spec)
         z = f_ext(x).float() if steps.spec.conditional else None
@@ -61,7 +62,7 @@ def gradient_share(trainer, num_batches: int = 4) -> dict[str, float]:
     for i, batch in enumerate(trainer.train_loader):
         if i >= num_batches:
             break
-        x = batch["image"].to(trainer.device)
+        x = inputs_to_device(batch, trainer.device, trainer.memory_format)
         logits = generator(x).float()
         bce = steps.spec.bce_weight * logistic_loss(logits, batch["labels"].to(trainer.device))
         z = f_ext(x).float() if steps.spec.conditional else None

@@ -556,7 +556,7 @@ SHAPE_AND_DATA_OPTIONS: tuple[str, ...] = (
 # Every data.* option is in one list or the other (tests/integration/test_data_safety.py checks it).
 DATA_OPTIONS_A_RESUME_MAY_CHANGE: tuple[str, ...] = (
     "data.batch_size", "data.eval_batch_size", "data.num_workers", "data.on_bad_image", "data.backend",
-    "data.num_threads", "data.cache_dir", "data.cache_device", "data.dali_decode", "data.dali_hw_decoder_load",
+    "data.num_threads", "data.cache_dir", "data.cache_device", "data.cache_auto_share", "data.dali_decode", "data.dali_hw_decoder_load",
     "data.allow_outside_root", "data.shards_manifest",
 )  # fmt: skip
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fastmlgan.config import Config
+from fastmlgan.data.geometry import normalize_batch
 from fastmlgan.data.stream import IterationLayout
 from fastmlgan.data.types import LabeledImages
 from fastmlgan.distributed import DistInfo, allreduce_gradients, broadcast_module
@@ -262,8 +264,14 @@ class TrainingSteps:
     def model_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """A loader batch's images as G's and f_ext's input: on the device, in the models' memory
         format (feature vectors as they are). The one place a training batch's images become the
-        model's input: a change of what loaders hand over (dtype, normalisation) goes here."""
-        return inputs_to_device(batch, self.device, self.memory_format)
+        model's input: uint8 batches (the cache loader's ``output="uint8"``, issue 20) are
+        normalised here, on the device, by the compiled normaliser when the steps are compiled."""
+        return inputs_to_device(batch, self.device, self.memory_format, normalize=self.normalize_images)
+
+    @functools.cached_property
+    def normalize_images(self):
+        """``geometry.normalize_batch``, compiled with the steps (one fused kernel) when they are."""
+        return torch.compile(normalize_batch, fullgraph=True, dynamic=False) if self.compiled else normalize_batch
 
     def after_generator_step(self) -> None:
         """Called right after every optimiser step of G (phase 1's ``bce_step`` and phase 2's

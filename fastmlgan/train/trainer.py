@@ -68,7 +68,7 @@ class Trainer:
         self.class_names = self.splits.class_names
         self.channels_last = uses_channels_last(cfg, self.device)
         self.train_loader, self.eval_loader = build_loaders(
-            cfg.data, self.splits, info, cfg.train.seed, channels_last=self.channels_last
+            cfg.data, self.splits, info, cfg.train.seed, channels_last=self.channels_last, output="uint8"
         )
         self.gan_loader = None  # phase 2's loader: one batch per iteration, built when phase 2 starts
         self.layout = IterationLayout(

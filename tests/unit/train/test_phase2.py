@@ -113,7 +113,7 @@ def _reference_iteration(trainer: Trainer, batch, spec: GanSpec) -> dict[str, li
     """§4.1 read literally: per D update, G and f_ext run on that update's three batches. ``spec``
     is the test's own (from the options it passed), not ``trainer.steps.spec``."""
     lay = trainer.layout
-    x, y = batch["image"], batch["labels"]
+    x, y = trainer.steps.model_input(batch), batch["labels"]  # uint8 from the cache (auto): normalised as the trainer does
     record: dict[str, list[float]] = {"loss_d": [], "gp": [], "loss_g": []}
     for k in range(lay.d_steps):
         d_batch = {
@@ -255,7 +255,7 @@ def test_pixels_per_batch_decodes_only_the_leading_images(smoke_root, tmp_path, 
     from fastmlgan.data.backends import torch_dataloader
     from fastmlgan.data.factory import build_train_loader
 
-    trainer = _trainer(smoke_root, tmp_path)
+    trainer = _trainer(smoke_root, tmp_path, **{"data.backend": "torch"})  # counts the torch loader's decodes
     cfg, lay = trainer.cfg.data, trainer.layout
     full = build_train_loader(cfg, trainer.splits, CPU, 0, lay.size)
     skipping = build_train_loader(cfg, trainer.splits, CPU, 0, lay.size, pixels_per_batch=lay.pixel_rows)

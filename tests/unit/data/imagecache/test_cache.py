@@ -214,7 +214,8 @@ def test_rank0_builds_the_others_wait(splits, tmp_path, monkeypatch):
 
 
 def test_auto_takes_the_cache_only_when_current_caches_exist(splits, tmp_path, caplog):
-    cfg = DataConfig(backend="auto", cache_dir=str(tmp_path), image_size=SIZE, batch_size=8, eval_batch_size=8, num_workers=0)
+    cfg = DataConfig(backend="auto", cache_dir=str(tmp_path), image_size=SIZE, batch_size=8, eval_batch_size=8, num_workers=0,
+                     cache_auto_share=0)  # never build: tests/test_auto_cache.py has the building
     info = DistInfo(0, 1, 0, CPU)
     with caplog.at_level(logging.INFO):
         assert isinstance(build_loaders(cfg, splits, info, 0)[0], torch.utils.data.DataLoader)
@@ -226,7 +227,7 @@ def test_auto_takes_the_cache_only_when_current_caches_exist(splits, tmp_path, c
         assert isinstance(train, CacheLoader) and isinstance(val, CacheLoader)
         assert f"data.backend auto -> cache (current caches of both splits in {tmp_path})" in caplog.text
     # A cache for another image size is not "a cache for this geometry".
-    other = DataConfig(backend="auto", cache_dir=str(tmp_path), image_size=24, batch_size=8, num_workers=0)
+    other = DataConfig(backend="auto", cache_dir=str(tmp_path), image_size=24, batch_size=8, num_workers=0, cache_auto_share=0)
     assert isinstance(build_loaders(other, splits, info, 0)[0], torch.utils.data.DataLoader)
     assert resolve_backend("auto", CPU, cached="") == "torch" and resolve_backend("auto", CPU, cached="d") == "cache"
 
