@@ -287,3 +287,22 @@ def test_a_timm_g_trains_exports_and_predicts_as_in_process(timm_run, tmp_path, 
     evaluated, _ = checkpoint_scores(str(run), {"data.backend": "torch", "precision.amp": "none"})
     np.testing.assert_allclose(evaluated, scores, rtol=0, atol=1e-6)
     assert scores.std() > 1e-4  # scores that differ between images and classes
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_keep_a_timm_g_in_step(tmp_path):
+    """torchrun, two gloo ranks, eager DDP: three BCE steps, f_ext frozen, two phase-2 iterations
+    (tests/ddp_worker.py). The ranks read different images, yet every parameter, and f_ext with
+    its BatchNorm statistics, is bit-identical across them."""
+    worker = [str(REPO / "tests" / "ddp_worker.py"), str(tmp_path / "run"), str(tmp_path / "data"), "eager",
+              "model.backbone=timm:resnet18", f"data.image_size={S}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *worker]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "ddp_result.json").read_text())
+    assert result["backbone"] == "timm:resnet18"
+    a, b = result["first_batch_indices"]
+    assert not set(a) & set(b)
+    assert result["change_from_init"] > 1e-4
+    assert result["max_abs_diff"] == 0.0 and result["f_ext_max_abs_diff"] == 0.0
