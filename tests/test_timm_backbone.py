@@ -133,6 +133,31 @@ def test_bad_names_and_tags_list_what_timm_has():
         build_generator("timm:resnet18", 5, pretrained="xx")
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050"])
+def test_phase2_chunked_batch_norm_equals_separate_forwards(name, caplog):
+    """Phase 2's one no-grad forward over d updates' images (models/chunked_norm.py) equals d
+    separate forwards: resnet18's nn.BatchNorm2d and mobilenetv3's timm BatchNormAct2d (BatchNorm
+    then activation in one module), outputs and running statistics both."""
+    import copy
+
+    from fastmlgan.models.chunked_norm import batch_norm_chunks, make_chunkable
+
+    torch.manual_seed(5)
+    g = make_chunkable(build_generator(f"timm:{name}", 4)).train()
+    assert "not chunked" not in caplog.text
+    g2 = copy.deepcopy(g)
+    x = torch.randn(12, 3, S, S) * 2 + 0.5
+    with torch.no_grad():
+        separate = torch.cat([g(chunk) for chunk in x.chunk(3)])
+        with batch_norm_chunks(g2, 3):
+            chunked = g2(x)
+        together = copy.deepcopy(g)(x)  # one BatchNorm batch of 12: what chunking avoids
+    torch.testing.assert_close(chunked, separate, rtol=1e-4, atol=1e-4)
+    assert (together - separate).abs().max() > 1e-3
+    for (key, a), b in zip(g.state_dict().items(), g2.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=key)
+
+
 def _cli(args: list[str], tmp_path: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "fastmlgan", *args], cwd=tmp_path, env=env, capture_output=True,
