@@ -133,6 +133,19 @@ def test_bad_names_and_tags_list_what_timm_has():
         build_generator("timm:resnet18", 5, pretrained="xx")
 
 
+def test_an_image_size_the_model_cannot_take_is_one_line():
+    with pytest.raises(ConfigError, match=r"--data.image_size 64: timm:vit_tiny_patch16_224 takes 224x224 images only"):
+        build_generator("timm:vit_tiny_patch16_224", 5, image_size=64)
+    with pytest.raises(ConfigError, match=r"--data.image_size 8: timm:convnext_atto cannot take 8x8 images \("):
+        build_generator("timm:convnext_atto", 5, image_size=8)
+    # The check is a forward in eval mode: G comes back in training mode, its BatchNorm statistics untouched.
+    torch.manual_seed(0)
+    g = build_generator("timm:resnet18", 5, image_size=S)
+    torch.manual_seed(0)
+    unchecked = build_generator("timm:resnet18", 5)
+    assert all(m.training for m in g.modules()) and all(torch.equal(a, b) for a, b in zip(g.state_dict().values(), unchecked.state_dict().values()))
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050"])
 def test_phase2_chunked_batch_norm_equals_separate_forwards(name, caplog):
     """Phase 2's one no-grad forward over d updates' images (models/chunked_norm.py) equals d

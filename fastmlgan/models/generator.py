@@ -188,15 +188,16 @@ def build_generator(
     width: int = 32,
     depth: int = 2,
     in_dim: int | None = None,
+    image_size: int | None = None,
 ) -> Generator:
     """G with its output layer replaced by a ``num_labels``-way linear head.
 
     ``pretrained``: '' (random init), a torchvision weight name (downloaded into torchvision's
     cache when online) or a local state-dict file of the torchvision model. ``timm:NAME``
-    backbones: see ``fastmlgan.models.timm_backbone``.
+    backbones: see ``fastmlgan.models.timm_backbone`` (``image_size``: checked against them).
     """
     if is_timm(backbone):
-        trunk, feature_dim = build_timm_trunk(backbone, pretrained)
+        trunk, feature_dim = build_timm_trunk(backbone, pretrained, image_size)
         return Generator(trunk, feature_dim, num_labels, backbone)
     if backbone == "smallcnn":
         if pretrained:

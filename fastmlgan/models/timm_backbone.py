@@ -151,8 +151,29 @@ def _load_file(model: nn.Module, name: str, pretrained: str, classifiers: tuple[
     logger.info("loaded timm %s weights from %s", name, path)
 
 
-def build_timm_trunk(backbone: str, pretrained: str) -> tuple[TimmTrunk, int]:
-    """(trunk, feature width) for ``backbone`` = 'timm:NAME' (see the module docstring)."""
+def _check_image_size(model: nn.Module, backbone: str, image_size: int) -> None:
+    """One line, not a traceback from the first training step, when the model cannot take
+    ``image_size`` images: a fixed input size (ViT, Swin) or too many stride-2 stages."""
+    fixed = model.pretrained_cfg.get("fixed_input_size") and model.pretrained_cfg.get("input_size")
+    if fixed and tuple(fixed[1:]) != (image_size, image_size):
+        raise ConfigError(
+            f"--data.image_size {image_size}: {backbone} takes {fixed[1]}x{fixed[2]} images only; use --data.image_size {fixed[1]}"
+        )
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, image_size, image_size))
+    except (RuntimeError, AssertionError, ValueError) as e:  # conv kernels larger than the map, shape asserts
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ConfigError(f"--data.image_size {image_size}: {backbone} cannot take {image_size}x{image_size} images ({first})") from None
+    finally:
+        model.train(was_training)
+
+
+def build_timm_trunk(backbone: str, pretrained: str, image_size: int | None = None) -> tuple[TimmTrunk, int]:
+    """(trunk, feature width) for ``backbone`` = 'timm:NAME' (see the module docstring); with
+    ``image_size``, one line when the model cannot take images of that side (a forward of one
+    blank image, in eval mode: nothing of the model changes)."""
     timm = _timm()
     name = backbone[len(PREFIX):]
     _check_name(name)
@@ -182,5 +203,7 @@ def build_timm_trunk(backbone: str, pretrained: str) -> tuple[TimmTrunk, int]:
     mean, std = model.pretrained_cfg.get("mean", IMAGENET_MEAN), model.pretrained_cfg.get("std", IMAGENET_STD)
     if len(mean) != 3 or len(std) != 3:
         raise ConfigError(f"--model.backbone {backbone}: a model of {len(mean)} input channels; G reads RGB images")
+    if image_size is not None:
+        _check_image_size(model, backbone, image_size)
     feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
     return TimmTrunk(model, tuple(mean), tuple(std)), feature_dim
