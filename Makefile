@@ -10,9 +10,9 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # DALI has Linux wheels only (its extra's environment markers skip it elsewhere as well).
 UNAME_S ?= $(shell uname -s)
 ifeq ($(UNAME_S),Linux)
-EXTRAS ?= dev,plots,tb,shards,dali
+EXTRAS ?= dev,plots,tb,shards,timm,dali
 else
-EXTRAS ?= dev,plots,tb,shards
+EXTRAS ?= dev,plots,tb,shards,timm
 endif
 ARGS ?=
 

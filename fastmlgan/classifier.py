@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load
 from torch import nn
 
-from fastmlgan.config import BACKBONES, Config, config_from_dict
+from fastmlgan.config import BACKBONES, Config, config_from_dict, valid_backbone
 from fastmlgan.data.geometry import IMAGENET_MEAN, IMAGENET_STD, decode_rgb, eval_resize, normalize
 from fastmlgan.errors import ConfigError, FastMLGANError
 from fastmlgan.models import Generator, build_generator
@@ -277,7 +277,7 @@ _SIDECAR_FIELDS = (
     ("class_names", list, lambda v: v and all(isinstance(n, str) for n in v) and len(set(v)) == len(v),
      "a non-empty list of distinct class names"),
     ("model", dict, None, "an object"),
-    ("model.backbone", str, lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}"),
+    ("model.backbone", str, valid_backbone, f"one of {', '.join(BACKBONES)} or timm:NAME"),
     ("model.num_labels", _INT, lambda v: v >= 1, "an integer >= 1"),
     ("model.feature_dim", _INT, lambda v: v >= 1, "an integer >= 1"),
     ("model.width", _INT, lambda v: 1 <= v <= 2**16, "an integer in [1, 65536]"),

@@ -64,7 +64,7 @@ def versions() -> dict[str, str | None]:
         "cuda": torch.version.cuda,
     }
     # Read from the installed metadata: importing DALI or Triton just to print a version costs seconds.
-    for name, dists in (("dali", ("nvidia-dali-cuda130", "nvidia-dali-cuda120")), ("triton", ("triton",))):
+    for name, dists in (("dali", ("nvidia-dali-cuda130", "nvidia-dali-cuda120")), ("triton", ("triton",)), ("timm", ("timm",))):
         for dist in dists:
             try:
                 out[name] = importlib.metadata.version(dist)

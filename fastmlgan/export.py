@@ -216,7 +216,7 @@ def _feature_standardization(cfg: Config) -> dict[str, Any]:
 
 def _versions() -> dict[str, str]:
     out = {"fastmlgan": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
-    for name in ("safetensors", "onnx", "onnxscript", "onnxruntime"):
+    for name in ("safetensors", "onnx", "onnxscript", "onnxruntime", "timm"):
         if importlib.util.find_spec(name) is not None:
             out[name] = getattr(__import__(name), "__version__", "?")
     return out

@@ -33,6 +33,7 @@ from fastmlgan.config.schema import (
     PrecisionConfig,
     TrainConfig,
     config_from_dict,
+    valid_backbone,
 )
 
 __all__ = [
@@ -40,5 +41,5 @@ __all__ = [
     "CheckpointConfig", "CompileConfig", "Config", "DataConfig", "DistConfig", "GanConfig", "LogConfig", "LossConfig",
     "ModelConfig", "OptimConfig", "PrecisionConfig", "TrainConfig",
     "build_config", "config_from_dict", "help_text", "load_config_file", "parse_args", "unknown_option_message",
-    "valid_keys",
+    "valid_backbone", "valid_keys",
 ]

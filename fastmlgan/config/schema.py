@@ -15,6 +15,18 @@ from fastmlgan.data.sources import SOURCES
 from fastmlgan.errors import ConfigError
 
 BACKBONES = ("smallcnn", "mlp", "resnet18", "resnet50", "resnet101", "resnet152", "vgg16", "inception_v3")
+TIMM_PREFIX = "timm:"
+"""``timm:NAME``: any timm model (the ``timm`` extra); NAME is checked when G is built."""
+
+
+def valid_backbone(name: object) -> bool:
+    """One of ``BACKBONES`` or ``timm:NAME`` (NAME: timm's characters, checked against timm later)."""
+    if not isinstance(name, str):
+        return False
+    rest = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else None
+    if rest is None:
+        return name in BACKBONES
+    return bool(rest) and all(c.isascii() and (c.isalnum() or c in "._-") for c in rest)
 
 
 @dataclass
@@ -154,9 +166,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet101"
-    """Generator backbone: smallcnn (CPU-sized) | mlp (feature inputs) | resnet18/50/101/152 | vgg16 | inception_v3."""
+    """Generator backbone: smallcnn (CPU-sized) | mlp (feature inputs) | resnet18/50/101/152 | vgg16 | inception_v3 | timm:NAME (any timm model, the timm extra)."""
     pretrained: str = ""
-    """ImageNet weights: '' (random init) | a torchvision weight name (DEFAULT, IMAGENET1K_V1, ResNet101_Weights.IMAGENET1K_V2) | a local .pth file."""
+    """ImageNet weights: '' (random init) | a torchvision weight name (DEFAULT, IMAGENET1K_V1, ResNet101_Weights.IMAGENET1K_V2) | timm: DEFAULT or a weight tag | a local .pth/.safetensors file."""
     width: int = 64
     """smallcnn: channels of the first stage (doubling per stage); mlp: hidden width."""
     depth: int = 2
@@ -165,7 +177,8 @@ class ModelConfig:
     """Use channels_last memory format for CNN backbones on GPU."""
 
     def __post_init__(self) -> None:
-        choice("model.backbone", self.backbone, BACKBONES)
+        if not valid_backbone(self.backbone):
+            choice("model.backbone", self.backbone, (*BACKBONES, "timm:NAME"))
         integer("model.width", self.width, 1, 2**16)  # the parameter count is checked when G is built
         integer("model.depth", self.depth, 1, 1000)
 

@@ -10,16 +10,22 @@ momentum updates, in chunk order, exactly as d separate forwards would leave the
 
 The modules of a built generator are switched to these classes in place (``__class__``), so
 parameters, buffers and state-dict keys are those of torchvision's BatchNorm: checkpoints and
-exports are unchanged.
+exports are unchanged. timm's ``BatchNormAct2d`` (BatchNorm, then its ``drop`` and ``act``
+modules: EfficientNet, MobileNetV3, RegNet, ...) gets a chunkable subclass made the same way. A
+BatchNorm of another class is left as it is, with a warning: phase 2 would normalise all d·B
+generated images as one batch there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def _chunked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -76,15 +82,45 @@ class ChunkedBatchNorm1d(nn.BatchNorm1d):
         return _chunked_batch_norm(self, x, self.chunks)
 
 
-_CHUNKED = {nn.BatchNorm2d: ChunkedBatchNorm2d, nn.BatchNorm1d: ChunkedBatchNorm1d}
+_CHUNKED: dict[type, type] = {nn.BatchNorm2d: ChunkedBatchNorm2d, nn.BatchNorm1d: ChunkedBatchNorm1d}
+
+
+def _is_norm_act(cls: type) -> bool:
+    """timm's BatchNormAct2d (or a subclass): BatchNorm, then ``self.drop`` and ``self.act``.
+    Recognised by name: chunked_norm does not import timm."""
+    return any(c.__name__ == "BatchNormAct2d" and c.__module__.startswith("timm.") for c in cls.__mro__)
+
+
+def _chunkable_norm_act(cls: type) -> type:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chunks == 1 or not self.training:
+            return cls.forward(self, x)
+        return self.act(self.drop(_chunked_batch_norm(self, x, self.chunks)))
+
+    return type(f"Chunked{cls.__name__}", (cls,), {"chunks": 1, "forward": forward, "__module__": __name__})
+
+
+def _chunkable(module: nn.Module) -> bool:
+    return type(module) in _CHUNKED.values()
 
 
 def make_chunkable(module: nn.Module) -> nn.Module:
-    """Switch every plain BatchNorm1d/2d under ``module`` to its chunkable class, in place."""
+    """Switch every plain BatchNorm1d/2d (and timm's BatchNormAct2d) under ``module`` to its
+    chunkable class, in place."""
+    left = set()
     for m in module.modules():
-        cls = _CHUNKED.get(type(m))
-        if cls is not None:
-            m.__class__ = cls
+        cls = type(m)
+        if cls not in _CHUNKED and _is_norm_act(cls) and not _chunkable(m):
+            _CHUNKED[cls] = _chunkable_norm_act(cls)
+        if cls in _CHUNKED:
+            m.__class__ = _CHUNKED[cls]
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and not _chunkable(m):
+            left.add(cls.__name__)
+    if left:
+        logger.warning(
+            "%s: BatchNorm not chunked; phase 2's batched no-grad forward of G normalises all generated "
+            "images of an iteration as one batch there", ", ".join(sorted(left))
+        )
     return module
 
 
@@ -92,7 +128,7 @@ def make_chunkable(module: nn.Module) -> nn.Module:
 def batch_norm_chunks(module: nn.Module, chunks: int) -> Iterator[None]:
     """Within the block, every chunkable BatchNorm under ``module`` normalises ``chunks`` equal
     chunks of its batch independently (see the module docstring)."""
-    norms = [m for m in module.modules() if isinstance(m, (ChunkedBatchNorm1d, ChunkedBatchNorm2d))]
+    norms = [m for m in module.modules() if _chunkable(m)]
     for m in norms:
         m.chunks = chunks
     try:

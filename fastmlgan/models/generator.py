@@ -13,6 +13,7 @@ import torchvision
 from torch import nn
 
 from fastmlgan.errors import ConfigError
+from fastmlgan.models.timm_backbone import build_timm_trunk, is_timm
 from fastmlgan.safeio import open_regular
 
 logger = logging.getLogger(__name__)
@@ -187,12 +188,17 @@ def build_generator(
     width: int = 32,
     depth: int = 2,
     in_dim: int | None = None,
+    image_size: int | None = None,
 ) -> Generator:
     """G with its output layer replaced by a ``num_labels``-way linear head.
 
     ``pretrained``: '' (random init), a torchvision weight name (downloaded into torchvision's
-    cache when online) or a local state-dict file of the torchvision model.
+    cache when online) or a local state-dict file of the torchvision model. ``timm:NAME``
+    backbones: see ``fastmlgan.models.timm_backbone`` (``image_size``: checked against them).
     """
+    if is_timm(backbone):
+        trunk, feature_dim = build_timm_trunk(backbone, pretrained, image_size)
+        return Generator(trunk, feature_dim, num_labels, backbone)
     if backbone == "smallcnn":
         if pretrained:
             raise ConfigError("--model.pretrained: smallcnn has no pretrained weights; leave it empty")
@@ -205,7 +211,7 @@ def build_generator(
         return Generator(trunk, trunk.out_dim, num_labels, backbone)
     if backbone not in TORCHVISION_BACKBONES:
         raise ConfigError(
-            f"--model.backbone {backbone!r} is unknown; valid: smallcnn, mlp, {', '.join(TORCHVISION_BACKBONES)}"
+            f"--model.backbone {backbone!r} is unknown; valid: smallcnn, mlp, {', '.join(TORCHVISION_BACKBONES)}, timm:NAME"
         )
     model = _torchvision_model(backbone, pretrained)
     if backbone.startswith("resnet"):

@@ -130,7 +130,8 @@ class TrainingSteps:
 
         in_dim = getattr(train, "feature_dim", None)  # feature-vector data (mlp backbone)
         self.generator = build_generator(
-            cfg.model.backbone, num_labels, cfg.model.pretrained, width=cfg.model.width, depth=cfg.model.depth, in_dim=in_dim
+            cfg.model.backbone, num_labels, cfg.model.pretrained, width=cfg.model.width, depth=cfg.model.depth, in_dim=in_dim,
+            image_size=None if in_dim else cfg.data.image_size,
         ).to(self.device)
         # Phase 2 runs G's no-grad forwards of all D updates as one batch, each update's images
         # normalised as their own BatchNorm batch (fastmlgan.models.chunked_norm).

@@ -1,5 +1,6 @@
 """Run by tests/integration/test_ddp.py under ``torchrun --nproc_per_node 2``: a few BCE and GAN steps, then
-every rank's G and D parameters are gathered and compared on rank 0."""
+every rank's G and D parameters are gathered and compared on rank 0. Arguments: OUT DATA_ROOT
+[eager|compile [KEY=VALUE ...]], the last ones overrides of the smoke preset."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from fastmlgan.train.trainer import Trainer
 def main() -> None:
     out, data_root = Path(sys.argv[1]), sys.argv[2]
     compiled = len(sys.argv) > 3 and sys.argv[3] == "compile"
-    cfg = build_config({"data.root": data_root, "out": str(out), "compile.enable": str(compiled)}, preset="smoke")
+    overrides = dict(arg.split("=", 1) for arg in sys.argv[4:])
+    cfg = build_config({"data.root": data_root, "out": str(out), "compile.enable": str(compiled), **overrides}, preset="smoke")
     info = init_distributed("gloo")
     out.mkdir(parents=True, exist_ok=True)
     trainer = None
@@ -53,6 +55,7 @@ def main() -> None:
                 "f_ext_max_abs_diff": float((f_ext_all[0] - f_ext_all[1]).abs().max()),
                 "change_from_init": float((final - init).abs().max()),
                 "first_batch_indices": indices,
+                "backbone": trainer.generator.backbone,
             }
             (out / "ddp_result.json").write_text(json.dumps(result))
     finally:

@@ -52,6 +52,7 @@ def test_extras(project):
     assert requirement_names(extras["plots"]) == {"matplotlib"}
     assert requirement_names(extras["tb"]) == {"tensorboard"}
     assert requirement_names(extras["shards"]) == {"webdataset"}
+    assert requirement_names(extras["timm"]) == {"timm"}
     assert {"pytest", "hypothesis", "liac-arff", "pyyaml"} <= requirement_names(extras["dev"])
     assert "matplotlib" not in requirement_names(extras["dev"])
 
@@ -88,7 +89,7 @@ def test_setup_py_is_a_shim():
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-@pytest.mark.parametrize("system, extras", [("Linux", "dev,plots,tb,shards,dali"), ("Darwin", "dev,plots,tb,shards")])
+@pytest.mark.parametrize("system, extras", [("Linux", "dev,plots,tb,shards,timm,dali"), ("Darwin", "dev,plots,tb,shards,timm")])
 def test_makefile_extras_follow_the_platform(tmp_path, system, extras):
     done = subprocess.run(["make", "-n", "install", f"UNAME_S={system}", f"VENV={tmp_path / 'venv'}"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
