@@ -222,8 +222,18 @@ def launch_torchrun(launch: Launch, args: Sequence[str]) -> int:
     kit's own line and exit status, not torchrun's traceback and failure summary. Each rank leaves
     its closing line in a temporary folder; the distinct lines are printed once, rank 0's first.
     SIGTERM and Ctrl-C reach torchrun's agent here, which forwards them to the workers as before."""
-    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
-    from torch.distributed.run import get_args_parser, run
+    # c10d's C++ warnings in this process (a client whose host name has no reverse lookup) would
+    # come before the one closing line: c10 reads the level when torch loads. The workers keep
+    # the user's level (the variable is restored before they start).
+    quiet = "torch" not in sys.modules and "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if quiet:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    try:
+        from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
+        from torch.distributed.run import get_args_parser, run
+    finally:
+        if quiet:
+            os.environ.pop("TORCH_CPP_LOG_LEVEL")
 
     command = torchrun_command(launch, args)[3:]  # torchrun's own arguments: --standalone ... -m fastmlgan.train ...
     torchrun_args = get_args_parser().parse_args(command)
