@@ -2,8 +2,9 @@
 10.77.0.2), one torchrun in each, c10d rendezvous on host A, gloo over the link, the smoke preset.
 
 The namespaces share one host name (resolving to 127.0.0.1) and the file system: the run folder in
-the tests' tmp folder is the folder both hosts share. Host B sees it read-only (a mount namespace
-of its own), so a run that completes proves that only rank 0, on host A, writes it.
+the tests' tmp folder is the folder both hosts share. Host B sees it through a mount namespace of
+its own: read-only (the restart test: it must read the checkpoint), or a separate empty folder in
+its place (a folder that is not shared), which must stay empty: only rank 0, on host A, writes.
 
 Every process is bounded (a deadline, then SIGKILL of everything in both namespaces), and the
 namespaces are deleted when the module ends, failed or not (and by the next session if this one
@@ -27,12 +28,12 @@ pytestmark = pytest.mark.faults
 
 REPO = Path(__file__).resolve().parents[1]
 PORT = 29400
-# The smoke preset: 256 training images, batch 16 per rank, so 8 steps an epoch on 2 ranks and 16
-# BCE steps; 3 GAN epochs; a checkpoint every 2 steps. A collective that waits longer than 60 s
-# fails (the default is 30 minutes).
+# The smoke preset: 2 BCE epochs of 12 steps (steps 1-24), then 3 GAN epochs of one step each
+# (25-27, each followed by an evaluation); a checkpoint every 2 steps and at every epoch end. A
+# collective that waits longer than 60 s fails (the default is 30 minutes).
 RUN = ["--preset", "smoke", "--train.gan_epochs", "3", "--checkpoint.every_steps", "2",
        "--checkpoint.every_minutes", "0", "--log.plots", "false", "--dist.timeout_s", "60"]
-BCE_STEPS = 16
+BCE_STEPS = 24
 DEADLINE_S = 420
 
 
@@ -70,9 +71,10 @@ def reference(tmp_path_factory):
     return root, data, (run / "metrics.json").read_bytes()
 
 
-def _torchrun(hosts: nh.TwoHosts, host: nh.Host, run: Path, data: Path, *extra: str) -> list[str]:
-    """torchrun as the README's multi-node section writes it, on ``host``; host B sees ``run``
-    read-only."""
+def _torchrun(hosts: nh.TwoHosts, host: nh.Host, run: Path, data: Path, *extra: str, b_view: Path | None) -> list[str]:
+    """torchrun as the README's multi-node section writes it, on ``host``. Host B sees ``run``
+    read-only (``b_view`` None: the folder is shared) or sees the folder ``b_view`` there instead
+    (a folder that is not shared)."""
     is_host = int(host is hosts.a)
     cmd = ["nice", sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts.a.addr}:{PORT}", "--rdzv-id", run.name,
@@ -80,16 +82,17 @@ def _torchrun(hosts: nh.TwoHosts, host: nh.Host, run: Path, data: Path, *extra: 
            "-m", "fastmlgan.train", *RUN, "--data.root", str(data), "--out", str(run)]
     if host is hosts.a:
         return host.command(cmd)
-    # The run folder is made by rank 0 before host B's rank reads it; B mounts it read-only once it is there.
-    script = ('for i in $(seq 600); do [ -d "$1" ] && break; sleep 0.1; done; '
-              'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"')
-    return host.command(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(run), *cmd])
+    # A mount namespace of host B's own, so that its view of the run folder is its alone.
+    if b_view is None:
+        script, paths = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift 2 && exec "$@"', [run, run]
+    else:
+        script, paths = 'mount --bind "$2" "$1" && shift 2 && exec "$@"', [run, b_view]
+    return host.command(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *map(str, paths), *cmd])
 
 
-def _start_both(hosts, run: Path, data: Path, *extra: str) -> list:
-    run.parent.mkdir(parents=True, exist_ok=True)
-    run.mkdir()  # B's read-only view needs the folder before its torchrun starts
-    return [nh.start(_torchrun(hosts, h, run, data, *extra), _env(), run.parent / f"{run.name}-{tag}.log")
+def _start_both(hosts, run: Path, data: Path, *extra: str, b_view: Path | None = None) -> list:
+    run.mkdir(parents=True)  # the mount point of host B's view
+    return [nh.start(_torchrun(hosts, h, run, data, *extra, b_view=b_view), _env(), run.parent / f"{run.name}-{tag}.log")
             for h, tag in ((hosts.a, "a"), (hosts.b, "b"))]
 
 
@@ -104,16 +107,19 @@ def _finish(hosts, procs, run: Path) -> list[int | None]:
 
 
 def test_two_hosts_equal_one_host_byte_for_byte(hosts, reference):
+    """Host B's run folder is a folder of its own (not shared): the run needs nothing from it."""
     root, data, want = reference
-    run = root / "two-hosts"
-    codes = _finish(hosts, _start_both(hosts, run, data), run)
+    run, b_view = root / "two-hosts", root / "host-b-view"
+    b_view.mkdir()
+    codes = _finish(hosts, _start_both(hosts, run, data, b_view=b_view), run)
     assert codes == [0, 0], _logs(run)
     record = json.loads((run / "config.json").read_text())["run"]
     assert (record["world_size"], record["num_nodes"]) == (2, 2)
     assert (run / "metrics.json").read_bytes() == want
-    # Written once, by rank 0: host B could not have written (read-only), and the files are complete.
+    # Written once, by rank 0 on host A: host B's folder is still empty.
     assert ckpt.step_files(run / ckpt.CHECKPOINT_DIR)
     ckpt.verify(run / ckpt.CHECKPOINT_DIR / ckpt.LAST)
+    assert sorted(p.relative_to(b_view).as_posix() for p in b_view.rglob("*")) == []
 
 
 def _worker_of(agent_pid: int) -> int | None:
@@ -130,16 +136,24 @@ def _worker_of(agent_pid: int) -> int | None:
 def test_host_b_worker_killed_in_phase_2_restarts_on_both_hosts(hosts, reference):
     root, data, want = reference
     run = root / "restarted"
-    procs = _start_both(hosts, run, data, "--max-restarts", "2")
+    # One restart must be enough: a first restart that fails (the run folder refused) and a
+    # second that resumes would pass with more.
+    procs = _start_both(hosts, run, data, "--max-restarts", "1")
     deadline = time.monotonic() + DEADLINE_S
     folder = run / ckpt.CHECKPOINT_DIR
     killed_after = None
     while time.monotonic() < deadline and all(p.poll() is None for p in procs):
         steps = [step for step, _ in ckpt.step_files(folder)] if folder.is_dir() else []
         if (folder / ckpt.BASELINE).is_file() and steps and max(steps) > BCE_STEPS:
-            worker = _worker_of(procs[1].pid)
-            if worker is not None:
-                os.kill(worker, signal.SIGKILL)  # host B's rank dies without warning, mid-phase 2
+            worker_a, worker_b = _worker_of(procs[0].pid), _worker_of(procs[1].pid)
+            if worker_a is not None and worker_b is not None:
+                # Host A's rank is frozen first, so that host A's agent always restarts it for the
+                # membership change (B's agent re-joining), which it does not count, and never for
+                # its own rank failing on the broken link, which it would count: the case where
+                # the hosts' restart counts differ (without it, a race decides). The agent stops
+                # the frozen rank with SIGKILL after its 30 s grace.
+                os.kill(worker_a, signal.SIGSTOP)
+                os.kill(worker_b, signal.SIGKILL)  # host B's rank dies without warning, mid-phase 2
                 killed_after = max(steps)
                 break
         time.sleep(0.05)
@@ -147,8 +161,9 @@ def test_host_b_worker_killed_in_phase_2_restarts_on_both_hosts(hosts, reference
     codes = _finish(hosts, procs, run)
     assert codes == [0, 0], _logs(run)
     log_a = (run.parent / f"{run.name}-a.log").read_text()
-    # Host A's agent saw a membership change (its count stays 0); rank 0 still resumed.
+    # Host A's agent saw a membership change (its restart count stays 0); rank 0 resumed all the same.
     assert "resuming" in log_a and "from its last checkpoint" in log_a, _logs(run)
+    assert f"step {killed_after} (" in log_a and "phase gan" in log_a, _logs(run)  # resumed in phase 2
     assert (run / "metrics.json").read_bytes() == want
 
 
