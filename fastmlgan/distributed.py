@@ -62,7 +62,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
             logger.info("gloo: the host name resolves to a loopback address; using %s, the interface that "
                         "reaches MASTER_ADDR %s (set GLOO_SOCKET_IFNAME to choose)", interface, os.environ["MASTER_ADDR"])
         device_id = device if device.type == "cuda" else None
-        under_torchrun = _restart_safe_store(rank, world_size, timeout)
+        under_torchrun = _torchrun_store(rank, world_size, timeout)
         if under_torchrun:
             _init_with_fresh_prefix(backend, timeout, device_id, under_torchrun)
         else:
@@ -70,8 +70,8 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
-def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
-    """Under torchrun, the rendezvous store under a key prefix of this start of the workers' own.
+def _torchrun_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
+    """Under torchrun, the rendezvous store (its keys then go under a prefix of this start's own).
 
     After ``torchrun --max-restarts`` restarts a failed job, the new workers' process group reads
     the previous start's addresses from the store torchrun keeps for all of its rounds, and
@@ -80,9 +80,10 @@ def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta)
     ``TORCHELASTIC_RESTART_COUNT`` cannot tell the starts apart across hosts: each host's agent
     counts its own restarts, and an agent restarted by another host's failure (a membership
     change) does not count it (pytorch/pytorch#108158). Two hosts then used different prefixes and
-    waited for each other until the collective timeout (issue 22: host B's worker killed, both
-    hosts hung). Rank 0 draws a fresh prefix and hands it to each rank that asks with a fresh
-    nonce of its own (``_share_prefix``), so no rank can take a dead start's. Outside torchrun:
+    waited for each other's keys until the store timeout (``--dist.timeout_s``; issue 22: host
+    B's worker killed, both hosts hung). Rank 0 draws a fresh prefix and hands it to each rank
+    that asks with a fresh nonce of its own (``_PrefixServer``, ``_ask_prefix``), so no rank can
+    take a dead start's. Outside torchrun:
     env:// as usual."""
     if os.environ.get("TORCHELASTIC_RESTART_COUNT") is None or "MASTER_ADDR" not in os.environ:
         return {}
@@ -115,9 +116,9 @@ class _PrefixServer:
 
     def __init__(self, world_size: int, timeout: datetime.timedelta):
         self.prefix = f"/fastmlgan/start_{uuid.uuid4().hex}"
-        # A connection of its own: init_process_group uses the other one meanwhile, and a store
-        # client is not for two threads at once (shared, the third start of issue 22's trial
-        # read another request's reply and its ranks never met).
+        # A connection of its own: init_process_group uses the other one meanwhile (with one
+        # shared connection, the third start of issue 22's trial never met; observed once, not
+        # isolated further).
         self._store = dist.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
         )
