@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import gc
+import ipaddress
 import logging
 import os
+import socket
+import struct
+import threading
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,25 +57,35 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(
-            backend=backend,
-            timeout=timeout,
-            device_id=device if device.type == "cuda" else None,
-            **_restart_safe_store(rank, world_size, timeout),
-        )
+        if backend == "gloo" and (interface := _gloo_interface()) is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
+            logger.info("gloo: the host name resolves to a loopback address; using %s, the interface that "
+                        "reaches MASTER_ADDR %s (set GLOO_SOCKET_IFNAME to choose)", interface, os.environ["MASTER_ADDR"])
+        device_id = device if device.type == "cuda" else None
+        under_torchrun = _torchrun_store(rank, world_size, timeout)
+        if under_torchrun:
+            _init_with_fresh_prefix(backend, timeout, device_id, under_torchrun)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
     return DistInfo(rank, world_size, local_rank, device)
 
 
-def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
-    """Under torchrun, the rendezvous store with this restart attempt's own key prefix.
+def _torchrun_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
+    """Under torchrun, the rendezvous store (its keys then go under a prefix of this start's own).
 
     After ``torchrun --max-restarts`` restarts a failed job, the new workers' process group reads
-    the previous attempt's addresses from the store torchrun keeps, and connecting to the dead
-    workers fails ("Gloo connectFullMesh failed ... Connection refused"; seen here with torch 2.14
-    and gloo on every restart; pytorch/pytorch#135712, #167288). Prefixing every key with
-    ``TORCHELASTIC_RESTART_COUNT`` keeps the attempts apart. Outside torchrun: env:// as usual."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None or "MASTER_ADDR" not in os.environ:
+    the previous start's addresses from the store torchrun keeps for all of its rounds, and
+    connecting to the dead workers fails ("Gloo connectFullMesh failed ... Connection refused";
+    seen here with torch 2.14 and gloo on every restart; pytorch/pytorch#135712, #167288).
+    ``TORCHELASTIC_RESTART_COUNT`` cannot tell the starts apart across hosts: each host's agent
+    counts its own restarts, and an agent restarted by another host's failure (a membership
+    change) does not count it (pytorch/pytorch#108158). Two hosts then used different prefixes and
+    waited for each other's keys until the store timeout (``--dist.timeout_s``; issue 22: host
+    B's worker killed, both hosts hung). Rank 0 draws a fresh prefix and hands it to each rank
+    that asks with a fresh nonce of its own (``_PrefixServer``, ``_ask_prefix``), so no rank can
+    take a dead start's. Outside torchrun:
+    env:// as usual."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT") is None or "MASTER_ADDR" not in os.environ:
         return {}
     # The elastic agent hosts the store when it says so; otherwise rank 0 does (env://'s rule).
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -77,7 +93,108 @@ def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta)
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
         is_master=rank == 0 and not agent, timeout=timeout,
     )
-    return {"store": dist.PrefixStore(f"/fastmlgan/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
+    return {"store": store, "rank": rank, "world_size": world_size}
+
+
+_HANDSHAKE = "/fastmlgan/handshake"
+
+
+def _ask_prefix(store, rank: int, timeout: datetime.timedelta) -> str:
+    """A rank other than 0: this start's prefix, from rank 0, in answer to a nonce no earlier
+    process used (a stale answer cannot match it)."""
+    nonce = uuid.uuid4().hex
+    store.set(f"{_HANDSHAKE}/ask/{rank}", nonce)
+    answer = f"{_HANDSHAKE}/answer/{nonce}"
+    store.wait([answer], timeout)
+    return store.get(answer).decode()
+
+
+class _PrefixServer:
+    """Rank 0: answers every rank's latest nonce with this start's prefix until stopped (once the
+    process group is up, every rank has its answer). A nonce left by a dead process is answered
+    too, harmlessly: nobody waits for it."""
+
+    def __init__(self, world_size: int, timeout: datetime.timedelta):
+        self.prefix = f"/fastmlgan/start_{uuid.uuid4().hex}"
+        # A connection of its own: init_process_group uses the other one meanwhile (with one
+        # shared connection, the third start of issue 22's trial never met; observed once, not
+        # isolated further).
+        self._store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+        )
+        self._world_size = world_size
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="fastmlgan-prefix", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        answered: dict[int, bytes] = {}
+        keys = {r: f"{_HANDSHAKE}/ask/{r}" for r in range(1, self._world_size)}
+        while not self._stop.is_set():
+            try:
+                for r, key in keys.items():
+                    if self._store.check([key]):
+                        nonce = self._store.get(key)
+                        if answered.get(r) != nonce:
+                            self._store.set(f"{_HANDSHAKE}/answer/{nonce.decode()}", self.prefix)
+                            answered[r] = nonce
+            except (RuntimeError, OSError):  # the store went away: init_process_group reports it
+                return
+            self._stop.wait(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _init_with_fresh_prefix(backend: str, timeout: datetime.timedelta, device_id, kwargs: dict) -> None:
+    store = kwargs.pop("store")
+    server = _PrefixServer(kwargs["world_size"], timeout) if kwargs["rank"] == 0 else None
+    try:
+        prefix = server.prefix if server is not None else _ask_prefix(store, kwargs["rank"], timeout)
+        dist.init_process_group(
+            backend=backend, timeout=timeout, device_id=device_id, store=dist.PrefixStore(prefix, store), **kwargs
+        )
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _gloo_interface() -> str | None:
+    """The network interface for gloo across hosts, where gloo's own choice would fail.
+
+    gloo binds to the address the host name resolves to. Where that is a loopback address (a
+    container's or network namespace's /etc/hosts, Debian's ``127.0.1.1 HOST``), every rank
+    advertises 127.x and the ranks of other hosts connect to themselves ("Connection refused";
+    issue 22, two network namespaces with one host name). Then the interface holding the address
+    that reaches MASTER_ADDR is the one to use; None where gloo's choice is sound, where
+    GLOO_SOCKET_IFNAME is set, on one host, or where no IPv4 interface can be found."""
+    master = os.environ.get("MASTER_ADDR")
+    if os.environ.get("GLOO_SOCKET_IFNAME") or int(os.environ.get("GROUP_WORLD_SIZE", "1")) <= 1 or not master:
+        return None
+    try:
+        own = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        own = set()
+    if any(not ipaddress.ip_address(a.partition("%")[0]).is_loopback for a in own):
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master, 9))  # UDP: no packet is sent; the kernel picks the route's source address
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    if ipaddress.ip_address(local).is_loopback:
+        return None  # MASTER_ADDR is this host's loopback: every rank is here
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:  # SIOCGIFADDR: the interface's IPv4 address (Linux)
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue
+        if socket.inet_ntoa(raw[20:24]) == local:
+            return name
+    return None
 
 
 def destroy_distributed() -> None:

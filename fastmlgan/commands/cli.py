@@ -17,9 +17,10 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastmlgan.safeio import nul_argument
+from fastmlgan.safeio import nul_argument, one_line
 
 PROG = "fastmlgan"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ BENCH_DIR = REPO_ROOT / "bench"
 
 # name -> (module whose main(argv) -> int runs it, one line of help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("fastmlgan.commands.train", "train a model (BCE, then WGAN-GP); --nproc N runs N processes on this machine"),
+    "train": ("fastmlgan.commands.train", "train a model (BCE, then WGAN-GP); --nproc N runs N processes here, --nnodes M joins M machines"),
     "evaluate": ("fastmlgan.commands.evaluate", "re-evaluate a checkpoint on its evaluation split or other data"),
     "predict": ("fastmlgan.commands.predict", "label images with a checkpoint or an exported model (CSV or JSONL)"),
     "export": ("fastmlgan.commands.export", "export a checkpoint's generator (safetensors + JSON sidecar)"),
@@ -97,11 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_bench(args)
     if command == "train":
         try:
-            nproc, args = _take_nproc(args)
+            launch, args = take_launch_options(args)
         except ValueError as e:
             return _fail(str(e))
-        if nproc is not None and nproc > 1:
-            return launch_torchrun(nproc, args)
+        if launch.nproc > 1 or launch.nnodes > 1:
+            return launch_torchrun(launch, args)
     return _run_module(command, args)
 
 
@@ -121,30 +122,69 @@ def _run_module(command: str, args: list[str]) -> int:
     return int(code or 0)
 
 
-def _take_nproc(args: list[str]) -> tuple[int | None, list[str]]:
-    """``--nproc N`` (or ``--nproc=N``) out of the train options; ValueError for a bad N."""
+@dataclass(frozen=True)
+class Launch:
+    """``train``'s launcher options: processes on this machine, and the nodes of a multi-node run."""
+
+    nproc: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str = ""
+    rdzv_id: str = "fastmlgan"
+    rdzv_timeout: int = 600  # torchrun's own join timeout
+    node_addr: str = ""
+    max_restarts: int = 0
+
+
+# option -> (field, smallest value; None: a string)
+_LAUNCH_OPTIONS = {
+    "--nproc": ("nproc", 1), "--nnodes": ("nnodes", 1), "--rdzv-endpoint": ("rdzv_endpoint", None),
+    "--rdzv-id": ("rdzv_id", None), "--rdzv-timeout": ("rdzv_timeout", 1), "--node-addr": ("node_addr", None),
+    "--max-restarts": ("max_restarts", 0),
+}
+
+
+def take_launch_options(args: list[str]) -> tuple[Launch, list[str]]:
+    """The launcher options (``--nproc N``, ``--nnodes M --rdzv-endpoint HOST:PORT`` ...; also as
+    ``--opt=value``) out of the train options; ValueError naming the option for a bad value."""
     rest: list[str] = []
-    nproc = None
+    given: dict[str, object] = {}
     i = 0
     while i < len(args):
         key, eq, value = args[i].partition("=")
-        if key != "--nproc":
+        if key not in _LAUNCH_OPTIONS:
             rest.append(args[i])
             i += 1
             continue
+        name, low = _LAUNCH_OPTIONS[key]
         if not eq:
             if i + 1 >= len(args):
-                raise ValueError("--nproc needs a number of processes")
+                raise ValueError(f"{key} needs a value" if key != "--nproc" else "--nproc needs a number of processes")
             value = args[i + 1]
             i += 1
         i += 1
+        if low is None:
+            given[name] = value
+            continue
         try:
-            nproc = int(value)
+            number = int(value)
         except ValueError:
-            raise ValueError(f"--nproc: expected a number of processes, got {value!r}") from None
-        if nproc < 1:
-            raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    return nproc, rest
+            what = "a number of processes" if key == "--nproc" else "a whole number"
+            raise ValueError(f"{key}: expected {what}, got {value!r}") from None
+        if number < low:
+            raise ValueError(f"{key} must be >= {low}, got {number}")
+        given[name] = number
+    launch = Launch(**given)  # type: ignore[arg-type]
+    if launch.nnodes == 1:
+        extra = [k for k, (name, _) in _LAUNCH_OPTIONS.items() if name in given and k not in ("--nproc", "--nnodes")]
+        if extra:
+            raise ValueError(f"{extra[0]} is for a multi-node run: give --nnodes M (M > 1) as well")
+    else:
+        host, _, port = launch.rdzv_endpoint.rpartition(":")
+        if not launch.rdzv_endpoint:
+            raise ValueError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT, the same on every node")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--rdzv-endpoint: expected HOST:PORT, got {launch.rdzv_endpoint!r}")
+    return launch, rest
 
 
 def _fail(message: str) -> int:
@@ -152,27 +192,51 @@ def _fail(message: str) -> int:
     return 2
 
 
-def torchrun_command(nproc: int, args: Sequence[str]) -> list[str]:
-    """The single-machine launch of ``train --nproc N``: torchrun (as ``python -m
-    torch.distributed.run``, the same interpreter) with a local rendezvous."""
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-        "-m", "fastmlgan.train", *args,
-    ]
+def torchrun_command(launch: Launch, args: Sequence[str]) -> list[str]:
+    """The launch of ``train --nproc N``: torchrun (as ``python -m torch.distributed.run``, the
+    same interpreter), with a local rendezvous on one node; with ``--nnodes M`` the c10d
+    rendezvous at ``--rdzv-endpoint``, hosted by the node whose ``--node-addr`` is its host."""
+    command = [sys.executable, "-m", "torch.distributed.run"]
+    if launch.nnodes == 1:
+        command += ["--standalone"]
+    else:
+        conf = f"join_timeout={launch.rdzv_timeout}"
+        if launch.node_addr:
+            # Which torchrun keeps the store: torchrun guesses from the host name, which fails where
+            # hosts share one (containers, network namespaces; issue 22).
+            conf += f",is_host={int(launch.node_addr == launch.rdzv_endpoint.rpartition(':')[0])}"
+        command += ["--nnodes", str(launch.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", launch.rdzv_endpoint,
+                    "--rdzv-id", launch.rdzv_id, "--rdzv-conf", conf]
+        if launch.node_addr:
+            command += ["--local-addr", launch.node_addr]
+    if launch.max_restarts:
+        command += ["--max-restarts", str(launch.max_restarts)]
+    return [*command, "--nproc-per-node", str(launch.nproc), "-m", "fastmlgan.train", *args]
 
 
 ERROR_DIR_ENV = "FASTMLGAN_ERROR_DIR"
 """Set by ``train --nproc``: each rank writes its closing line (an error, a stop) there, not to stderr."""
 
 
-def launch_torchrun(nproc: int, args: Sequence[str]) -> int:
+def launch_torchrun(launch: Launch, args: Sequence[str]) -> int:
     """torchrun (``torch.distributed.run``) in this process, so that a failed worker ends with the
     kit's own line and exit status, not torchrun's traceback and failure summary. Each rank leaves
     its closing line in a temporary folder; the distinct lines are printed once, rank 0's first.
     SIGTERM and Ctrl-C reach torchrun's agent here, which forwards them to the workers as before."""
-    from torch.distributed.run import get_args_parser, run
+    # c10d's C++ warnings in this process (a client whose host name has no reverse lookup) would
+    # come before the one closing line: c10 reads the level when torch loads. The workers keep
+    # the user's level (the variable is restored before they start).
+    quiet = "torch" not in sys.modules and "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if quiet:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    try:
+        from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
+        from torch.distributed.run import get_args_parser, run
+    finally:
+        if quiet:
+            os.environ.pop("TORCH_CPP_LOG_LEVEL")
 
-    command = torchrun_command(nproc, args)[3:]  # torchrun's own arguments: --standalone ... -m fastmlgan.train ...
+    command = torchrun_command(launch, args)[3:]  # torchrun's own arguments: --standalone ... -m fastmlgan.train ...
     torchrun_args = get_args_parser().parse_args(command)
     for name in list(logging.Logger.manager.loggerDict):
         if name.startswith("torch.distributed"):  # its banner, "closing signal" and "failed (exitcode)" lines
@@ -182,6 +246,17 @@ def launch_torchrun(nproc: int, args: Sequence[str]) -> int:
         try:
             run(torchrun_args)
             code = 0
+        except RendezvousTimeoutError:
+            print(f"error: --rdzv-endpoint {launch.rdzv_endpoint}: not all {launch.nnodes} nodes (--nnodes) joined "
+                  f"within --rdzv-timeout {launch.rdzv_timeout} s; start the same train command on every node, "
+                  "each able to reach that address", file=sys.stderr)
+            code = 1
+        except RendezvousConnectionError as e:
+            cause = e.__cause__ or e.__context__
+            print(f"error: --rdzv-endpoint {launch.rdzv_endpoint}: cannot reach the rendezvous store "
+                  f"({one_line(cause) if cause else 'no answer'}); check the address and that the node hosting it "
+                  "(--node-addr HOST) runs", file=sys.stderr)
+            code = 1
         except Exception as e:  # noqa: BLE001 - ChildFailedError, SignalException: their text is torchrun's
             code = _torchrun_exit_code(e)
         finally:

@@ -11,7 +11,13 @@ import os
 import sys
 
 from fastmlgan.config import parse_args
-from fastmlgan.distributed import barrier, broadcast_object, destroy_distributed, init_distributed
+from fastmlgan.distributed import (
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    destroy_distributed,
+    init_distributed,
+)
 from fastmlgan.errors import FastMLGANError
 from fastmlgan.logs import setup_logging
 from fastmlgan.metrics import format_table
@@ -23,6 +29,7 @@ from fastmlgan.train.rundir import (
     check_run_dir,
     elastic_restart,
     resolve_run,
+    restart_count,
     run_folder,
     trim_metrics_log,
     write_config,
@@ -78,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         error = broadcast_object(error, info)
         if error:
             raise FastMLGANError(error)
-        cfg, out_dir, state, resumed_from = resolve_run(elastic_restart(cfg), argv)
+        # Rank 0 decides on what it sees, with the largest restart count of all hosts (see elastic_restart).
+        restarts = max(all_gather_objects(restart_count(), info))
+        cfg = broadcast_object(elastic_restart(cfg, restarts) if info.is_main else None, info)
+        cfg, out_dir, state, resumed_from = resolve_run(cfg, argv)
         # Rank 0 decides for everyone: the ranks of other nodes may not see its file system.
         refusal = broadcast_object(check_run_dir(cfg, out_dir) if info.is_main else None, info)
         if refusal:

@@ -32,11 +32,20 @@ CONFIG = "config.json"
 RUN_MARKERS = (CONFIG, METRICS_LOG, ckpt.CHECKPOINT_DIR)
 
 
-def elastic_restart(cfg: Config) -> Config:
+def restart_count() -> int:
+    """This host's ``TORCHELASTIC_RESTART_COUNT`` (0 outside torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def elastic_restart(cfg: Config, restarts: int) -> Config:
     """Under ``torchrun --max-restarts N`` a failed worker restarts the whole job with the same
     arguments: continue the run from its last checkpoint rather than refusing its directory (or,
-    when it died before its first checkpoint, start it over)."""
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    when it died before its first checkpoint, start it over).
+
+    ``restarts`` is the largest ``TORCHELASTIC_RESTART_COUNT`` of all ranks: each host's agent
+    counts only its own workers' failures, so after host B's worker died, host A's workers start
+    again with a count of 0 (pytorch/pytorch#108158; issue 22: rank 0 on host A refused the run
+    directory as "not empty")."""
     if not restarts or cfg.resume:
         return cfg
     out = Path(cfg.out or f"runs/{cfg.preset}")
