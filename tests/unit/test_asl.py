@@ -211,7 +211,8 @@ def test_the_trainer_passes_the_loss_to_both_steps(monkeypatch, tmp_path):
     batch = next(iter(trainer.train_loader))
     trainer.steps.bce_step(batch)
     trainer.start_gan_phase()
-    trainer.steps.generator_step({"x": batch["image"], "y": batch["labels"], "z": trainer.steps.feature_extractor(batch["image"])})
+    x = trainer.steps.model_input(batch)  # the cache's uint8, normalised as the steps do
+    trainer.steps.generator_step({"x": x, "y": batch["labels"], "z": trainer.steps.feature_extractor(x)})
     assert seen == [(2.0, 0.0, 0.05), (2.0, 0.0, 0.05)]
 
 
