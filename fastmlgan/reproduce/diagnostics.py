@@ -28,7 +28,7 @@ def discriminator_diagnostics(trainer) -> dict[str, float]:
     sums = {"real": 0.0, "generated": 0.0, "generated_hard": 0.0, "mismatched": 0.0, "sample_softness": 0.0}
     count = 0
     for batch in trainer.eval_loader:
-        x = inputs_to_device(batch, trainer.device, trainer.memory_format)
+        x = inputs_to_device(batch, trainer.device, steps.memory_format)
         y = batch["labels"].to(trainer.device).float()
         fake = sample_label_sets(generator(x).float(), steps.spec)
         z = f_ext(x).float() if steps.spec.conditional else None
@@ -62,7 +62,7 @@ def gradient_share(trainer, num_batches: int = 4) -> dict[str, float]:
     for i, batch in enumerate(trainer.train_loader):
         if i >= num_batches:
             break
-        x = inputs_to_device(batch, trainer.device, trainer.memory_format)
+        x = inputs_to_device(batch, trainer.device, steps.memory_format)
         logits = generator(x).float()
         bce = steps.spec.bce_weight * logistic_loss(logits, batch["labels"].to(trainer.device))
         z = f_ext(x).float() if steps.spec.conditional else None
