@@ -45,7 +45,9 @@ def recipe_table(folder: Path) -> list[str]:
 
     def margin(a, b) -> str:
         d = recipes[a] - recipes[b]
-        se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+        if len(d) < 3:  # a standard error from one or two seeds means nothing
+            return f"{d.mean():+.2f} (n = {len(d)}, no SE)"
+        se = d.std(ddof=1) / np.sqrt(len(d))
         return f"{d.mean():+.2f} ({d.mean() / se:+.1f} SE)" if se > 0 else f"{d.mean():+.2f}"
 
     cost = {r: wall[PHASE1[r]] + (wall[r] if r != PHASE1[r] else 0.0) for r in rows}
