@@ -24,7 +24,8 @@ HARNESS_HELP = f"""usage: {PROG} [--seeds N|S1,S2,...] [--out DIR] [--variants V
        [--threads N] [--no-plots] [--verbose] [--preset NAME] [--section.key VALUE ...]
 
 Runs the rows of Tables 1 and 3 (variants: {", ".join(VARIANTS)}; default: {",".join(DEFAULT_VARIANTS)})
-over several seeds; one phase-1 run per seed is shared by all variants of that seed.
+over several seeds; one phase-1 run per seed is shared by all variants of that seed, except
+that asl and ema run a phase 1 of their own (asl_wgan starts from asl's).
 
   --seeds N | S1,S2,..  N seeds 0..N-1, or an explicit comma-separated list (default 5)
   --out DIR             results folder (default runs/reproduce-<preset>); a rerun skips finished rows

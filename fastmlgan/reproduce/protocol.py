@@ -37,6 +37,22 @@ class Variant:
     """Config overrides of phase 2; None for the baseline (phase 1 only)."""
     adversarial: bool = True
     """False: the control row, phase 2's schedule with G trained on L_logistic alone (no D)."""
+    phase1: dict[str, Any] | None = None
+    """Config overrides of phase 1, for a row without phase 2 (``overrides`` None): such a row runs
+    its own phase 1 instead of the baseline's (``asl``, ``ema``)."""
+    start_from: str = "baseline"
+    """For a row with phase 2: the phase-1 row whose selected state it starts from; that row's
+    ``phase1`` overrides hold in phase 2 too (``asl_wgan``: ASL as L_logistic of eq. 2)."""
+    report_ema: bool = False
+    """Select and report G's weight average (``--train.ema_decay``) instead of its raw weights."""
+
+    def phase1_overrides(self) -> dict[str, Any]:
+        """The overrides of the phase 1 this row is (or starts from); {} for the baseline's."""
+        return dict((self.phase1 if self.overrides is None else VARIANTS[self.start_from].phase1) or {})
+
+    def phase1_row(self) -> str:
+        """The row whose phase-1 run this row is or starts from."""
+        return self.name if self.overrides is None else self.start_from
 
 
 VARIANTS: dict[str, Variant] = {
@@ -60,10 +76,20 @@ VARIANTS: dict[str, Variant] = {
         Variant("gp_weight_1", "+ WGAN-gp, λ = 1", "", {"gan.gp_weight": 1.0}),
         Variant("bce_weight_1", "+ WGAN-gp, α = 1", "", {"gan.bce_weight": 1.0}),
         Variant("bce_weight_3", "+ WGAN-gp, α = 3", "", {"gan.bce_weight": 3.0}),
+        # Issue 21's recipes (not in the paper). ASL (Ridnik et al. 2021, its recommended γ− = 4,
+        # γ+ = 0, m = 0.05) changes phase 1, so these rows run their own phase 1 per seed.
+        Variant("asl", "ASL (no D)", "", None, phase1={"loss.kind": "asl"}),
+        Variant("asl_wgan", "ASL + WGAN-gp", "", {}, start_from="asl"),
+        # 0.99: phase 1 is 10 (emotions) to 31 (scene) steps an epoch here, so timm's usual 0.9998
+        # would still be mostly G's initial weights at the end; with the warm-up (1 − (1 + n)^−2/3)
+        # the decay reaches 0.99 only after 1,000 updates.
+        Variant("ema", "baseline, weight EMA 0.99", "", None, phase1={"train.ema_decay": 0.99}, report_ema=True),
     )
 }
 TABLE_VARIANTS = ("baseline", "wgan", "no_negative", "no_conditional", "no_gumbel")
 DEFAULT_VARIANTS = (*TABLE_VARIANTS, "bce_continued")
+RECIPE_VARIANTS = ("baseline", "wgan", "asl", "asl_wgan", "ema")
+"""The rows of docs/results.md's "Which recipe wins" (``--variants`` spells them out)."""
 
 
 @dataclass

@@ -34,7 +34,7 @@ from fastmlgan.reproduce.mechanism import mechanism_record
 from fastmlgan.reproduce.protocol import VAL_STREAM, VARIANTS, HarnessOptions, seed_splits
 from fastmlgan.reproduce.tables import Records, duration_text, render_markdown, selected_records, summarize
 from fastmlgan.safeio import describe_os_error, read_json, read_text
-from fastmlgan.scoring import amp_dtype
+from fastmlgan.scoring import amp_dtype, predict
 from fastmlgan.train import checkpoint as ckpt
 from fastmlgan.train import feature_cache
 from fastmlgan.train.steps import TrainingSteps
@@ -62,13 +62,17 @@ class SelectingTrainer(Trainer):
     ``Trainer.evaluate`` runs on ``splits.val`` at the end of every ``eval_every``-th epoch (after
     counting it) and of each phase; that is the hook. ``keep="phase1"`` snapshots everything
     ``start_from_baseline`` needs; ``keep="generator"`` only G's weights. ``adversarial=False``
-    makes phase 2 the control (``LogisticControlSteps``).
+    makes phase 2 the control (``LogisticControlSteps``). ``report_ema=True`` scores G's weight
+    average (``--train.ema_decay``) instead of G: the curve, the selection and the row's scores.
     """
 
-    def __init__(self, *args, keep: str, adversarial: bool = True, **kwargs) -> None:
+    def __init__(self, *args, keep: str, adversarial: bool = True, report_ema: bool = False, **kwargs) -> None:
         super().__init__(*args, steps_class=TrainingSteps if adversarial else LogisticControlSteps, **kwargs)
         self.keep = keep
         self.adversarial = adversarial
+        self.report_ema = report_ema
+        if report_ema and self.steps.ema is None:
+            raise ConfigError("a row that reports the weight average needs --train.ema_decay > 0")
         self.curve: list[dict[str, Any]] = []
         self.selected: dict[str, Any] | None = None
         self.selected_state: dict[str, Any] | None = None
@@ -88,6 +92,15 @@ class SelectingTrainer(Trainer):
             else:
                 self.selected_state = copy.deepcopy(self.steps.generator.state_dict())
         return metrics
+
+    @torch.no_grad()
+    def predict(self, loader=None) -> tuple[np.ndarray, np.ndarray]:
+        if not self.report_ema:
+            return super().predict(loader)
+        # The harness runs one process: nothing to gather, the average's BN statistics are its own.
+        steps = self.steps
+        loader = self.eval_loader if loader is None else loader
+        return predict(steps.ema.module, loader, self.device, steps.amp_dtype, steps.memory_format)
 
 
 @contextlib.contextmanager
@@ -139,7 +152,10 @@ def _fresh_dir(path: Path) -> Path:
 def _row_record(seed, name, cfg, trainer, scores, targets, split_info, wall_s, git) -> dict[str, Any]:
     """A finished row as ``results.jsonl`` keeps it (the caller adds the selected epochs)."""
     curve_keys = ("C-F1", "O-F1", "mAP", "avg_labels")
-    phase = "bce" if name == "baseline" else "gan"
+    variant = VARIANTS[name]
+    phase = "bce" if variant.overrides is None else "gan"
+    # Only the new rows carry these keys: the rows of earlier results folders stay as they were.
+    extra = {"phase1_overrides": variant.phase1_overrides()} if variant.phase1_overrides() else {}
     return {
         "seed": seed,
         "variant": name,
@@ -156,6 +172,7 @@ def _row_record(seed, name, cfg, trainer, scores, targets, split_info, wall_s, g
         "test_true_labels_per_image": float(np.asarray(targets).sum(axis=1).mean()),
         "wall_s": round(wall_s, 2),
         "git": git,
+        **extra,
     }
 
 
@@ -202,6 +219,7 @@ class RecordFile:
                 variant is None
                 or record.get("overrides") != variant.overrides
                 or record.get("adversarial", True) != variant.adversarial
+                or record.get("phase1_overrides", {}) != variant.phase1_overrides()
             ):
                 logger.warning(
                     "%s:%d: row of an unknown or changed variant %r; ignored", self.path, n, record.get("variant")
@@ -315,20 +333,31 @@ class Harness:
         return _with_overrides(cfg, {"gan.feature_cache": str(path)})
 
     def run_seed(self, seed: int, records: Records) -> None:
-        """The rows of ``seed`` that ``records`` lacks; phase 1 reruns only if its state is gone."""
+        """The rows of ``seed`` that ``records`` lacks; a phase 1 (the baseline's, or a row's own:
+        ``Variant.phase1``) reruns only if its state is gone, and is recorded as its row."""
         missing = [v for v in self.opts.variants if (seed, v) not in records]
         if not missing:
             return
         splits, test, split_info = seed_splits(self.cfg.data, self.info, self.opts.val_fraction, seed)
-        phase1_path = self.runs / f"seed{seed}" / "baseline" / "selected.pt"
-        if (seed, "baseline") in records and phase1_path.is_file():
-            phase1 = torch.load(phase1_path, map_location="cpu", weights_only=True)
-        else:
-            record, phase1 = self.run_phase1(seed, splits, test, split_info)
-            if (seed, "baseline") not in records:
-                self._finished(record, records)
+        states: dict[str, dict[str, Any]] = {}
+
+        def phase1_of(row: str) -> dict[str, Any]:
+            if row not in states:
+                path = self.runs / f"seed{seed}" / row / "selected.pt"
+                if (seed, row) in records and path.is_file():
+                    states[row] = torch.load(path, map_location="cpu", weights_only=True)
+                else:
+                    record, states[row] = self.run_phase1(seed, splits, test, split_info, row)
+                    if (seed, row) not in records:
+                        self._finished(record, records)
+            return states[row]
+
+        if "baseline" in missing:  # first, as before phase-1 rows of their own existed
+            phase1_of("baseline")
         for name in missing:
-            if name != "baseline":
+            variant = VARIANTS[name]
+            phase1 = phase1_of(variant.phase1_row())
+            if variant.overrides is not None:
                 self._finished(self.run_variant(seed, name, splits, test, split_info, phase1), records)
 
     def _finished(self, record: dict[str, Any], records: Records) -> None:
@@ -342,28 +371,28 @@ class Harness:
             eta = f", ETA {duration_text(np.mean(self.run_seconds) * self.remaining)}"
         print(f"[{duration_text(elapsed)}] {_describe(record)} ({self.remaining} runs left{eta})", flush=True)
 
-    def run_phase1(self, seed: int, splits, test, split_info) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The baseline row: BCE training, the selected epoch's state kept for the GAN rows."""
-        run_dir = _fresh_dir(self.runs / f"seed{seed}" / "baseline")
-        cfg = _with_overrides(
-            self.cfg, {"gan.enable": False, "train.seed": seed, "checkpoint.enable": False, "out": str(run_dir)}
-        )
+    def run_phase1(self, seed: int, splits, test, split_info, name: str = "baseline") -> tuple[dict[str, Any], dict[str, Any]]:
+        """A phase-1 row (the baseline: BCE training), the selected epoch's state kept for the GAN rows."""
+        variant = VARIANTS[name]
+        run_dir = _fresh_dir(self.runs / f"seed{seed}" / name)
+        overrides = {"gan.enable": False, "train.seed": seed, "checkpoint.enable": False, "out": str(run_dir)}
+        cfg = _with_overrides(self.cfg, {**variant.phase1_overrides(), **overrides})
         (run_dir / "config.json").write_text(cfg.to_json() + "\n")
         t0 = time.perf_counter()
         with _run_log(run_dir / "train.log", self.opts.verbose):
-            trainer = SelectingTrainer(cfg, self.info, run_dir, splits, keep="phase1")
+            trainer = SelectingTrainer(cfg, self.info, run_dir, splits, keep="phase1", report_ema=variant.report_ema)
             t_fit = time.perf_counter()
             trainer.fit()
             fit_s = time.perf_counter() - t_fit
             state = trainer.selected_state
             trainer.steps.generator.load_state_dict(state["generator"])
+            if variant.report_ema:
+                trainer.steps.ema.module.load_state_dict(state["ema"]["weights"])
             val_scores, val_targets = _predict_on(trainer, splits.val)
             scores, targets = _predict_on(trainer, test)
         (run_dir / ckpt.CHECKPOINT_DIR / "baseline.pt").unlink(missing_ok=True)  # the last epoch; not the selected one
         ckpt.save_atomic(state, run_dir / "selected.pt")
-        record = _row_record(
-            seed, "baseline", cfg, trainer, scores, targets, split_info, time.perf_counter() - t0, self.git
-        )
+        record = _row_record(seed, name, cfg, trainer, scores, targets, split_info, time.perf_counter() - t0, self.git)
         record["selected_epochs"] = {"bce": trainer.selected["epoch"]}
         _add_mechanism(record, fit_s, val_scores, val_targets, scores, targets, test)
         np.savez_compressed(run_dir / "test_scores.npz", scores=scores, targets=targets)
@@ -377,7 +406,7 @@ class Harness:
         variant = VARIANTS[name]
         run_dir = _fresh_dir(self.runs / f"seed{seed}" / name)
         overrides = {"gan.enable": True, "train.seed": seed, "checkpoint.enable": False, "out": str(run_dir)}
-        cfg = _with_overrides(self.cfg, {**variant.overrides, **overrides})
+        cfg = _with_overrides(self.cfg, {**variant.phase1_overrides(), **variant.overrides, **overrides})
         (run_dir / "config.json").write_text(cfg.to_json() + "\n")
         t0 = time.perf_counter()
         with _run_log(run_dir / "train.log", self.opts.verbose):

@@ -141,7 +141,7 @@ def _variant_entry(name: str, rows: list[tuple[int, dict[str, Any]]]) -> dict[st
     }
     entry["test_true_labels_per_image"] = float(np.mean([r["test_true_labels_per_image"] for _, r in rows]))
     entry["wall_s"] = float(sum(r["wall_s"] for _, r in rows))
-    if name != "baseline" and variant.adversarial:
+    if variant.overrides is not None and variant.adversarial:
         entry["d_log"] = _mean_nested([r.get("d_log", {}) for _, r in rows])
         entry["d_diagnostics"] = _mean_nested([r.get("d_diagnostics", {}) for _, r in rows])
     return entry
@@ -168,9 +168,14 @@ def _references(name: str) -> list[str]:
     if name == "baseline":
         return []
     refs = ["baseline"]
+    variant = VARIANTS[name]
+    if variant.overrides is None:  # a phase-1 row of its own (asl, ema): against the BCE baseline
+        return refs
+    if variant.start_from != "baseline":  # asl_wgan: what D adds to its own phase 1
+        refs.append(variant.start_from)
     if name != "wgan":
         refs.append("wgan")
-    if VARIANTS[name].adversarial:
+    if variant.adversarial:
         refs.append("bce_continued")
     return refs
 
