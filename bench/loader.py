@@ -85,7 +85,8 @@ SHARED_DATA = REPO / ".." / "shared" / "data"
 
 
 def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and every live descendant (DataLoader workers)."""
+    """User + system CPU seconds of this process (``time.process_time``: all its threads, at the
+    clock's resolution) and every live descendant (DataLoader workers; /proc, in clock ticks)."""
     tick = os.sysconf("SC_CLK_TCK")
     parents: dict[int, int] = {}
     times: dict[int, float] = {}
@@ -105,7 +106,8 @@ def cpu_seconds() -> float:
             if parent == pid and child not in ours:
                 ours.add(child)
                 frontier.append(child)
-    return sum(times.get(pid, 0.0) for pid in ours)
+    ours.discard(os.getpid())
+    return time.process_time() + sum(times.get(pid, 0.0) for pid in ours)
 
 
 def repeat_to(images: LabeledImages, min_images: int) -> LabeledImages:
@@ -265,6 +267,12 @@ def measure(backend: str, split: str, images, args, device, cache=None, output="
     }
 
 
+def ratio(a: float, b: float) -> float | None:
+    """a / b to two places; None where b was too small to measure (a run shorter than the CPU
+    clock's resolution: the dry run's few images)."""
+    return round(a / b, 2) if b > 0 else None
+
+
 def record(device: torch.device, args, description: str, command: str, load_before, speedups: dict, rows: list) -> dict:
     """The results file's content."""
     return {
@@ -419,14 +427,14 @@ def main(argv=None) -> int:
                    and (r["backend"] not in KINDED or r["output"] == output)}
             if "torch" in rate and "cache" in rate:
                 speedups[f"cache {output}/torch {split} img/s"] = round(rate["cache"] / rate["torch"], 2)
-                speedups[f"torch/cache {output} {split} CPU time per image"] = round(cpu["torch"] / cpu["cache"], 2)
+                speedups[f"torch/cache {output} {split} CPU time per image"] = ratio(cpu["torch"], cpu["cache"])
             if "ffcv" in rate and "cache" in rate:
                 speedups[f"cache/ffcv {output} {split} img/s"] = round(rate["cache"] / rate["ffcv"], 2)
-                speedups[f"ffcv/cache {output} {split} CPU time per image"] = round(cpu["ffcv"] / cpu["cache"], 2)
+                speedups[f"ffcv/cache {output} {split} CPU time per image"] = ratio(cpu["ffcv"], cpu["cache"])
             if "torch" in rate and "shards" in rate and output == "float":
                 speedups[f"shards/torch {split} img/s"] = round(rate["shards"] / rate["torch"], 2)
     if speedups:
-        print("\n" + ", ".join(f"{k}: {v}x" for k, v in speedups.items()))
+        print("\n" + ", ".join(f"{k}: {v}x" if v is not None else f"{k}: too short to time" for k, v in speedups.items()))
     result = record(device, args, description, command, load_before, speedups, rows)
     result["skipped"] = skipped
     out = Path(args.out or REPO / "bench" / "results" / f"loader-{device_slug(device)}.json")

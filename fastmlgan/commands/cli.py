@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,6 +237,7 @@ def launch_torchrun(launch: Launch, args: Sequence[str]) -> int:
         if quiet:
             os.environ.pop("TORCH_CPP_LOG_LEVEL")
 
+    _ignore_torchrun_timer_race()
     command = torchrun_command(launch, args)[3:]  # torchrun's own arguments: --standalone ... -m fastmlgan.train ...
     torchrun_args = get_args_parser().parse_args(command)
     for name in list(logging.Logger.manager.loggerDict):
@@ -263,6 +265,28 @@ def launch_torchrun(launch: Launch, args: Sequence[str]) -> int:
             os.environ.pop(ERROR_DIR_ENV, None)
             _print_rank_lines(Path(folder))
     return code
+
+
+def _ignore_torchrun_timer_race() -> None:
+    """Drop one known, harmless torch traceback from the closing lines. The rendezvous handler's
+    keep-alive timer (``torch.distributed.elastic.rendezvous.utils._PeriodicTimer``) stops its
+    thread from a ``weakref.finalize``; when the handler's last reference goes inside that very
+    thread (after a SIGTERM, by chance) the finalizer joins the current thread, and Python prints
+    "Exception ignored ... RuntimeError: cannot join current thread" after the run's own line. The
+    thread is a daemon and is stopped anyway; any other unraisable error is printed as before."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+        if (
+            isinstance(unraisable.exc_value, RuntimeError)
+            and "cannot join current thread" in str(unraisable.exc_value)
+            and any(f.name == "_stop_thread" and f.filename.endswith(os.path.join("rendezvous", "utils.py")) for f in frames)
+        ):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _torchrun_exit_code(e: Exception) -> int:

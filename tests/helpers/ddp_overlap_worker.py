@@ -64,7 +64,7 @@ def main() -> None:
         for _ in range(3):  # DDP rebuilds its buckets after the first iteration: look at the last
             batch = stream.next()
             events.clear()
-            x = batch["image"].requires_grad_(True)
+            x = trainer.steps.model_input(batch).requires_grad_(True)
             x.register_hook(lambda g: events.append("input-grad") or g)
             loss = trainer.steps.g_model(x).float().square().mean()
             pieces = compiled_backward_pieces(loss.grad_fn)

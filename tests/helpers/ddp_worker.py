@@ -55,7 +55,7 @@ def main() -> None:
                 "f_ext_max_abs_diff": float((f_ext_all[0] - f_ext_all[1]).abs().max()),
                 "change_from_init": float((final - init).abs().max()),
                 "first_batch_indices": indices,
-                "backbone": trainer.generator.backbone,
+                "backbone": trainer.steps.generator.backbone,
             }
             (out / "ddp_result.json").write_text(json.dumps(result))
     finally:
