@@ -163,6 +163,31 @@ def table_rows(selection: Selection | None, names: dict[str, str]) -> dict[str, 
     return rows
 
 
+def best_on_validation(selection: Selection | None, names: dict[str, str]) -> dict[str, Any] | None:
+    """The recipe the validation split prefers among the final table's rows: each row's chosen
+    weights (raw or EMA, as ``predict`` loads them) at 0.5, at its global and at its per-class
+    thresholds. Chosen without the test split, so it names the run's best recipe honestly; ties
+    go to the earlier (the baseline before + WGAN-gp, 0.5 before a tuned threshold). None without
+    a validation split. ``{"row", "name" (the table's), "threshold" (predict's --threshold),
+    "validation_C-F1"}``."""
+    best = None
+    records = {} if selection is None else selection.records
+    for row, name in names.items():
+        record = records.get(row)
+        if record is None:
+            continue
+        entry = record["weights"][record["chosen"]]
+        scores = entry["validation_C-F1"]
+        if scores is None:
+            continue
+        label = name + (" (EMA)" if record["chosen"] == "ema" else "")
+        for key, suffix, threshold in (("0.5", "", "0.5"), ("global", f" @ {entry['thresholds']['global']:.2f}", "global"),
+                                       ("per_class", " @ per-class", "per-class")):
+            if best is None or scores[key] > best["validation_C-F1"]:
+                best = {"row": row, "name": label + suffix, "threshold": threshold, "validation_C-F1": scores[key]}
+    return best
+
+
 def _winner(weights: dict[str, Any]) -> str:
     """``ema`` when its validation C-F1 at its own global threshold beats the raw weights'."""
     ema, raw = weights.get("ema"), weights["raw"]

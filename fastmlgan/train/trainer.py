@@ -34,6 +34,7 @@ from fastmlgan.metrics import compute_metrics, format_table
 from fastmlgan.safeio import replace_atomically
 from fastmlgan.scoring import predict
 from fastmlgan.train import selection as sel
+from fastmlgan.train.checkpoint import BASELINE, LAST
 from fastmlgan.train.feature_cache import open_feature_cache
 from fastmlgan.train.guards import LossGuard, lr_hint
 from fastmlgan.train.preemption import StopControl, StopRequested
@@ -330,6 +331,12 @@ class Trainer:
             rows = {self.cfg.model.backbone: s.baseline_metrics}
             if s.gan_metrics is not None:
                 rows["+ WGAN-gp"] = s.gan_metrics
-            rows.update(sel.table_rows(self.selection, {"baseline": self.cfg.model.backbone, "gan": "+ WGAN-gp"}))
+            names = {"baseline": self.cfg.model.backbone, "gan": "+ WGAN-gp"}
+            rows.update(sel.table_rows(self.selection, names))
             print(format_table(rows, title=f"{self.splits.val.name}: {len(self.splits.val)} images"), flush=True)
+            best = sel.best_on_validation(self.selection, names)
+            if best is not None:
+                weights = self.out_dir / "checkpoints" / (BASELINE if best["row"] == "baseline" else LAST)
+                print(f"best recipe on the validation split: {best['name']} (validation C-F1 {best['validation_C-F1']:.2f}); "
+                      f"fastmlgan predict {weights} --threshold {best['threshold']} IMAGES", flush=True)
         return results

@@ -131,7 +131,7 @@ def test_help_shows_each_default_once_and_the_preset_value_where_it_differs(caps
     text = help_text("x")
     lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  --") and "(default" in line}
     assert lines["--data.batch_size"].strip() == "--data.batch_size (default 32)"  # embedded: also 32
-    assert lines["--data.image_size"].strip() == "--data.image_size (default 224; embedded: 56)"
+    assert lines["--data.image_size"].strip() == "--data.image_size (default 224; embedded: 40)"
     assert lines["--gan.enable"].strip() == "--gan.enable (default true)"
     assert "[" not in "".join(lines.values())
     # --preset before --help: that preset's values.

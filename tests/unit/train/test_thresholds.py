@@ -269,3 +269,65 @@ def test_bad_threshold_words_are_one_line(tuned_run, capsys):
                            ("nan", "--threshold must be in [0, 1], got nan")):
         code, out, err = _predict([str(run), image, "--threshold", value], capsys)
         assert code == 2 and err.strip() == f"error: {message}"
+
+
+def _record(chosen, raw, ema=None, t=(0.4, 0.3)):
+    def entry(scores):
+        if scores is None:
+            return {"thresholds": None, "validation_C-F1": None}
+        return {"thresholds": {"global": t[0], "per_class": [t[1]]},
+                "validation_C-F1": dict(zip(("0.5", "global", "per_class"), scores))}
+
+    weights = {"raw": entry(raw)} | ({"ema": entry(ema)} if ema is not None else {})
+    return {"weights": weights, "chosen": chosen, "default_threshold": "global"}
+
+
+class _Records:
+    def __init__(self, records):
+        self.records = records
+
+
+def test_best_on_validation_by_hand():
+    """The row, weights and threshold of highest validation C-F1, among the weights predict loads
+    (the chosen ones); ties to the earlier row and threshold; nothing without a validation split."""
+    from fastmlgan.train.selection import best_on_validation
+
+    names = {"baseline": "smallcnn", "gan": "+ WGAN-gp"}
+    sel = _Records({"baseline": _record("raw", (60.0, 64.0, 63.0)), "gan": _record("raw", (61.0, 63.5, 65.0))})
+    assert best_on_validation(sel, names) == {"row": "gan", "name": "+ WGAN-gp @ per-class", "threshold": "per-class",
+                                              "validation_C-F1": 65.0}
+    # The EMA weights are not chosen for the baseline: their higher score is not what predict would load.
+    sel = _Records({"baseline": _record("raw", (60.0, 66.0, 63.0), ema=(70.0, 71.0, 72.0)),
+                    "gan": _record("raw", (61.0, 63.5, 65.0))})
+    assert best_on_validation(sel, names)["name"] == "smallcnn @ 0.40"
+    sel = _Records({"baseline": _record("ema", (60.0, 66.0, 63.0), ema=(70.0, 66.0, 62.0), t=(0.35, 0.3)),
+                    "gan": _record("raw", (61.0, 66.0, 65.0))})
+    # 70.0 at 0.5 (the chosen EMA weights) beats every tuned score.
+    assert best_on_validation(sel, names) == {"row": "baseline", "name": "smallcnn (EMA)", "threshold": "0.5",
+                                              "validation_C-F1": 70.0}
+    sel = _Records({"baseline": _record("raw", (62.0, 62.0, 61.0)), "gan": _record("raw", (62.0, 62.0, 62.0))})
+    assert best_on_validation(sel, names) == {"row": "baseline", "name": "smallcnn", "threshold": "0.5", "validation_C-F1": 62.0}
+    assert best_on_validation(_Records({"baseline": _record("raw", None)}), names) is None
+    assert best_on_validation(None, names) is None
+
+
+def test_the_run_names_its_best_recipe_and_the_predict_command(smoke_root, tmp_path, capsys):
+    """The final table is followed by one line: the best row on the validation split (from the
+    run's own metrics.json) and the predict command that labels images with it."""
+    from trained_model import restored_logging
+
+    from fastmlgan.commands.train import main
+
+    out = tmp_path / "run"
+    with restored_logging():
+        assert main([*RUN, "--out", str(out), "--data.root", str(smoke_root), "--data.val_fraction", "0.25"]) == 0
+    printed = capsys.readouterr().out
+    records = json.loads((out / "metrics.json").read_text())["selection"]
+    best = max(((row, key, records[row]["weights"]["raw"]["validation_C-F1"][key]) for row in ("baseline", "gan")
+                for key in ("0.5", "global", "per_class")), key=lambda c: c[2])  # first of the highest: as the rule
+    row, key, score = best
+    checkpoint = out / "checkpoints" / ("baseline.pt" if row == "baseline" else "last.pt")
+    threshold = {"0.5": "0.5", "global": "global", "per_class": "per-class"}[key]
+    line = next(x for x in printed.splitlines() if x.startswith("best recipe on the validation split: "))
+    assert f"(validation C-F1 {score:.2f}); fastmlgan predict {checkpoint} --threshold {threshold} IMAGES" in line
+    assert line.split(": ", 1)[1].startswith("smallcnn" if row == "baseline" else "+ WGAN-gp")
