@@ -48,9 +48,11 @@ class IterationLayout:
         """Rows of the loader batch of one iteration."""
         return self.num_batches * self.batch_size
 
-    def check_fits(self, num_train: int, world_size: int) -> None:
+    def check_fits(self, num_train: int, world_size: int, held_out: str = "") -> None:
         """``ConfigError`` when a rank's share of the training split (``DistributedSampler``,
-        drop_last: floor(N / W)) holds no whole phase-2 iteration, at start-up rather than after phase 1."""
+        drop_last: floor(N / W)) holds no whole phase-2 iteration, at start-up rather than after
+        phase 1. ``held_out``: what a validation split took from it, e.g. "32 held out by
+        --data.val_fraction 0.2" (named in the message, with the option among the remedies)."""
         per_rank = num_train // world_size
         if per_rank < self.size:
             kinds = "3 pair kinds" if self.negative_sampling else "2 pair kinds"
@@ -58,8 +60,10 @@ class IterationLayout:
             raise ConfigError(
                 f"phase 2 draws {self.num_batches} batches per G update (1 + --gan.d_steps {self.d_steps} x {kinds}): "
                 f"{self.size} images per rank with --data.batch_size {self.batch_size * world_size}, but each of the "
-                f"{world_size} rank(s) gets {per_rank} of the {num_train} training images; use "
-                + (f"--data.batch_size {fits} or less, " if fits else "") + "fewer --gan.d_steps, or --train.gan_epochs 0"
+                f"{world_size} rank(s) gets {per_rank} of the {num_train} training images"
+                + (f" ({held_out})" if held_out else "") + "; use "
+                + (f"--data.batch_size {fits} or less, " if fits else "") + "fewer --gan.d_steps, "
+                + ("a smaller --data.val_fraction, " if held_out else "") + "or --train.gan_epochs 0"
             )
 
     @property

@@ -76,7 +76,8 @@ class Trainer:
             per_rank_batch(cfg.data.batch_size, info, "data.batch_size"), cfg.gan.d_steps, cfg.gan.negative_sampling
         )
         if cfg.gan.enable and cfg.train.gan_epochs > 0:  # before phase 1, not after it
-            self.layout.check_fits(len(self.splits.train), info.world_size)
+            held_out = f"{len(validation[0])} more held out by --data.val_fraction {cfg.data.val_fraction:g}" if validation else ""
+            self.layout.check_fits(len(self.splits.train), info.world_size, held_out)
         # G's and D's initial weights come from the global stream seeded above.
         self.steps = steps_class(cfg, info, self.layout, self.splits.train, len(self.class_names))
         torch.manual_seed(cfg.train.seed * 1000003 + info.rank)  # per-rank noise streams

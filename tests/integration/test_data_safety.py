@@ -289,6 +289,12 @@ def test_a_phase2_batch_that_does_not_fit_is_refused_before_phase1(tmp_path, smo
     error_line(capsys.readouterr().err, "phase 2 draws 10 batches per G update (1 + --gan.d_steps 3 x 3 pair kinds): "
                "320 images per rank with --data.batch_size 32", "gets 256 of the 256", "--data.batch_size 25 or less")
     assert not out.exists()  # before phase 1, not after it
+    # With a validation split the message counts the rows it took and names the option.
+    assert train_in_process(smoke_args(out, smoke_data, "--data.batch_size", "24", "--data.val_fraction", "0.25")) == 2
+    error_line(capsys.readouterr().err, "240 images per rank with --data.batch_size 24",
+               "gets 192 of the 192 training images (64 more held out by --data.val_fraction 0.25)",
+               "--data.batch_size 19 or less", "a smaller --data.val_fraction")
+    assert not out.exists()
 
 
 def test_gan_epochs_0_needs_no_phase2_batch(tmp_path, smoke_data):
