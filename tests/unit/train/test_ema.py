@@ -297,7 +297,7 @@ def test_killed_and_resumed_run_with_the_average_equals_uninterrupted(tmp_path):
     """SIGTERM in phase 1 and SIGKILL in phase 2, each resumed: the same metrics.json (the averaged
     weights' metrics, the thresholds and the choice included), byte for byte, and the same G, D
     and average, bit for bit."""
-    from test_faults import _kill_at, _run, _train
+    from fault_runs import _kill_at, _run, _train
 
     from fastmlgan.train import checkpoint as ckpt
 
