@@ -19,8 +19,6 @@ import pytest
 import torch
 from fault_runs import BCE_STEPS, RUN, TOTAL_STEPS, _env, _kill_at, _newest_step, _result, _run, _train
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):

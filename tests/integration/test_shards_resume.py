@@ -4,7 +4,6 @@ for byte, and the same final weights (CPU)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,15 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from extras import import_extra
+from fault_runs import _env, _newest_step, _result
 
 import_extra("shards", "webdataset")  # a skip without the extra; a failure under make test, which installs it
 
 from fastmlgan.data.shardbuild import build_shards  # noqa: E402
 from fastmlgan.data.sources.coco import read_coco  # noqa: E402
 from fastmlgan.data.sources.embedded import generate  # noqa: E402
-from fastmlgan.train import checkpoint as ckpt  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 # The smoke preset at batch 8 from 9 shards of <= 30 samples: 32 batches per data epoch, 20 steps
 # per BCE epoch, so BCE epoch 2 starts mid-way through data epoch 1; then 3 GAN epochs of 2
 # iterations of 80 images. Shuffle windows of 50 samples, so a resume lands inside a window.
@@ -41,26 +39,10 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-
-
 def _train(out: Path, shards: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fastmlgan", "train", *RUN, "--out", str(out),
             "--data.shards", f"{shards}/train-{{000000..000008}}.tar", "--data.shards_val", f"{shards}/val-{{000000..000004}}.tar",
             *extra]
-
-
-def _result(run: Path) -> tuple[bytes, dict[str, torch.Tensor]]:
-    state = ckpt.load(run / ckpt.CHECKPOINT_DIR / ckpt.LAST)
-    weights = {f"g.{k}": v for k, v in state["generator"].items()}
-    weights.update({f"d.{k}": v for k, v in state["discriminator"].items()})
-    return (run / "metrics.json").read_bytes(), weights
-
-
-def _newest_step(run: Path) -> int:
-    folder = run / ckpt.CHECKPOINT_DIR
-    return max((step for step, _ in ckpt.step_files(folder)), default=0) if folder.is_dir() else 0
 
 
 @pytest.fixture(scope="module")
